@@ -1,0 +1,46 @@
+# Two commands from a fresh clone (README.md, "Setup"):
+#   make run    installs everything and runs the whole pipeline (dvc repro)
+#   make test   installs what the tests need and runs the test suite
+# Both reuse .venv on a re-run: pip runs again only when pyproject.toml changes.
+
+VENV    ?= .venv
+PYTHON  ?= python3.11
+BIN     := $(CURDIR)/$(VENV)/bin
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: run test test-slow lint install install-test clean
+
+run: $(VENV)/.installed
+	dvc repro
+	dvc commit --force --quiet data.dvc   # version the raw data the run used (dvc push sends it)
+
+test: $(VENV)/.installed-test
+	python -m pytest
+
+test-slow: $(VENV)/.installed-test
+	python -m pytest -m slow
+
+lint: $(VENV)/.installed-test
+	ruff check pipeline tests bench
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf data/download.json data/prepared .pytest_cache

@@ -1,0 +1,43 @@
+"""Every path, file name and environment variable the stages share, in one place.
+
+Stages receive their input and output directories on the command line from
+``dvc.yaml``; the defaults here are what ``dvc.yaml`` passes, so that a notebook
+or a test calling a stage's functions directly finds the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+
+DATA_DIR = Path("data")
+RAW_DIR = DATA_DIR / "raw"                      # versioned by data.dvc
+DOWNLOAD_RECEIPT = DATA_DIR / "download.json"   # output of the download stage
+PREPARED_DIR = DATA_DIR / "prepared"            # output of the prepare stage
+
+# Files inside the prepared dataset directory.
+CLASSES_FILE = "classes.json"
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+PROBLEMS_FILE = "problems.json"
+SPLITS = ("train", "val", "test")
+
+# Environment variables. A mirror is a local directory looked at before the network.
+ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
+
+
+def data_mirror() -> Path | None:
+    """The dataset mirror directory from ``$SEG_DATA_MIRROR``, or None when unset.
+
+    A set but missing directory is an error rather than a silent fall-through to
+    the network: a typo in the variable should not start a 2 GB download.
+    """
+    value = os.environ.get(ENV_DATA_MIRROR, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{ENV_DATA_MIRROR}={value!r} is not a directory")
+    return path

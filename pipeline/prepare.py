@@ -1,0 +1,211 @@
+"""Stage ``prepare``: check the raw dataset and write the canonical prepared form.
+
+Every image/mask pair is decoded and checked (unreadable image, missing mask, size
+mismatch, labels outside the class list, binary masks saved as 0/255, the same image
+in two splits). Strict mode fails with the whole list; lenient mode skips those files
+and reports them. Output, written to a staging folder and renamed into place:
+
+    <out>/{train,val,test}/part-NNNNN.parquet   encoded image + mask bytes (pipeline.shards)
+    <out>/classes.json                           names, palette, ignore_index
+    <out>/card.json, card.md                     counts, class frequencies and weights
+    <out>/problems.json                          every problem and warning, by file
+
+    python -m pipeline.prepare --receipt data/download.json --out data/prepared
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+from pipeline import fetch, paths
+from pipeline.card import class_statistics, render_markdown
+from pipeline.checks import Inspection, convert_sample, inspect_sample, invalid_values
+from pipeline.datasets import ClassSpec, Sample, class_spec, list_samples
+from pipeline.io import read_json, write_json_atomic, write_text_atomic
+from pipeline.params import PrepareParams, load_params
+from pipeline.shards import write_shards
+from pipeline.sources import SOURCES
+
+log = logging.getLogger("pipeline.prepare")
+
+SPLIT_PRIORITY = {s: i for i, s in enumerate(paths.SPLITS)}  # a duplicate stays in train
+
+
+class PrepareError(RuntimeError):
+    """Problems found in strict mode; the message lists every one."""
+
+
+def _map(fn: Callable, items: Iterable, workers: int) -> list:
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(fn, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
+
+
+def find_problems(
+    inspections: list[Inspection], spec: ClassSpec
+) -> tuple[dict[Sample, list[str]], list[dict], bool]:
+    """Problems by sample, dataset-level warnings, and whether masks are 0/255 binary.
+
+    Binary masks saved as 0/255 are recognised for the whole dataset at once: a
+    two-class dataset in which no mask holds 1 but some hold 255. Deciding per file
+    would misread an all-background mask whose only other pixels are ignore labels.
+    """
+    problems: dict[Sample, list[str]] = defaultdict(list)
+    for ins in inspections:
+        problems[ins.sample].extend(ins.problems)
+    readable = [ins for ins in inspections if ins.hist is not None]
+    binary_255 = (
+        spec.num_classes == 2 and spec.ignore_index != 1
+        and not any(ins.hist[1] for ins in readable)
+        and any(ins.hist[255] for ins in readable)
+        and all(not ins.hist[2:255].any() for ins in readable)
+    )
+    warnings = []
+    if binary_255:
+        warnings.append({
+            "files": sum(1 for ins in readable if ins.hist[255]),
+            "reason": "binary masks stored as 0/255: value 255 mapped to class 1 "
+                      f"({spec.names[1]!r}); without this mapping the foreground IoU is 0",
+        })
+        for ins in readable:
+            ins.hist[1], ins.hist[255] = ins.hist[255], 0
+    for ins in readable:
+        bad = invalid_values(ins.hist, spec)
+        if bad:
+            problems[ins.sample].append(
+                f"label values {bad[:10]} outside classes 0..{spec.num_classes - 1} "
+                f"(ignore label {spec.ignore_index}) in {ins.sample.mask}"
+            )
+    by_hash = defaultdict(list)
+    for ins in inspections:
+        if ins.image_sha1:
+            by_hash[ins.image_sha1].append(ins.sample)
+    for group in by_hash.values():
+        splits = {s.split for s in group}
+        if len(splits) > 1:
+            keep = min(group, key=lambda s: SPLIT_PRIORITY[s.split])
+            for s in group:
+                if s.split != keep.split:
+                    problems[s].append(
+                        f"same image as {keep.image} ({keep.split}) also in split {s.split}"
+                    )
+    return {s: p for s, p in problems.items() if p}, warnings, binary_255
+
+
+def prepare(
+    dataset: str, raw_root: Path, out: Path, cfg: PrepareParams, raw_digest: str = ""
+) -> dict:
+    """Check ``raw_root`` and write the prepared dataset to ``out``; returns the card."""
+    spec = class_spec(dataset, cfg)
+    samples = list_samples(dataset, raw_root, cfg)
+    log.info("%s: checking %d image/mask pairs with %d worker(s)", dataset, len(samples), cfg.workers)
+    inspections = _map(partial(inspect_sample, spec=spec), samples, cfg.workers)
+    problems, warnings, binary_255 = find_problems(inspections, spec)
+    report = [
+        {"file": str(s.image), "split": s.split, "reasons": reasons}
+        for s, reasons in sorted(problems.items(), key=lambda kv: (kv[0].split, kv[0].id))
+    ]
+    for w in warnings:
+        log.warning("%s", w["reason"])
+    if report and cfg.strict:
+        listing = "\n".join(f"  {r['file']}: {'; '.join(r['reasons'])}" for r in report)
+        raise PrepareError(
+            f"{len(report)} file(s) failed the checks (prepare.strict is true; set it to "
+            f"false to skip them and continue):\n{listing}"
+        )
+    for r in report:
+        log.warning("skipped %s: %s", r["file"], "; ".join(r["reasons"]))
+    kept = [ins for ins in inspections if ins.sample not in problems]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-staging-") as tmp:
+        staging = Path(tmp) / out.name
+        card = _write_prepared(dataset, kept, spec, cfg, binary_255, staging, raw_digest,
+                               report, warnings)
+        fetch.replace_dir(staging, out)
+    return card
+
+
+def _write_prepared(
+    dataset: str, kept: list[Inspection], spec: ClassSpec, cfg: PrepareParams, binary_255: bool,
+    staging: Path, raw_digest: str, report: list[dict], warnings: list[dict],
+) -> dict:
+    splits = {}
+    for split in paths.SPLITS:
+        group = sorted((ins for ins in kept if ins.sample.split == split), key=lambda i: i.sample.id)
+        if not group:
+            if split == "train":
+                raise PrepareError(f"{dataset}: no usable training images")
+            log.warning("split %s is empty", split)
+        resize = cfg.train_resize if split == "train" else cfg.eval_resize
+        convert = partial(convert_sample, spec=spec, resize=resize, binary_255=binary_255)
+        rows = _map(convert, [ins.sample for ins in group], cfg.workers)
+        shards = write_shards(rows, staging / split, cfg.images_per_shard)
+        sizes = [(r["height"], r["width"]) for r in rows]
+        splits[split] = {
+            "images": len(rows),
+            "shards": len(shards),
+            "min_size": "x".join(map(str, min(sizes))) if sizes else "-",
+            "max_size": "x".join(map(str, max(sizes))) if sizes else "-",
+            "statistics": class_statistics([ins.hist for ins in group], spec),
+        }
+        log.info("%s: %d images in %d shard(s)", split, len(rows), len(shards))
+    source = SOURCES.get(dataset)
+    card = {
+        "dataset": dataset,
+        "source": {"homepage": source.homepage, "license": source.license,
+                   "citation": source.citation} if source else {},
+        "raw_tree_sha256": raw_digest,
+        "classes": spec.to_json(),
+        "splits": {s: {k: v for k, v in d.items() if k != "statistics"} for s, d in splits.items()},
+        "statistics": {s: d["statistics"] for s, d in splits.items()},
+        "train_statistics": splits["train"]["statistics"],
+        "resize": {"train": cfg.train_resize.model_dump(mode="json"),
+                   "eval": cfg.eval_resize.model_dump(mode="json")},
+        "problems": {"errors": len(report), "warnings": len(warnings), "strict": cfg.strict},
+        "format": "Parquet shards: id, image (PNG/JPEG bytes), mask (PNG, mode L, class "
+                  "indices), height, width, image_format",
+        "notes": [w["reason"] for w in warnings]
+                 + ["Class frequencies are counted at native resolution before any resize."],
+    }
+    write_json_atomic(staging / paths.CLASSES_FILE, spec.to_json())
+    write_json_atomic(staging / paths.CARD_JSON, card)
+    write_text_atomic(staging / paths.CARD_MD, render_markdown(card))
+    write_json_atomic(staging / paths.PROBLEMS_FILE, {"errors": report, "warnings": warnings})
+    return card
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--receipt", type=Path, default=paths.DOWNLOAD_RECEIPT)
+    parser.add_argument("--out", type=Path, default=paths.PREPARED_DIR)
+    parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg = load_params(PrepareParams, args.params)
+    receipt = read_json(args.receipt)
+    try:
+        card = prepare(receipt["dataset"], Path(receipt["path"]), args.out, cfg,
+                       receipt["tree_sha256"])
+    except (PrepareError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"prepare: {exc}") from None
+    counts = " / ".join(f"{s} {d['images']}" for s, d in card["splits"].items())
+    log.info("prepared %s: %s images, %d classes + ignore %d -> %s", card["dataset"], counts,
+             card["classes"]["num_classes"], card["classes"]["ignore_index"], args.out)
+
+
+if __name__ == "__main__":
+    main()
