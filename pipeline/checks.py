@@ -94,7 +94,10 @@ def inspect_sample(sample: Sample, spec: ClassSpec) -> Inspection:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             result.width, result.height = im.size
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+    except UnidentifiedImageError:
+        result.problems.append("unreadable image: not in a format Pillow can read")
+        return result
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
         result.problems.append(f"unreadable image: {exc}")
         return result
     if sample.mask is None:
@@ -105,7 +108,10 @@ def inspect_sample(sample: Sample, spec: ClassSpec) -> Inspection:
     except MaskError as exc:
         result.problems.append(f"bad mask {sample.mask}: {exc}")
         return result
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+    except UnidentifiedImageError:
+        result.problems.append(f"unreadable mask {sample.mask}: not in a format Pillow can read")
+        return result
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
         result.problems.append(f"unreadable mask {sample.mask}: {exc}")
         return result
     if mask.shape != (result.height, result.width):

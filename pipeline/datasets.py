@@ -183,12 +183,12 @@ def _folder(root: Path, cfg: PrepareParams) -> list[Sample]:
             continue
         key = img.relative_to(images_root).with_suffix("").as_posix()
         if presplit:
-            split = key.split("/", 1)[0]
+            split, _, name = key.partition("/")
             if split not in SPLITS:
                 continue
         else:
-            split = assign_split(key, cfg)
-        samples.append(Sample(split, key.replace("/", "__"), img, masks.get(key)))
+            split, name = assign_split(key, cfg), key
+        samples.append(Sample(split, name.replace("/", "__"), img, masks.get(key)))
     if not samples:
         raise FileNotFoundError(f"{images_root}: no image files found")
     return samples

@@ -29,8 +29,8 @@ from pipeline.card import class_statistics, render_markdown
 from pipeline.checks import Inspection, convert_sample, inspect_sample, invalid_values
 from pipeline.datasets import ClassSpec, Sample, class_spec, list_samples
 from pipeline.io import read_json, write_json_atomic, write_text_atomic
-from pipeline.params import PrepareParams, load_params
-from pipeline.shards import write_shards
+from pipeline.params import PrepareParams, Resize, load_params
+from pipeline.shards import shard_name, write_shard
 from pipeline.sources import SOURCES
 
 log = logging.getLogger("pipeline.prepare")
@@ -135,30 +135,51 @@ def prepare(
     return card
 
 
+def convert_shard(
+    task: tuple[list[Sample], Path], spec: ClassSpec, resizes: dict[str, Resize], binary_255: bool
+) -> list[tuple[int, int]]:
+    """Convert one shard's samples and write it; returns the (height, width) of each row.
+
+    Runs in a worker process: the encoded bytes go straight to disk instead of
+    through a pipe back to the parent.
+    """
+    samples, path = task
+    rows = [convert_sample(s, spec, resizes[s.split], binary_255) for s in samples]
+    write_shard(rows, path)
+    return [(r["height"], r["width"]) for r in rows]
+
+
 def _write_prepared(
     dataset: str, kept: list[Inspection], spec: ClassSpec, cfg: PrepareParams, binary_255: bool,
     staging: Path, raw_digest: str, report: list[dict], warnings: list[dict],
 ) -> dict:
-    splits = {}
-    for split in paths.SPLITS:
-        group = sorted((ins for ins in kept if ins.sample.split == split), key=lambda i: i.sample.id)
+    groups = {split: sorted((i for i in kept if i.sample.split == split), key=lambda i: i.sample.id)
+              for split in paths.SPLITS}
+    if not groups["train"]:
+        raise PrepareError(f"{dataset}: no usable training images")
+    tasks, task_split = [], []
+    n = cfg.images_per_shard
+    for split, group in groups.items():
         if not group:
-            if split == "train":
-                raise PrepareError(f"{dataset}: no usable training images")
             log.warning("split %s is empty", split)
-        resize = cfg.train_resize if split == "train" else cfg.eval_resize
-        convert = partial(convert_sample, spec=spec, resize=resize, binary_255=binary_255)
-        rows = _map(convert, [ins.sample for ins in group], cfg.workers)
-        shards = write_shards(rows, staging / split, cfg.images_per_shard)
-        sizes = [(r["height"], r["width"]) for r in rows]
+        for k, start in enumerate(range(0, len(group), n)):
+            tasks.append(([i.sample for i in group[start:start + n]], staging / split / shard_name(k)))
+            task_split.append(split)
+    resizes = {s: cfg.train_resize if s == "train" else cfg.eval_resize for s in paths.SPLITS}
+    convert = partial(convert_shard, spec=spec, resizes=resizes, binary_255=binary_255)
+    sizes_per_task = _map(convert, tasks, cfg.workers)
+    splits = {}
+    for split, group in groups.items():
+        sizes = [hw for s, hws in zip(task_split, sizes_per_task, strict=True) if s == split for hw in hws]
+        (staging / split).mkdir(parents=True, exist_ok=True)
         splits[split] = {
-            "images": len(rows),
-            "shards": len(shards),
+            "images": len(group),
+            "shards": task_split.count(split),
             "min_size": "x".join(map(str, min(sizes))) if sizes else "-",
             "max_size": "x".join(map(str, max(sizes))) if sizes else "-",
             "statistics": class_statistics([ins.hist for ins in group], spec),
         }
-        log.info("%s: %d images in %d shard(s)", split, len(rows), len(shards))
+        log.info("%s: %d images in %d shard(s)", split, len(group), task_split.count(split))
     source = SOURCES.get(dataset)
     card = {
         "dataset": dataset,

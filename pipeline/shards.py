@@ -32,20 +32,19 @@ COMPRESSION = {"id": "zstd", "image": "none", "mask": "none", "height": "zstd",
                "width": "zstd", "image_format": "zstd"}
 
 
-def write_shards(rows: list[dict], split_dir: Path, rows_per_shard: int) -> list[Path]:
-    """Write ``rows`` (already sorted) as numbered shards; returns the shard paths."""
-    split_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for start in range(0, len(rows), rows_per_shard):
-        chunk = rows[start:start + rows_per_shard]
-        table = pa.Table.from_pylist(chunk, schema=SCHEMA)
-        path = split_dir / f"part-{start // rows_per_shard:05d}.parquet"
-        pq.write_table(
-            table, path, row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION,
-            use_dictionary=["image_format"], write_statistics=["id", "height", "width"],
-        )
-        written.append(path)
-    return written
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_shard(rows: list[dict], path: Path) -> Path:
+    """Write ``rows`` (already sorted by id) as one Parquet shard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    pq.write_table(
+        table, path, row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION,
+        use_dictionary=["image_format"], write_statistics=["id", "height", "width"],
+    )
+    return path
 
 
 def shard_paths(prepared: Path, split: str) -> list[Path]:
