@@ -39,16 +39,22 @@ def included_files(root: Path, include: tuple[str, ...]) -> list[Path]:
 
 def fetch_dataset(
     source: Source, raw_dir: Path, mirror: Path | None = None, *, retries: int = 3,
-    timeout_s: float = 60.0,
+    timeout_s: float = 60.0, downloads: Path | None = None,
 ) -> tuple[Path, str]:
-    """Make ``raw_dir/<source.name>`` hold the verified dataset; returns (path, how)."""
+    """Make ``raw_dir/<source.name>`` hold the verified dataset; returns (path, how).
+
+    Archives are downloaded to ``downloads`` (default: ``downloads/`` beside ``raw_dir``),
+    outside the staging folder, so that a failed or killed run leaves its ``.part`` file
+    for the next run to resume; an archive is deleted once extracted and verified.
+    """
+    downloads = downloads or raw_dir.parent / paths.DOWNLOADS_DIR.name
     dest = raw_dir / source.name
     if dest.is_dir() and _verified_in_place(source, dest):
         return dest, "already present and verified"
     raw_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=raw_dir, prefix=f".staging-{source.name}-") as tmp:
         staging = Path(tmp) / source.name
-        how = _fill_staging(source, staging, Path(tmp), mirror, retries, timeout_s)
+        how = _fill_staging(source, staging, Path(tmp), mirror, downloads, retries, timeout_s)
         digest = fetch.tree_digest(staging, included_files(staging, source.include))
         if source.tree_sha256 is not None and digest != source.tree_sha256:
             raise DatasetError(
@@ -72,7 +78,8 @@ def _verified_in_place(source: Source, dest: Path) -> bool:
 
 
 def _fill_staging(
-    source: Source, staging: Path, tmp: Path, mirror: Path | None, retries: int, timeout_s: float
+    source: Source, staging: Path, tmp: Path, mirror: Path | None, downloads: Path, retries: int,
+    timeout_s: float,
 ) -> str:
     """Put the source's files under ``staging`` from the mirror or the network."""
     if mirror is not None:
@@ -86,7 +93,6 @@ def _fill_staging(
             return f"mirror archives in {mirror}"
         log.warning("%s: mirror %s holds neither %s/ nor its archives; using the network",
                     source.name, mirror, source.name)
-    downloads = tmp / "downloads"
     fetched = []
     for archive in source.archives:
         log.info("downloading %s", archive.url)
@@ -94,6 +100,8 @@ def _fill_staging(
                               retries=retries, timeout_s=timeout_s)
         fetched.append((archive, path))
     _extract_all(source, fetched, staging, tmp)
+    for _, path in fetched:
+        path.unlink()
     return "the network"
 
 

@@ -7,6 +7,7 @@ fetch and ``pipeline.download`` puts it in place.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -73,7 +74,12 @@ def download(
         try:
             _transfer(url, part, timeout_s)
             break
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        # http.client.HTTPException: a drop inside a chunked body raises IncompleteRead,
+        # which is not an OSError.
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError,
+                http.client.HTTPException) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc

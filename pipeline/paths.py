@@ -14,6 +14,7 @@ PARAMS_FILE = Path("params.yaml")
 
 DATA_DIR = Path("data")
 RAW_DIR = DATA_DIR / "raw"                      # versioned by data.dvc
+DOWNLOADS_DIR = DATA_DIR / "downloads"          # partial and unextracted archives, not versioned
 DOWNLOAD_RECEIPT = DATA_DIR / "download.json"   # output of the download stage
 PREPARED_DIR = DATA_DIR / "prepared"            # output of the prepare stage
 

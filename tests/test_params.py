@@ -2,7 +2,12 @@ import pytest
 import yaml
 
 from pipeline.params import (
-    DownloadParams, ParamsError, PrepareParams, load_params, parse_section, read_params_file,
+    DownloadParams,
+    ParamsError,
+    PrepareParams,
+    load_params,
+    parse_section,
+    read_params_file,
 )
 
 

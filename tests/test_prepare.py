@@ -192,7 +192,8 @@ def test_class_statistics_by_hand():
     assert stats["frequency"]["a"] == pytest.approx(10 / 12, abs=1e-6)
     # median-frequency: f_a = 10/12, f_b = 2/8; median = (10/12 + 2/8) / 2
     med = (10 / 12 + 2 / 8) / 2
-    assert stats["weights"]["median_frequency"] == pytest.approx([med / (10 / 12), med / (2 / 8), 0], abs=1e-4)
+    expected = [med / (10 / 12), med / (2 / 8), 0]
+    assert stats["weights"]["median_frequency"] == pytest.approx(expected, abs=1e-4)
     assert stats["weights"]["enet"][1] == pytest.approx(1 / np.log(1.02 + 2 / 12), abs=1e-4)
     assert stats["absent"] == ["c"]
 
