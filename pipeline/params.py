@@ -106,7 +106,87 @@ class PrepareParams(Section):
         return self
 
 
-SECTIONS: dict[str, type[Section]] = {m.section: m for m in (DownloadParams, PrepareParams)}
+LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary")
+
+
+class ModelParams(Section):
+    """Handed to ``smp.create_model`` as keyword arguments: the keys are smp's own."""
+
+    section: ClassVar[str] = "model"
+
+    arch: str = "Unet"
+    encoder_name: str = "mobilenet_v2"
+    # "imagenet": smp's own download, or a verified file from $SEG_WEIGHTS_DIR; null: random.
+    encoder_weights: Literal["imagenet"] | None = "imagenet"
+    in_channels: int = Field(default=3, ge=1, le=16)
+    classes: int | None = Field(default=None, ge=1, le=1024, description="null: from classes.json")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="other smp keyword arguments")
+
+
+class LossParams(Section):
+    """A weighted sum of named losses, e.g. ``terms: {ce: 0.5, dice: 0.5}``."""
+
+    section: ClassVar[str] = "loss"
+
+    terms: dict[Literal[LOSS_NAMES], float] = Field(default_factory=lambda: {"ce": 1.0}, min_length=1)
+    # weighted_ce's class weights: a list (one per class) or a scheme from prepare's card.
+    class_weights: Literal["median_frequency", "enet"] | list[float] | None = None
+    focal_gamma: float = Field(default=2.0, ge=0, le=10)
+    tversky_alpha: float = Field(default=0.3, ge=0, le=1)
+    tversky_beta: float = Field(default=0.7, ge=0, le=1)
+    topk_fraction: float = Field(default=0.2, gt=0, le=1, description="share of hardest pixels")
+    boundary_width: int = Field(default=3, ge=1, le=32, description="pixels either side of an edge")
+
+    @model_validator(mode="after")
+    def _weights_positive(self) -> LossParams:
+        if any(w <= 0 for w in self.terms.values()):
+            raise ValueError("every loss weight in terms must be positive")
+        if "weighted_ce" in self.terms and self.class_weights is None:
+            raise ValueError("weighted_ce needs class_weights: median_frequency, enet or a list")
+        return self
+
+
+class TrainParams(Section):
+    """The training recipe and how it is spread over Ray Train workers."""
+
+    section: ClassVar[str] = "train"
+
+    epochs: int = Field(default=8, ge=1, le=10_000)
+    batch_size: int = Field(default=8, ge=1, le=4096, description="per worker")
+    val_batch_size: int = Field(default=4, ge=1, le=4096)
+    crop_size: tuple[int, int] = (352, 448)
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    color_jitter: float = Field(default=0.2, ge=0, le=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    warmup_epochs: float = Field(default=0.5, ge=0)
+    poly_power: float = Field(default=0.9, gt=0, le=10)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    amp: bool = Field(default=True, description="mixed precision; used on GPU only")
+    seed: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=1, ge=1, le=1024)
+    use_gpu: Literal["auto"] | bool = "auto"
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
+    threads_per_worker: int | None = Field(default=None, ge=1, le=256)
+    max_failures: int = Field(default=2, ge=-1, le=100)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainParams:
+        if min(self.crop_size) < 32:
+            raise ValueError("crop_size: [height, width], each at least 32")
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError("scale_range: [low, high] with 0 < low <= high")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be less than epochs")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    m.section: m for m in (DownloadParams, PrepareParams, ModelParams, LossParams, TrainParams)
+}
 
 
 def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
