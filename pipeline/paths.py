@@ -18,6 +18,13 @@ DOWNLOADS_DIR = DATA_DIR / "downloads"          # partial and unextracted archiv
 DOWNLOAD_RECEIPT = DATA_DIR / "download.json"   # output of the download stage
 PREPARED_DIR = DATA_DIR / "prepared"            # output of the prepare stage
 
+MODELS_DIR = Path("models")
+TRAIN_OUT = MODELS_DIR / "train"                # output of the train stage: best model + metadata
+METRICS_DIR = Path("metrics")
+RAY_RESULTS = Path("ray_results")               # Ray Train storage: checkpoints, resume state
+MLFLOW_DB = Path("mlflow.db")                   # embedded MLflow store (sqlite) ...
+MLFLOW_ARTIFACTS = Path("mlruns")               # ... and its artifact folder
+
 # Files inside the prepared dataset directory.
 CLASSES_FILE = "classes.json"
 CARD_JSON = "card.json"
@@ -27,6 +34,8 @@ SPLITS = ("train", "val", "test")
 
 # Environment variables. A mirror is a local directory looked at before the network.
 ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
+# Pretrained encoder weight files, looked at instead of the model hub (see pipeline.models).
+ENV_WEIGHTS_DIR = "SEG_WEIGHTS_DIR"
 
 
 def data_mirror() -> Path | None:
@@ -41,4 +50,19 @@ def data_mirror() -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{ENV_DATA_MIRROR}={value!r} is not a directory")
+    return path
+
+
+def weights_dir() -> Path | None:
+    """The pretrained-weights directory from ``$SEG_WEIGHTS_DIR``, or None when unset.
+
+    A set but missing directory is an error rather than a silent fall-through to
+    the model hub: a typo in the variable should not start a download.
+    """
+    value = os.environ.get(ENV_WEIGHTS_DIR, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{ENV_WEIGHTS_DIR}={value!r} is not a directory")
     return path
