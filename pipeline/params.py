@@ -172,6 +172,7 @@ class TrainParams(Section):
     cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
     threads_per_worker: int | None = Field(default=None, ge=1, le=256)
     max_failures: int = Field(default=2, ge=-1, le=100)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainParams:

@@ -1,0 +1,62 @@
+"""The trained model as an MLflow pyfunc that predicts on images of any size.
+
+MLflow 3's default PyTorch format (torch.export, "pt2") fixes the input shape to the
+example's, so the model is logged as a ``PythonModel`` around a saved model folder
+(``pipeline.modelio``): weights, smp config, class names, palette and normalisation.
+
+``predict`` takes one (H, W, 3) uint8 RGB array, an (N, H, W, 3) batch, or a list of
+arrays of different sizes, and returns a list of (H, W) uint8 class-index masks.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+MODEL_ARTIFACT = "model_dir"
+PACKAGE = "segmentation-pipeline"
+
+
+class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline.modelio import load_model, read_config
+
+        folder = Path(context.artifacts[MODEL_ARTIFACT])
+        self.model = load_model(folder)
+        self.config = read_config(folder)
+
+    def predict(self, context, model_input: Any, params: dict | None = None) -> list[np.ndarray]:
+        from pipeline.inference import predict_mask
+
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 3:
+            model_input = [model_input]
+        return [predict_mask(self.model, np.asarray(image)) for image in model_input]
+
+
+def requirements() -> list[str]:
+    """This package's pinned dependencies, as the environment of the logged model."""
+    try:
+        reqs = metadata.requires(PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [r for r in reqs if "extra ==" not in r]
+
+
+def log_model(model_dir: Path, name: str = "model") -> str:
+    """Log ``model_dir`` to the active run as a pyfunc; returns the model URI."""
+    package_dir = Path(__file__).resolve().parent
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=SegmentationPyfunc(),
+        artifacts={MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=requirements(),
+    )
+    return info.model_uri

@@ -1,0 +1,241 @@
+"""Stage ``train``: Ray Train (TorchTrainer + Ray Data) around the plain loop in
+``pipeline.engine``, one MLflow run per training, the best checkpoint as output.
+
+    python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json
+
+Same code on one CPU, one GPU or a cluster: with ``RAY_ADDRESS`` set it joins that
+cluster, otherwise it starts a local one. A re-run with the same params and data after
+a crash resumes from the latest checkpoint in ``ray_results/<run name>`` and continues
+the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import paths, shards
+from pipeline.io import read_json, write_json_atomic
+from pipeline.losses import resolve_class_weights
+from pipeline.models import encoder_normalisation
+from pipeline.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
+
+log = logging.getLogger("pipeline.train")
+
+
+class TrainError(RuntimeError):
+    """A training that cannot start or did not produce a model."""
+
+
+def data_version(data: Path) -> str:
+    """DVC's hash of the prepared data from dvc.lock, else the raw data digest of the card."""
+    lock = Path("dvc.lock")
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("prepare", {}).get("outs", []):
+            if Path(out["path"]) == Path(data) and "md5" in out:
+                return out["md5"]
+    return "raw-sha256:" + read_json(Path(data) / paths.CARD_JSON).get("raw_tree_sha256", "unknown")
+
+
+def run_name(sections: dict[str, dict], version: str) -> str:
+    """Equal params and data give the same name, which is what lets a re-run resume."""
+    blob = json.dumps({"params": sections, "data": version}, sort_keys=True)
+    return "train-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> dict:
+    classes = read_json(data / paths.CLASSES_FILE)
+    card = read_json(data / paths.CARD_JSON)
+    mean, std = encoder_normalisation(model_cfg.encoder_name)
+    return {
+        "train": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
+        "loss": loss_cfg.model_dump(mode="json"),
+        "num_classes": classes["num_classes"], "ignore_index": classes["ignore_index"],
+        "class_names": classes["names"], "palette": classes["palette"],
+        "class_weights": resolve_class_weights(loss_cfg, card, classes["num_classes"]),
+        "mean": list(mean), "std": list(std), "n_train": card["splits"]["train"]["images"],
+    }
+
+
+def scaling(cfg: TrainParams):
+    """ScalingConfig from params; checks that the workers leave Ray Data a CPU."""
+    import ray
+    from ray.train import ScalingConfig
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
+    if use_gpu and gpus < cfg.num_workers:
+        raise TrainError(f"train.use_gpu: {cfg.num_workers} workers need {cfg.num_workers} GPUs, "
+                         f"the cluster has {gpus:g}")
+    cpus = resources.get("CPU", 0)
+    # Ray Data's read tasks each need one whole CPU on some node.
+    if cfg.num_workers * cfg.cpus_per_worker > cpus - 1:
+        raise TrainError(
+            f"train.num_workers x train.cpus_per_worker = {cfg.num_workers} x {cfg.cpus_per_worker:g} "
+            f"leaves less than one CPU of the cluster's {cpus:g} for Ray Data, whose reading "
+            "would then wait forever; lower train.cpus_per_worker (fractions are fine)"
+        )
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+                         placement_strategy=cfg.placement_strategy)
+
+
+def init_ray() -> None:
+    """Join ``$RAY_ADDRESS`` if set, else start a local cluster bound to 127.0.0.1."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # The dashboard stays on (loopback only): without it Train V2 logs a failed
+            # controller-state query in a loop.
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def fit(
+    data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams,
+    storage: Path = paths.RAY_RESULTS, track: bool = True,
+):
+    """Run the training; returns (Ray Result, MLflow run id or None, run name)."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    config = worker_config(data, cfg, model_cfg, loss_cfg)
+    sections = {"train": config["train"], "model": config["model"], "loss": config["loss"]}
+    version = data_version(data)
+    name = run_name(sections, version)
+    storage = Path(storage).resolve()
+    run_id = None
+    if track:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline import tracking
+
+        client = MlflowClient(tracking.tracking_uri())
+        tags = {"data_version": version, "git_commit": tracking.git_commit(), "ray_run_name": name,
+                "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
+        run_id = tracking.open_run(client, storage / name / "mlflow_run_id", name, tags)
+        tracking.log_params(client, run_id, sections)
+        config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
+
+    init_ray()
+    columns = ["image", "mask"]
+    datasets = {split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)],
+                                             columns=columns)
+                for split in ("train", "val")}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=scaling(cfg),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # The best checkpoint by validation mIoU, plus the latest (kept for resume).
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
+                                               checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        # Validation is not split: each worker evaluates every world-th row of it.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    log.info("training %s on %d worker(s), %d epochs (Ray run %s)", model_cfg.arch, cfg.num_workers,
+             cfg.epochs, name)
+    return trainer.fit(), run_id, name
+
+
+def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the best checkpoint's model as a saved model folder (``pipeline.modelio``)."""
+    if not result.best_checkpoints:
+        raise TrainError("the training reported no checkpoint")
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_miou"])
+    out = Path(out)
+    staging = out.with_name(f".{out.name}-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        model_json = read_json(Path(d) / META_FILE)
+    torch.save(state["model"], staging / "model.pt")
+    write_json_atomic(staging / "model.json", model_json | extra | {"metrics": metrics})
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return metrics
+
+
+def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS_FILE,
+          storage: Path = paths.RAY_RESULTS, track: bool = True) -> dict[str, Any]:
+    cfg = load_params(TrainParams, params)
+    model_cfg = load_params(ModelParams, params)
+    loss_cfg = load_params(LossParams, params)
+    result, run_id, name = fit(data, cfg, model_cfg, loss_cfg, storage, track)
+    history = result.metrics_dataframe
+    extra = {"data_version": data_version(data), "mlflow_run_id": run_id, "ray_run_name": name,
+             "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
+    best = export_best(result, out, extra)
+    summary = {
+        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
+        "epochs": cfg.epochs, "val_pixel_accuracy": best["val_pixel_accuracy"],
+        "val_iou": {k.removeprefix("val_iou_"): v for k, v in best.items() if k.startswith("val_iou_")},
+        "train_images_per_s": float(history["train_images_per_s"].median()) if history is not None else None,
+    }
+    write_json_atomic(metrics_path, summary)
+    if run_id is not None:
+        _finish_mlflow(run_id, out, metrics_path, summary)
+    log.info("best validation mIoU %.4f at epoch %d -> %s", summary["best_val_miou"],
+             summary["best_epoch"], out)
+    return summary
+
+
+def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, summary: dict) -> None:
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.mlflow_model import log_model
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("best_val_miou", summary["best_val_miou"])
+        mlflow.log_artifact(str(metrics_path))
+        mlflow.log_artifact(str(Path(model_dir) / "model.json"))
+        mlflow.set_tag("model_uri", log_model(model_dir))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
+    parser.add_argument("--out", type=Path, default=paths.TRAIN_OUT)
+    parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "train.json")
+    parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    parser.add_argument("--storage", type=Path, default=paths.RAY_RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        train(args.data, args.out, args.metrics, args.params, args.storage)
+    except TrainError as exc:
+        raise SystemExit(f"train: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny prepared dataset and an isolated MLflow store for training tests."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.params import PrepareParams, parse_section
+from pipeline.prepare import prepare
+from tests.factories import make_folder_dataset
+
+CLASSES = ["background", "road", "car"]
+TINY = {
+    "model": {"arch": "Unet", "encoder_name": "resnet18", "encoder_weights": None},
+    "loss": {"terms": {"ce": 0.5, "dice": 0.5}},
+    "train": {"epochs": 3, "batch_size": 2, "val_batch_size": 2, "crop_size": [32, 32],
+              "warmup_epochs": 0.2, "num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_folder_dataset(root / "raw", n=24, num_classes=3, size=(48, 64))
+    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2})
+    prepare("folder", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)          # mlruns/ and dvc.lock look-ups stay in tmp_path
+    return tmp_path
+
+
+def write_params(path: Path, **train_overrides) -> Path:
+    params = {k: dict(v) for k, v in TINY.items()}
+    params["train"] |= train_overrides
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def only_run(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+

@@ -1,0 +1,90 @@
+"""Training on a real local Ray cluster with tiny generated data, tracked in a real MLflow store."""
+
+import os
+import signal
+import threading
+import time
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import ray
+
+from pipeline import train as train_stage
+from pipeline.inference import predict_mask
+from pipeline.modelio import load_model
+from tests.conftest import CLASSES, only_run, write_params
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local_ray):
+    params = write_params(env / "params.yaml")
+    summary = train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results")
+
+    assert 0 <= summary["best_val_miou"] <= 1 and set(summary["val_iou"]) == set(CLASSES)
+    model = load_model(env / "model")
+    assert list(model.meta.class_names) == CLASSES
+    mask = predict_mask(model, np.zeros((37, 53, 3), np.uint8))       # any size
+    assert mask.shape == (37, 53) and mask.max() < 3
+
+    client, run = only_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.params["train.epochs"] == "3" and run.data.params["model.arch"] == "Unet"
+    assert run.data.tags["data_version"].startswith("raw-sha256:")
+    assert run.data.tags["git_commit"]
+    history = client.get_metric_history(run.info.run_id, "val_miou")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "val_iou_car")) == 3
+    assert client.get_metric_history(run.info.run_id, "workers")[-1].value == 2
+    assert run.data.metrics["best_val_miou"] == pytest.approx(summary["best_val_miou"])
+
+    # The logged model predicts on any size and knows its classes.
+    pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    masks = pyfunc.predict([np.zeros((20, 30, 3), np.uint8), np.zeros((41, 17, 3), np.uint8)])
+    assert [m.shape for m in masks] == [(20, 30), (41, 17)]
+
+
+def worker_pids() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(prepared, env, local_ray):
+    params = write_params(env / "params.yaml", epochs=4, max_failures=2)
+    storage = env / "ray_results"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            # The snapshot is written once Ray has registered a reported checkpoint.
+            snapshots = list(storage.glob("train-*/checkpoint_manager_snapshot.json"))
+            if snapshots and "checkpoint_" in snapshots[0].read_text():
+                procs = worker_pids()
+                if procs:
+                    procs[-1].send_signal(signal.SIGKILL)
+                    killed.append(procs[-1].pid)
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    summary = train_stage.train(prepared, env / "model", env / "metrics.json", params, storage)
+
+    assert killed, "no worker was killed"
+    client, run = only_run(os.environ["MLFLOW_TRACKING_URI"])        # still one run
+    starts = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
+    assert starts[0] == 0 and max(starts) >= 1                          # resumed, not restarted
+    epochs = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_miou")})
+    assert epochs == [0, 1, 2, 3]
+    assert summary["epochs"] == 4
+
+
+def test_too_many_cpus_per_worker_is_refused_before_it_hangs(prepared, env, local_ray):
+    params = write_params(env / "params.yaml", cpus_per_worker=0.75)
+    with pytest.raises(train_stage.TrainError, match="train.cpus_per_worker"):
+        train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results")
