@@ -137,10 +137,11 @@ def fit(
         config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
 
     init_ray()
-    columns = ["image", "mask"]
-    datasets = {split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)],
-                                             columns=columns)
-                for split in ("train", "val")}
+    datasets = {
+        split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
+        .select_columns(["image", "mask"])
+        for split in ("train", "val")
+    }
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,

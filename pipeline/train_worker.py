@@ -133,6 +133,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 write_json_atomic(Path(d) / META_FILE, {
                     "model": model_cfg.model_dump(mode="json"), "num_classes": num_classes,
                     "meta": meta.to_dict(), "epoch": epoch, "metrics": metrics,
+                    "params": {"train": config["train"], "loss": config["loss"]},
                 })
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
