@@ -38,31 +38,26 @@ ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
 ENV_WEIGHTS_DIR = "SEG_WEIGHTS_DIR"
 
 
-def data_mirror() -> Path | None:
-    """The dataset mirror directory from ``$SEG_DATA_MIRROR``, or None when unset.
+def env_dir(name: str) -> Path | None:
+    """The directory named by environment variable ``name``, or None when it is unset.
 
-    A set but missing directory is an error rather than a silent fall-through to
-    the network: a typo in the variable should not start a 2 GB download.
+    A set but missing directory is an error rather than a silent fall-through to the
+    network: a typo in the variable should not start a download of gigabytes.
     """
-    value = os.environ.get(ENV_DATA_MIRROR, "").strip()
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{ENV_DATA_MIRROR}={value!r} is not a directory")
+        raise FileNotFoundError(f"{name}={value!r} is not a directory")
     return path
+
+
+def data_mirror() -> Path | None:
+    """The dataset mirror directory, ``$SEG_DATA_MIRROR``."""
+    return env_dir(ENV_DATA_MIRROR)
 
 
 def weights_dir() -> Path | None:
-    """The pretrained-weights directory from ``$SEG_WEIGHTS_DIR``, or None when unset.
-
-    A set but missing directory is an error rather than a silent fall-through to
-    the model hub: a typo in the variable should not start a download.
-    """
-    value = os.environ.get(ENV_WEIGHTS_DIR, "").strip()
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{ENV_WEIGHTS_DIR}={value!r} is not a directory")
-    return path
+    """The pretrained encoder weights directory, ``$SEG_WEIGHTS_DIR``."""
+    return env_dir(ENV_WEIGHTS_DIR)
