@@ -1,8 +1,8 @@
 """The real DVC pipeline of this repository, run in a scratch copy on a tiny user folder.
 
 Checks the wiring of dvc.yaml and data.dvc: download -> prepare runs, a second
-``dvc repro`` is a no-op, and ``dvc push`` / ``dvc pull`` to a local remote restore
-exactly the raw bytes and the prepared data.
+``dvc repro prepare`` is a no-op, and ``dvc push`` / ``dvc pull`` to a local remote
+restore exactly the raw bytes and the prepared data.
 """
 
 import hashlib
@@ -61,13 +61,14 @@ def test_repro_is_cached_and_push_pull_restores_the_raw_bytes(tmp_path):
     params["prepare"] |= {"classes": ["background", "object"], "workers": 1}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
-    dvc(repo, "repro", env=env)
+    # The data stages only: training has tests of its own (tests/test_train*.py).
+    dvc(repo, "repro", "prepare", env=env)
     card = json.loads((repo / "data/prepared/card.json").read_text())
     assert sum(s["images"] for s in card["splits"].values()) == 12
     assert card["problems"]["warnings"] == 1          # the 0/255 masks were recognised
 
     start = time.monotonic()
-    out = dvc(repo, "repro", env=env)
+    out = dvc(repo, "repro", "prepare", env=env)
     assert "Data and pipelines are up to date" in out
     assert time.monotonic() - start < 5
 
@@ -76,10 +77,10 @@ def test_repro_is_cached_and_push_pull_restores_the_raw_bytes(tmp_path):
     assert "nfiles: 24" in (repo / "data.dvc").read_text()
     raw_before = digests(repo / "data/raw")
     prepared_before = digests(repo / "data/prepared")
-    dvc(repo, "push", env=env)
+    dvc(repo, "push", "data.dvc", "prepare", env=env)
     for path in ("data/raw", "data/prepared", ".dvc/cache"):
         shutil.rmtree(repo / path)
-    dvc(repo, "pull", env=env)
+    dvc(repo, "pull", "data.dvc", "prepare", env=env)
     assert digests(repo / "data/raw") == raw_before
     assert digests(repo / "data/prepared") == prepared_before
-    assert "up to date" in dvc(repo, "status", env=env)
+    assert "up to date" in dvc(repo, "status", "data.dvc", "prepare", env=env)
