@@ -26,6 +26,7 @@ import torch
 from pipeline import paths, shards
 from pipeline.io import read_json, write_json_atomic
 from pipeline.losses import resolve_class_weights
+from pipeline.modelio import CONFIG_FILE, WEIGHTS_FILE
 from pipeline.models import encoder_normalisation
 from pipeline.params import LossParams, ModelParams, TrainParams, load_params
 from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
@@ -174,8 +175,8 @@ def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         model_json = read_json(Path(d) / META_FILE)
-    torch.save(state["model"], staging / "model.pt")
-    write_json_atomic(staging / "model.json", model_json | extra | {"metrics": metrics})
+    torch.save(state["model"], staging / WEIGHTS_FILE)
+    write_json_atomic(staging / CONFIG_FILE, model_json | extra | {"metrics": metrics})
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return metrics
@@ -215,7 +216,7 @@ def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, summary: di
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("best_val_miou", summary["best_val_miou"])
         mlflow.log_artifact(str(metrics_path))
-        mlflow.log_artifact(str(Path(model_dir) / "model.json"))
+        mlflow.log_artifact(str(Path(model_dir) / CONFIG_FILE))
         mlflow.set_tag("model_uri", log_model(model_dir))
 
 

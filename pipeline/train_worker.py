@@ -25,11 +25,12 @@ from pipeline.engine import build_optimizer, build_scheduler, evaluate, train_on
 from pipeline.io import write_json_atomic
 from pipeline.losses import build_loss
 from pipeline.metrics import segmentation_metrics
+from pipeline.modelio import CONFIG_FILE
 from pipeline.models import ModelMeta, build_model
 from pipeline.params import LossParams, ModelParams, TrainParams
 
-STATE_FILE = "state.pt"
-META_FILE = "model.json"
+STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, epoch, RNG
+META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
 
 
 def seed_everything(seed: int) -> None:
