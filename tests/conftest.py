@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.params import PrepareParams, parse_section
 from pipeline.prepare import prepare
 from tests.factories import make_folder_dataset
+from tests.http_server import LoopbackServer
 
 CLASSES = ["background", "road", "car"]
 TINY = {
@@ -50,3 +51,10 @@ def only_run(tracking_uri: str):
     return client, runs[0]
 
 
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP file server (tests/http_server.py), shut down after the test."""
+    with LoopbackServer() as srv:
+        yield srv

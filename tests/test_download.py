@@ -14,7 +14,6 @@ import pytest
 
 from pipeline import download, fetch, paths
 from pipeline.sources import Archive, Source
-from tests.http_server import LoopbackServer
 
 NAME = "tiny"
 SUBDIR = "tiny-main/data"
@@ -47,12 +46,6 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import fetch
-from tests.http_server import LoopbackServer
 
 SIZE = 200_000   # bigger than one socket buffer, so a cut-off transfer really is partial
 CUT = 70_001
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 @pytest.fixture
