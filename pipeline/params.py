@@ -185,8 +185,51 @@ class TrainParams(Section):
         return self
 
 
+class OverlayParams(Section):
+    """Which test images get image / truth / prediction / error PNGs."""
+
+    samples: int = Field(default=6, ge=0, le=1000, description="the first n test images by id")
+    worst_per_class: int = Field(default=3, ge=0, le=100, description="lowest IoU for each class")
+
+
+class EvaluateParams(Section):
+    """Test-split evaluation at native resolution."""
+
+    section: ClassVar[str] = "evaluate"
+
+    split: Literal["train", "val", "test"] = "test"
+    flip_tta: bool = Field(default=True, description="average with the horizontally flipped image")
+    # Images with more pixels than this go through overlapping tiles (bounded memory).
+    tile_above_pixels: int = Field(default=1_048_576, ge=1024)
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = Field(default=0.25, ge=0, lt=1, description="share of a tile shared with the next")
+    boundary_width: float = Field(default=0.02, gt=0, le=0.5,
+                                  description="boundary IoU band, as a share of the image diagonal")
+    threads: int | None = Field(default=None, ge=1, le=256, description="torch threads; null: all cores")
+    overlays: OverlayParams = OverlayParams()
+
+    @model_validator(mode="after")
+    def _tile(self) -> EvaluateParams:
+        if min(self.tile_size) < 32:
+            raise ValueError("tile_size: [height, width], each at least 32")
+        return self
+
+
+class RegisterParams(Section):
+    """The MLflow Model Registry entry and the champion gate."""
+
+    section: ClassVar[str] = "register"
+
+    model_name: str = Field(default="segmentation", min_length=1, max_length=200,
+                            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field(default="champion", min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    onnx: bool = Field(default=True, description="also log an ONNX export with dynamic batch, height, width")
+    onnx_opset: int = Field(default=18, ge=13, le=23)
+
+
 SECTIONS: dict[str, type[Section]] = {
-    m.section: m for m in (DownloadParams, PrepareParams, ModelParams, LossParams, TrainParams)
+    m.section: m for m in (DownloadParams, PrepareParams, ModelParams, LossParams, TrainParams,
+                           EvaluateParams, RegisterParams)
 }
 
 

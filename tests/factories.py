@@ -46,3 +46,82 @@ def make_folder_dataset(
         Image.fromarray(stored).save(mask_path)
         truth[key] = mask
     return truth
+
+
+def make_colour_coded_dataset(root: Path, n: int = 16, num_classes: int = 3,
+                              size: tuple[int, int] = (48, 64), seed: int = 0) -> None:
+    """Like ``make_folder_dataset``, but each pixel's colour says its class (plus noise),
+    so that a few dozen optimiser steps learn it: models of known good quality."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (num_classes, 3))
+    h, w = size
+    for i in range(n):
+        mask = blob_mask(rng, h, w, num_classes)
+        image = np.clip(colours[mask] + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        for folder, array in (("images", image), ("masks", mask)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / folder / f"img_{i:03d}.png")
+
+
+def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
+    """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
+    import torch
+
+    from pipeline import paths, shards
+    from pipeline.inference import to_tensor
+    from pipeline.io import read_json
+    from pipeline.models import ModelMeta, build_model
+    from pipeline.params import ModelParams
+
+    torch.manual_seed(seed)
+    classes = read_json(prepared / paths.CLASSES_FILE)
+    cfg = ModelParams(arch="Unet", encoder_name="resnet18", encoder_weights=None)
+    meta = ModelMeta(classes["names"], classes["palette"], ignore_index=classes["ignore_index"])
+    model = build_model(cfg, classes["num_classes"], meta)
+    samples = list(shards.iter_samples(prepared, "train"))
+    x = to_tensor([image for _, image, _ in samples], model.meta.mean, model.meta.std)
+    y = torch.from_numpy(np.stack([mask for _, _, mask in samples])).long()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=classes["ignore_index"])
+    model.train()
+    for step in range(steps):
+        batch = torch.arange(step * 8, step * 8 + 8) % len(samples)
+        optimiser.zero_grad()
+        loss_fn(model(x[batch]), y[batch]).backward()
+        optimiser.step()
+    return model.eval(), cfg
+
+
+def constant_model(model, class_index: int):
+    """``model`` changed to predict ``class_index`` everywhere: a deliberately bad model."""
+    import copy
+
+    import torch
+
+    bad = copy.deepcopy(model)
+    conv = bad.net.segmentation_head[0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-1.0)
+        conv.bias[class_index] = 1.0
+    return bad
+
+
+def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> str:
+    """Save ``model`` to ``folder`` as the train stage would and log it to a new MLflow
+    run of the current tracking store; returns the run id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.mlflow_model import log_model
+    from pipeline.modelio import save_model
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    experiment = tracking.experiment_id(MlflowClient(tracking.tracking_uri()))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        save_model(folder, model, cfg, len(model.meta.class_names), extra={
+            "mlflow_run_id": run.info.run_id, "data_version": data_version,
+            "params": {"train": {"seed": 0}, "loss": {"terms": {"ce": 1.0}}}})
+        mlflow.set_tags({"model_uri": log_model(folder), "git_commit": "test"})
+    return run.info.run_id

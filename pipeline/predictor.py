@@ -1,0 +1,78 @@
+"""Whole-image prediction at native resolution, for evaluation and serving.
+
+``Predictor(model, ...)`` turns one (H, W, 3) uint8 RGB image of any size into class
+probabilities (C, H, W):
+
+- up to ``tile_above_pixels`` pixels the image goes through the network whole (the
+  model pads it to its stride and crops back, ``pipeline.models.SegmentationModel``);
+- above that, overlapping ``tile_size`` windows cover it, the last one in each row and
+  column flush with the edge, and the probabilities of overlapping windows are averaged,
+  so memory is bounded by one tile whatever the image size;
+- with ``flip_tta`` each image or tile is also predicted mirrored left-right, in the same
+  batch, and the two probability maps are averaged (test-time augmentation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.inference import to_tensor
+from pipeline.models import SegmentationModel
+
+
+def window_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of windows of ``tile`` covering ``length``, sharing about
+    ``overlap`` of a tile with the next; the last window ends exactly at ``length``."""
+    if length <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+@dataclass
+class Predictor:
+    model: SegmentationModel
+    flip_tta: bool = False
+    tile_above_pixels: int = 1_048_576
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = 0.25
+
+    @torch.no_grad()
+    def probs(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (C, H, W) float32 class probabilities on the CPU."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        meta = self.model.meta
+        x = to_tensor([image], meta.mean, meta.std)
+        h, w = image.shape[:2]
+        if h * w <= self.tile_above_pixels:
+            return self._forward(x)
+        th, tw = min(self.tile_size[0], h), min(self.tile_size[1], w)
+        total = None
+        hits = torch.zeros(1, h, w)
+        for y in window_starts(h, th, self.tile_overlap):
+            for x0 in window_starts(w, tw, self.tile_overlap):
+                p = self._forward(x[..., y:y + th, x0:x0 + tw])
+                if total is None:
+                    total = torch.zeros(p.shape[0], h, w)
+                total[:, y:y + th, x0:x0 + tw] += p
+                hits[:, y:y + th, x0:x0 + tw] += 1
+        return total / hits
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W) uint8 class indices."""
+        return self.probs(image).argmax(0).to(torch.uint8).numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 3, h, w) normalised -> (C, h, w) probabilities, flip-averaged if asked."""
+        device = next(self.model.parameters()).device
+        batch = torch.cat([x, x.flip(-1)]) if self.flip_tta else x
+        out = self.model(batch.to(device))
+        if isinstance(out, tuple):       # smp aux_params: (masks, labels)
+            out = out[0]
+        p = out.float().softmax(dim=1).cpu()
+        return (p[0] + p[1].flip(-1)) / 2 if self.flip_tta else p[0]

@@ -1,0 +1,218 @@
+"""Stage ``register``: the evaluated model into the MLflow Model Registry, behind a gate.
+
+    python -m pipeline.register --model models/train --metrics metrics/evaluate.json \\
+        --data data/prepared --out models/registry.json
+
+1. The model the training logged (its run's ``model_uri`` tag) becomes a version of
+   ``register.model_name``, tagged with the dataset version, params hash, git commit,
+   test mIoU and the evaluation key (test split version + evaluation settings). Running
+   the stage again for the same run reuses that version rather than adding another.
+2. With ``register.onnx`` an ONNX export (dynamic batch, height, width) is checked against
+   PyTorch on a test image and logged to the same run; the version's ``onnx_uri`` tag
+   points at it.
+3. The gate: the version gets the alias (``champion``) when there is no champion yet, or
+   when its test mIoU beats the champion's. Scores are only compared on the same test set
+   with the same evaluation settings: when the champion was scored otherwise, it is
+   evaluated again here on this test set first. A worse model stays registered without
+   the alias. The decision and its reason go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.io import read_json, write_json_atomic
+from pipeline.modelio import read_config
+from pipeline.params import EvaluateParams, RegisterParams, load_params
+
+log = logging.getLogger("pipeline.register")
+
+SOURCE_RUN_TAG = "mlflow_run_id"
+EVAL_KEY_TAG = "eval_key"
+SCORE_TAG = "test_miou"
+
+
+class RegisterError(RuntimeError):
+    """A model that cannot be registered (no MLflow run, no logged model, ...)."""
+
+
+@dataclass
+class Decision:
+    model_name: str
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+    test_miou: float
+    previous_champion: str | None = None
+    previous_champion_test_miou: float | None = None
+    onnx_uri: str | None = None
+
+
+def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
+    """Scores with equal keys are comparable: same test set, same evaluation settings."""
+    settings = cfg.model_dump(mode="json", exclude={"overlays", "threads"})
+    blob = json.dumps({"split_version": metrics["split_version"], "settings": settings}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def params_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps({"model": config.get("model"), **config.get("params", {})}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def model_version(client, name: str, run_id: str, model_uri: str):
+    """This run's version of ``name``: the existing one, else a new one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Segmentation models trained by the pipeline")
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get(SOURCE_RUN_TAG) == run_id:
+            return mv
+    return client.create_model_version(name, model_uri, run_id=run_id, tags={SOURCE_RUN_TAG: run_id})
+
+
+def current_champion(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def rescore(name: str, version: str, data: Path, cfg: EvaluateParams) -> float:
+    """Test mIoU of a registered version, evaluated here with ``cfg`` on ``data``."""
+    import mlflow.pyfunc
+
+    from pipeline.evaluate import evaluate_split, report
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    return report(evaluate_split(model, data, cfg))["miou"]
+
+
+def decide(client, name: str, alias: str, candidate, score: float, key: str, data: Path,
+           cfg: EvaluateParams) -> Decision:
+    """Give ``candidate`` the alias if it beats the holder; say why either way."""
+    decision = Decision(name, str(candidate.version), alias, False, "", score)
+    champion = current_champion(client, name, alias)
+    if champion is None:
+        decision.promoted, decision.reason = True, f"no {alias} yet"
+    elif str(champion.version) == str(candidate.version):
+        decision.promoted, decision.reason = True, f"already the {alias}"
+    else:
+        decision.previous_champion = str(champion.version)
+        if champion.tags.get(EVAL_KEY_TAG) == key:
+            held, how = float(champion.tags[SCORE_TAG]), "its recorded"
+        else:
+            held, how = rescore(name, champion.version, data, cfg), "re-evaluated on this test set,"
+        decision.previous_champion_test_miou = held
+        decision.promoted = score > held
+        verb = "beats" if decision.promoted else "does not beat"
+        decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} "
+                           f"({how} test mIoU {held:.4f})")
+    if decision.promoted:
+        client.set_registered_model_alias(name, alias, candidate.version)
+    return decision
+
+
+def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, split: str) -> str:
+    """Export, check against PyTorch on the first image of ``split``, log; returns the URI."""
+    import mlflow
+    import onnx
+
+    from pipeline import shards
+    from pipeline.inference import to_tensor
+    from pipeline.modelio import load_model
+    from pipeline.onnx_export import export_onnx, max_difference
+
+    model = load_model(model_dir)
+    _, image, _ = next(shards.iter_samples(data, split))
+    x = to_tensor([image], model.meta.mean, model.meta.std)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", cfg.onnx_opset)
+        diff = max_difference(path, model, x)
+        if diff > 1e-3:
+            raise RegisterError(f"the ONNX export differs from PyTorch by {diff:.2e} on a test image")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx", save_as_external_data=False)
+    log.info("ONNX export logged (max logit difference %.1e on a %dx%d test image)", diff, *image.shape[:2])
+    return info.model_uri
+
+
+def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
+             params: Path = paths.PARAMS_FILE) -> Decision:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    cfg = load_params(RegisterParams, params)
+    eval_cfg = load_params(EvaluateParams, params)
+    config = read_config(model_dir)
+    metrics = read_json(metrics_path)
+    run_id = config.get("mlflow_run_id")
+    if not run_id:
+        raise RegisterError(f"{model_dir}: the model has no MLflow run (trained with tracking off)")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri())
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegisterError(f"MLflow run {run_id} of {model_dir} is not in "
+                            f"{tracking.tracking_uri()}") from exc
+    model_uri = run.data.tags.get("model_uri")
+    if not model_uri:
+        raise RegisterError(f"MLflow run {run_id} logged no model (no model_uri tag)")
+    if metrics.get("mlflow_run_id") != run_id:
+        raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
+    score, key = float(metrics["miou"]), eval_key(metrics, eval_cfg)
+    version = model_version(client, cfg.model_name, run_id, model_uri)
+    tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
+            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: f"{score:.6f}",
+            EVAL_KEY_TAG: key, "split_version": metrics["split_version"],
+            "dvc_exp": run.data.tags.get("dvc_exp", "")}
+    if cfg.onnx and "onnx_uri" not in version.tags:
+        tags["onnx_uri"] = log_onnx(run_id, model_dir, data, cfg, eval_cfg.split)
+    for k, v in tags.items():
+        client.set_model_version_tag(cfg.model_name, version.version, k, str(v))
+    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg)
+    decision.onnx_uri = tags.get("onnx_uri", version.tags.get("onnx_uri"))
+    write_json_atomic(out, asdict(decision))
+    log.info("%s version %s: %s; %s", cfg.model_name, version.version,
+             f"now @{cfg.alias}" if decision.promoted else f"registered, not @{cfg.alias}", decision.reason)
+    return decision
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=paths.TRAIN_OUT)
+    parser.add_argument("--metrics", type=Path, default=paths.EVAL_METRICS)
+    parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
+    parser.add_argument("--out", type=Path, default=paths.REGISTER_OUT)
+    parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        register(args.model, args.metrics, args.data, args.out, args.params)
+    except (RegisterError, FileNotFoundError) as exc:
+        raise SystemExit(f"register: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

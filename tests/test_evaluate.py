@@ -1,0 +1,222 @@
+"""The evaluate stage: metrics against scikit-learn, boundary IoU against a brute-force
+band, prediction by tiles and flips, the overlay outputs and the MLflow logging."""
+
+import copy
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
+from sklearn.metrics import confusion_matrix as sk_confusion
+
+from pipeline import overlays, shards
+from pipeline.boundary import BoundaryIoU, boundary_band
+from pipeline.evaluate import EvaluateError, Evaluation, evaluate, report
+from pipeline.metrics import confusion_matrix
+from pipeline.modelio import save_model
+from pipeline.params import PrepareParams, parse_section
+from pipeline.predictor import Predictor, window_starts
+from pipeline.prepare import prepare
+from tests.conftest import CLASSES
+from tests.factories import fit_tiny_model, make_colour_coded_dataset, tracked_model
+
+C, IGNORE = 5, 255
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """A prepared dataset whose colours give the classes, with a test split."""
+    root = tmp_path_factory.mktemp("coded")
+    make_colour_coded_dataset(root / "raw", n=20)
+    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2,
+                                        "test_fraction": 0.25})
+    prepare("folder", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def fitted(coded):
+    return fit_tiny_model(coded)
+
+
+def random_masks(seed: int = 0, shape=(3, 40, 50)):
+    """pred, truth with ignored pixels, class 3 only predicted, class 4 in neither."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, shape).astype(np.uint8)
+    pred = np.where(rng.random(shape) < 0.7, truth, rng.integers(0, 4, shape)).astype(np.uint8)
+    truth[rng.random(shape) < 0.1] = IGNORE
+    return pred, truth
+
+
+def as_nan(values):
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def sk_scores(score, t, p, defined, labels=(0, 1, 2, 3, 4)):
+    """A scikit-learn per-class score, NaN where it is undefined (sklearn says 0 there)."""
+    values = score(t, p, labels=list(labels), average=None, zero_division=0).astype(float)
+    values[~defined] = np.nan
+    return values
+
+
+def test_report_matches_scikit_learn_with_ignore_and_absent_classes():
+    pred, truth = random_masks()
+    cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), C, IGNORE).numpy()
+    names = [f"c{i}" for i in range(C)]
+    metrics = report(Evaluation(names, [[0, 0, 0]] * C, IGNORE, cm, [np.nan] * C, ids=["a"], seconds=1.0))
+
+    keep = truth != IGNORE
+    t, p = truth[keep], pred[keep]
+    labels = list(range(C))
+    per_class = {key: as_nan([metrics["per_class"][n][key] for n in names])
+                 for key in ("iou", "dice", "precision", "recall", "pixel_share")}
+    in_truth, in_pred = np.isin(labels, t), np.isin(labels, p)
+    sk_iou = sk_scores(jaccard_score, t, p, in_truth | in_pred)
+    np.testing.assert_allclose(per_class["iou"], sk_iou, atol=1e-12)
+    np.testing.assert_allclose(per_class["dice"], sk_scores(f1_score, t, p, in_truth | in_pred), atol=1e-12)
+    np.testing.assert_allclose(per_class["precision"], sk_scores(precision_score, t, p, in_pred), atol=1e-12)
+    np.testing.assert_allclose(per_class["recall"], sk_scores(recall_score, t, p, in_truth), atol=1e-12)
+    assert np.isnan(per_class["iou"][4]) and per_class["iou"][3] == 0      # absent vs only predicted
+    assert metrics["miou"] == pytest.approx(np.nanmean(sk_iou), abs=1e-12)
+    assert metrics["pixel_accuracy"] == pytest.approx(accuracy_score(t, p), abs=1e-12)
+    counts = sk_confusion(t, p, labels=labels)
+    share = counts.sum(1) / counts.sum()
+    np.testing.assert_allclose(per_class["pixel_share"], share, atol=1e-12)
+    assert metrics["fw_iou"] == pytest.approx(np.nansum(share * sk_iou), abs=1e-12)
+
+
+def brute_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """Pixels of mask with a non-mask pixel (or the image edge) within Chebyshev distance d."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2 * d, w + 2 * d), bool)
+    padded[d:d + h, d:d + w] = mask
+    inner = np.ones_like(mask)
+    for dy in range(-d, d + 1):
+        for dx in range(-d, d + 1):
+            inner &= padded[d + dy:d + dy + h, d + dx:d + dx + w]
+    return mask & ~inner
+
+
+def test_boundary_iou_matches_a_brute_force_band():
+    rng = np.random.default_rng(1)
+    truth = np.zeros((30, 40), np.uint8)
+    truth[5:20, 8:30] = 1
+    truth[0:6, 30:40] = 2                       # touches the image edge
+    truth[25:28, 2:5] = IGNORE
+    pred = np.roll(truth, (1, 2), axis=(0, 1))
+    pred[pred == IGNORE] = 0
+    pred[rng.random(pred.shape) < 0.02] = 1
+    for d in (1, 2, 3):
+        for c in (1, 2):
+            np.testing.assert_array_equal(boundary_band(truth == c, d), brute_band(truth == c, d))
+    width = 2 / np.hypot(30, 40)                  # d = 2 pixels
+    b = BoundaryIoU(3, IGNORE, width)
+    b.update(pred, truth)
+    valid = truth != IGNORE
+    for c in range(3):
+        g, p = brute_band(truth == c, 2) & valid, brute_band(pred == c, 2) & valid
+        assert b.compute()[c] == pytest.approx((g & p).sum() / (g | p).sum())
+
+
+def test_window_starts_cover_the_side_and_end_flush():
+    for length, tile, overlap in [(100, 32, 0.25), (64, 64, 0.5), (65, 64, 0.0), (20, 32, 0.25)]:
+        starts = window_starts(length, tile, overlap)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s:s + tile] = True
+        assert covered.all() and starts[0] == 0 and starts[-1] == max(0, length - tile)
+
+
+def test_predictor_tiles_and_flips(fitted):
+    model, _ = fitted
+    image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    tiled = Predictor(model, tile_above_pixels=1024, tile_size=(32, 48), tile_overlap=0.25).probs(image)
+    assert tiled.shape == (3, 70, 90)
+    torch.testing.assert_close(tiled.sum(0), torch.ones(70, 90))
+    plain = Predictor(model).probs(image)
+    mirrored = Predictor(model).probs(np.ascontiguousarray(image[:, ::-1])).flip(-1)
+    torch.testing.assert_close(Predictor(model, flip_tta=True).probs(image), (plain + mirrored) / 2)
+
+
+def test_palette_png_keeps_class_indices_and_error_map_colours():
+    mask = np.array([[0, 1], [2, IGNORE]], np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(overlays.palette_png(mask, [(1, 2, 3)] * 3))))
+    np.testing.assert_array_equal(decoded, mask)
+    err = overlays.error_map(mask, np.array([[0, 2], [2, 0]], np.uint8), IGNORE)
+    assert tuple(err[0, 0]) == overlays.CORRECT_RGB and tuple(err[0, 1]) == overlays.WRONG_RGB
+    assert tuple(err[1, 1]) == overlays.IGNORED_RGB
+
+
+def write_eval_params(path, **overrides):
+    section = {"flip_tta": True, "overlays": {"samples": 2, "worst_per_class": 1}} | overrides
+    path.write_text(json.dumps({"evaluate": section}))
+    return path
+
+
+def test_stage_per_class_iou_agrees_with_scikit_learn_on_its_predictions(coded, fitted, env):
+    model, cfg = fitted
+    run_id = tracked_model(env / "model", model, cfg)
+    params = write_eval_params(env / "params.yaml")
+    metrics = evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params)
+
+    assert metrics["miou"] > 0.8                       # the colour-coded data is learnt
+    assert json.loads((env / "metrics.json").read_text()) == metrics
+    index = json.loads((env / "evaluation" / "index.json").read_text())
+    truths, preds = [], []
+    for image_id, _, truth in shards.iter_samples(coded, "test"):
+        entry = next(e for e in index["images"] if e["id"] == image_id)
+        pred = np.asarray(Image.open(env / "evaluation" / entry["files"]["prediction"]))
+        truths.append(truth.ravel())
+        preds.append(pred.ravel())
+    last_image = list(shards.iter_samples(coded, "test"))[-1][1]
+    np.testing.assert_array_equal(pred, Predictor(model, flip_tta=True).mask(last_image))  # the stage's own
+    t, p = np.concatenate(truths), np.concatenate(preds)
+    keep = t != 255
+    t, p = t[keep], p[keep]
+    sk_iou = sk_scores(jaccard_score, t, p, np.isin([0, 1, 2], t) | np.isin([0, 1, 2], p), labels=(0, 1, 2))
+    ours = as_nan([metrics["per_class"][n]["iou"] for n in CLASSES])
+    np.testing.assert_allclose(ours, sk_iou, atol=1e-6)
+
+    # Overlays: the samples and the worst image of each class, with every view on disk.
+    assert len(index["samples"]) == 2 and set(index["worst"]) == set(CLASSES)
+    by_id = {e["id"]: e for e in index["images"]}
+    for name, ids in index["worst"].items():
+        assert len(ids) == 1 and by_id[ids[0]]["iou"][name] is not None
+    for image_id in index["samples"] + [i for ids in index["worst"].values() for i in ids]:
+        files = by_id[image_id]["files"]
+        assert set(files) == {"image", "truth", "prediction", "error", "panel"}
+        assert all((env / "evaluation" / f).stat().st_size > 0 for f in files.values())
+    assert [c["name"] for c in index["classes"]] == CLASSES
+
+    # DVC plots data: IoU bars, and confusion rows that sum to 1 over each truth class.
+    bars = json.loads((env / "plots" / "per_class_iou.json").read_text())
+    assert [b["class"] for b in bars] == CLASSES
+    rows = json.loads((env / "plots" / "confusion.json").read_text())
+    assert len(rows) == 9
+    for name in CLASSES:
+        assert sum(r["fraction"] for r in rows if r["truth"] == name) == pytest.approx(1.0, abs=1e-5)
+
+    # Everything is on the training's MLflow run.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_miou"] == pytest.approx(metrics["miou"])
+    assert run.data.metrics["test_iou_car"] == pytest.approx(metrics["per_class"]["car"]["iou"])
+    listed = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/plots", "evaluation/overlays"} <= listed
+
+
+def test_a_model_for_other_classes_is_refused_and_nothing_written(coded, fitted, env, tmp_path):
+    model, cfg = fitted
+    other = copy.deepcopy(model)
+    other.meta = type(model.meta)(["a", "b", "c"], model.meta.palette, model.meta.mean, model.meta.std)
+    save_model(env / "model", other, cfg, 3)
+    params = write_eval_params(env / "params.yaml")
+    with pytest.raises(EvaluateError, match="classes"):
+        evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params,
+                 track=False)
+    assert not (env / "evaluation").exists() and not (env / "metrics.json").exists()
