@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -32,7 +31,8 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_model(folder)
         self.config = read_config(folder)
 
-    def predict(self, context, model_input: Any, params: dict | None = None) -> list[np.ndarray]:
+    # No type hints here: MLflow would read them as an input schema to validate against.
+    def predict(self, context, model_input, params=None):
         from pipeline.inference import predict_mask
 
         if isinstance(model_input, np.ndarray) and model_input.ndim == 3:

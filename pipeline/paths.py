@@ -42,6 +42,13 @@ ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
 ENV_WEIGHTS_DIR = "SEG_WEIGHTS_DIR"
 
 
+def repo_root() -> Path:
+    """The repository the stages run for: ``$DVC_ROOT`` (which DVC sets for stage commands,
+    and points at the parent repository for experiments run in a temporary copy), else the
+    current directory. Stores shared across experiments (MLflow) live here."""
+    return Path(os.environ.get("DVC_ROOT", "").strip() or ".")
+
+
 def env_dir(name: str) -> Path | None:
     """The directory named by environment variable ``name``, or None when it is unset.
 

@@ -1,7 +1,8 @@
 """MLflow plumbing: the tracking store, one run per training, per-epoch metrics, the model.
 
 The default store is embedded: a sqlite file (``mlflow.db``) and an artifact folder
-(``mlruns/``) at the repository root, both git-ignored. ``MLFLOW_TRACKING_URI`` points
+(``mlruns/``) at the repository root (``$DVC_ROOT`` under DVC, so that experiments run in
+a temporary copy still share it), both git-ignored. ``MLFLOW_TRACKING_URI`` points
 it at a server instead (needed when training workers run on other machines);
 ``MLFLOW_EXPERIMENT_NAME`` picks the experiment.
 """
@@ -27,7 +28,7 @@ DEFAULT_EXPERIMENT = "segmentation"
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else the embedded sqlite store at the repository root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{paths.MLFLOW_DB.resolve()}"
+    return uri or f"sqlite:///{(paths.repo_root() / paths.MLFLOW_DB).resolve()}"
 
 
 def experiment_id(client: MlflowClient, name: str | None = None) -> str:
@@ -38,7 +39,7 @@ def experiment_id(client: MlflowClient, name: str | None = None) -> str:
         return found.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
-        location = paths.MLFLOW_ARTIFACTS.resolve().as_uri()
+        location = (paths.repo_root() / paths.MLFLOW_ARTIFACTS).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -133,7 +133,9 @@ def fit(
         client = MlflowClient(tracking.tracking_uri())
         tags = {"data_version": version, "git_commit": tracking.git_commit(), "ray_run_name": name,
                 "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
-        run_id = tracking.open_run(client, storage / name / "mlflow_run_id", name, tags)
+        # In MLflow the run carries the DVC experiment's name when there is one.
+        display = os.environ.get("DVC_EXP_NAME") or name
+        run_id = tracking.open_run(client, storage / name / "mlflow_run_id", display, tags)
         tracking.log_params(client, run_id, sections)
         config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
 
