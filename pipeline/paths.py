@@ -50,7 +50,8 @@ def repo_root() -> Path:
 
 
 def env_dir(name: str) -> Path | None:
-    """The directory named by environment variable ``name``, or None when it is unset.
+    """The directory named by environment variable ``name`` (made absolute), or None
+    when it is unset.
 
     A set but missing directory is an error rather than a silent fall-through to the
     network: a typo in the variable should not start a download of gigabytes.
@@ -61,7 +62,7 @@ def env_dir(name: str) -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{name}={value!r} is not a directory")
-    return path
+    return path.resolve()
 
 
 def data_mirror() -> Path | None:

@@ -61,7 +61,9 @@ def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg
     classes = read_json(data / paths.CLASSES_FILE)
     card = read_json(data / paths.CARD_JSON)
     mean, std = encoder_normalisation(model_cfg.encoder_name)
+    weights = paths.weights_dir()   # checked here, and handed on absolute: workers run elsewhere
     return {
+        "env": {paths.ENV_WEIGHTS_DIR: str(weights)} if weights is not None else {},
         "train": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
         "loss": loss_cfg.model_dump(mode="json"),
         "num_classes": classes["num_classes"], "ignore_index": classes["ignore_index"],

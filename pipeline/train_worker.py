@@ -9,6 +9,7 @@ driver opened.
 from __future__ import annotations
 
 import math
+import os
 import random
 import tempfile
 import time
@@ -49,6 +50,8 @@ def epoch_metrics(cm_metrics: dict, class_names: list[str], prefix: str = "val_"
 
 
 def train_worker(config: dict[str, Any]) -> None:
+    # The driver's settings (absolute paths), whatever environment Ray started us in.
+    os.environ.update(config.get("env", {}))
     cfg = TrainParams.model_validate(config["train"])
     model_cfg = ModelParams.model_validate(config["model"])
     loss_cfg = LossParams.model_validate(config["loss"])

@@ -14,18 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-from tests.factories import make_folder_dataset
+from tests.factories import make_colour_coded_dataset, make_folder_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dvc(repo: Path, *args: str, env: dict) -> str:
+def dvc(repo: Path, *args: str, env: dict, stdout_only: bool = False) -> str:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -37,7 +39,7 @@ def scratch_repo(tmp_path: Path) -> tuple[Path, dict]:
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "pipeline", repo / "pipeline",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -49,6 +51,7 @@ def scratch_repo(tmp_path: Path) -> tuple[Path, dict]:
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q", env=env)
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")
     dvc(repo, "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"), env=env)
     return repo, env
 
@@ -84,3 +87,49 @@ def test_repro_is_cached_and_push_pull_restores_the_raw_bytes(tmp_path):
     assert digests(repo / "data/raw") == raw_before
     assert digests(repo / "data/prepared") == prepared_before
     assert "up to date" in dvc(repo, "status", "data.dvc", "prepare", env=env)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
+    """download -> ... -> register on tiny colour-coded data, a no-op re-run, then
+    ``dvc exp run -S``: a second MLflow run named after the experiment, gated like any."""
+    repo, env = scratch_repo(tmp_path)
+    env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    make_colour_coded_dataset(tmp_path / "user", n=20)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
+    params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
+    params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
+    params["loss"] = {"terms": {"ce": 0.5, "dice": 0.5}}
+    params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [32, 32], "warmup_epochs": 0.2,
+                        "threads_per_worker": 1}
+    params["evaluate"]["overlays"] = {"samples": 2, "worst_per_class": 1}
+    params["register"] |= {"model_name": "tiny"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+    out = dvc(repo, "repro", env=env)
+    assert "test mIoU" in out
+    decision = json.loads((repo / "models/registry.json").read_text())
+    assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["onnx_uri"]
+    assert json.loads((repo / "evaluation/index.json").read_text())["samples"]
+    start = time.monotonic()
+    assert "Data and pipelines are up to date" in dvc(repo, "repro", env=env)
+    assert time.monotonic() - start < 5
+
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)
+    dvc(repo, "exp", "run", "-S", "train.epochs=3", "-n", "three-epochs", env=env)
+    assert "three-epochs" in dvc(repo, "exp", "show", "--json", env=env)
+    assert "miou" in dvc(repo, "metrics", "diff", env=env)
+    plots = json.loads(dvc(repo, "plots", "diff", "HEAD", "--json", env=env, stdout_only=True))
+    assert {"metrics/plots/per_class_iou.json", "metrics/plots/confusion.json"} <= set(plots["data"])
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 2
+    experiment = [r for r in runs if r.data.tags.get("dvc_exp") == "three-epochs"]
+    assert len(experiment) == 1 and experiment[0].info.run_name == "three-epochs"
+    assert "test_miou" in experiment[0].data.metrics
+    assert len(client.search_model_versions("name = 'tiny'")) == 2
+    assert client.get_model_version_by_alias("tiny", "champion")

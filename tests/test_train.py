@@ -14,6 +14,7 @@ import ray
 from pipeline import train as train_stage
 from pipeline.inference import predict_mask
 from pipeline.modelio import load_model
+from pipeline.params import LossParams, ModelParams, TrainParams, load_params
 from tests.conftest import CLASSES, only_run, write_params
 
 
@@ -88,3 +89,13 @@ def test_too_many_cpus_per_worker_is_refused_before_it_hangs(prepared, env, loca
     params = write_params(env / "params.yaml", cpus_per_worker=0.75)
     with pytest.raises(train_stage.TrainError, match="train.cpus_per_worker"):
         train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results")
+
+
+def test_workers_get_the_weights_folder_as_an_absolute_path(prepared, env, monkeypatch):
+    # A relative $SEG_WEIGHTS_DIR (as in the README) means nothing in a Ray worker's cwd.
+    (env / "weights").mkdir()
+    monkeypatch.setenv("SEG_WEIGHTS_DIR", "weights")
+    params = write_params(env / "params.yaml")
+    cfg, model_cfg, loss_cfg = (load_params(m, params) for m in (TrainParams, ModelParams, LossParams))
+    config = train_stage.worker_config(prepared, cfg, model_cfg, loss_cfg)
+    assert config["env"] == {"SEG_WEIGHTS_DIR": str(env / "weights")}
