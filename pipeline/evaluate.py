@@ -4,7 +4,7 @@
         --out evaluation --metrics metrics/evaluate.json --plots metrics/plots
 
 Every image is predicted whole (sliding-window tiles above ``evaluate.tile_above_pixels``,
-optional flip TTA; ``pipeline.predictor``). One confusion matrix summed over the split
+optional flip and multi-scale TTA; ``pipeline.predictor``). One confusion matrix summed over the split
 gives the scores (``pipeline.metrics``): the ignore label is left out, and a class absent
 from both truth and prediction is NaN (``null`` in the JSON files) and left out of the
 means. Outputs:
@@ -86,7 +86,7 @@ def split_version(data: Path, split: str) -> str:
 
 def predictor_for(model: SegmentationModel, cfg: EvaluateParams) -> Predictor:
     return Predictor(model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
-                     tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+                     tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap, scales=cfg.scales)
 
 
 def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams) -> Evaluation:
@@ -249,7 +249,7 @@ def evaluate(model_dir: Path, data: Path, out: Path, metrics_path: Path, plots_d
     metrics = report(ev)
     header = {"split": cfg.split, "split_version": split_version(data, cfg.split),
               "data_version": config.get("data_version"), "mlflow_run_id": config.get("mlflow_run_id"),
-              "flip_tta": cfg.flip_tta}
+              "flip_tta": cfg.flip_tta, "scales": list(cfg.scales)}
     metrics = header | metrics
     write_outputs(ev, data, cfg, out, header)
     bars, rows = plot_rows(ev, metrics)

@@ -199,6 +199,8 @@ class EvaluateParams(Section):
 
     split: Literal["train", "val", "test"] = "test"
     flip_tta: bool = Field(default=True, description="average with the horizontally flipped image")
+    scales: tuple[float, ...] = Field(default=(1.0,), min_length=1, max_length=8,
+                                      description="multi-scale TTA: resize factors whose predictions average")
     # Images with more pixels than this go through overlapping tiles (bounded memory).
     tile_above_pixels: int = Field(default=1_048_576, ge=1024)
     tile_size: tuple[int, int] = (512, 512)
@@ -212,6 +214,8 @@ class EvaluateParams(Section):
     def _tile(self) -> EvaluateParams:
         if min(self.tile_size) < 32:
             raise ValueError("tile_size: [height, width], each at least 32")
+        if any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError("scales: resize factors between 0.25 and 4")
         return self
 
 

@@ -9,15 +9,19 @@ probabilities (C, H, W):
   column flush with the edge, and the probabilities of overlapping windows are averaged,
   so memory is bounded by one tile whatever the image size;
 - with ``flip_tta`` each image or tile is also predicted mirrored left-right, in the same
-  batch, and the two probability maps are averaged (test-time augmentation).
+  batch, and the two probability maps are averaged (test-time augmentation);
+- with ``scales`` other than ``(1.0,)`` the image is also resized by each factor (bilinear),
+  predicted as above, and the probabilities resized back and averaged (multi-scale TTA).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.inference import to_tensor
 from pipeline.models import SegmentationModel
@@ -40,12 +44,27 @@ class Predictor:
     tile_above_pixels: int = 1_048_576
     tile_size: tuple[int, int] = (512, 512)
     tile_overlap: float = 0.25
+    scales: tuple[float, ...] = (1.0,)
 
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (C, H, W) float32 class probabilities on the CPU."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        total = None
+        for scale in self.scales:
+            if scale == 1.0:
+                p = self._probs_at_native(image)
+            else:
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+                p = F.interpolate(self._probs_at_native(resized)[None], size=(h, w), mode="bilinear",
+                                  align_corners=False)[0]
+            total = p if total is None else total + p
+        return total / len(self.scales)
+
+    def _probs_at_native(self, image: np.ndarray) -> torch.Tensor:
         meta = self.model.meta
         x = to_tensor([image], meta.mean, meta.std)
         h, w = image.shape[:2]

@@ -141,6 +141,10 @@ def test_predictor_tiles_and_flips(fitted):
     plain = Predictor(model).probs(image)
     mirrored = Predictor(model).probs(np.ascontiguousarray(image[:, ::-1])).flip(-1)
     torch.testing.assert_close(Predictor(model, flip_tta=True).probs(image), (plain + mirrored) / 2)
+    torch.testing.assert_close(Predictor(model, scales=(1.0, 1.0)).probs(image), plain)
+    half = Predictor(model, scales=(0.5,)).probs(image)
+    assert half.shape == (3, 70, 90) and not torch.allclose(half, plain)
+    torch.testing.assert_close(Predictor(model, scales=(0.5, 1.0)).probs(image), (half + plain) / 2)
 
 
 def test_palette_png_keeps_class_indices_and_error_map_colours():
