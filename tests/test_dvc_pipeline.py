@@ -39,7 +39,9 @@ def scratch_repo(tmp_path: Path) -> tuple[Path, dict]:
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "pipeline", repo / "pipeline",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore", "data/.gitignore",
+                 "models/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, repo / name)
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
