@@ -147,6 +147,10 @@ def fit(
         .select_columns(["image", "mask"])
         for split in ("train", "val")
     }
+    if cfg.materialize:
+        # Read once into Ray's object store (spilled to disk when it does not fit): each
+        # epoch then streams the blocks to the workers without new read tasks.
+        datasets["train"] = datasets["train"].materialize()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
