@@ -96,7 +96,7 @@ def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams) ->
     if list(model.meta.class_names) != classes["names"]:
         raise EvaluateError(f"the model's classes {list(model.meta.class_names)} are not those of "
                             f"{data / paths.CLASSES_FILE}: {classes['names']}")
-    total = sum(1 for _ in _ids(data, cfg.split))
+    total = len(_ids(data, cfg.split))
     predictor = predictor_for(model, cfg)
     result = Evaluation(classes["names"], classes["palette"], ignore,
                         np.zeros((n_classes, n_classes), np.int64), [])

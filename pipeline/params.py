@@ -173,7 +173,7 @@ class TrainParams(Section):
     threads_per_worker: int | None = Field(default=None, ge=1, le=256)
     max_failures: int = Field(default=2, ge=-1, le=100)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    materialize: bool = Field(default=True, description="read the training split once into Ray's object store")
+    materialize: bool = Field(default=True, description="read the training split once into the object store")
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainParams:
