@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.params import PrepareParams, parse_section
 from pipeline.prepare import prepare
-from tests.factories import make_folder_dataset
+from tests.factories import fit_tiny_model, make_colour_coded_dataset, make_folder_dataset
 from tests.http_server import LoopbackServer
 
 CLASSES = ["background", "road", "car"]
@@ -27,6 +27,22 @@ def prepared(tmp_path_factory):
     cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2})
     prepare("folder", root / "raw", root / "prepared", cfg)
     return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """A prepared dataset whose colours give the classes, with a test split."""
+    root = tmp_path_factory.mktemp("coded")
+    make_colour_coded_dataset(root / "raw", n=20)
+    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2,
+                                        "test_fraction": 0.25})
+    prepare("folder", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def fitted(coded):
+    return fit_tiny_model(coded)
 
 
 @pytest.fixture

@@ -19,29 +19,11 @@ from pipeline.boundary import BoundaryIoU, boundary_band
 from pipeline.evaluate import EvaluateError, Evaluation, evaluate, report
 from pipeline.metrics import confusion_matrix
 from pipeline.modelio import save_model
-from pipeline.params import PrepareParams, parse_section
 from pipeline.predictor import Predictor, window_starts
-from pipeline.prepare import prepare
 from tests.conftest import CLASSES
-from tests.factories import fit_tiny_model, make_colour_coded_dataset, tracked_model
+from tests.factories import tracked_model
 
 C, IGNORE = 5, 255
-
-
-@pytest.fixture(scope="module")
-def coded(tmp_path_factory):
-    """A prepared dataset whose colours give the classes, with a test split."""
-    root = tmp_path_factory.mktemp("coded")
-    make_colour_coded_dataset(root / "raw", n=20)
-    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2,
-                                        "test_fraction": 0.25})
-    prepare("folder", root / "raw", root / "prepared", cfg)
-    return root / "prepared"
-
-
-@pytest.fixture(scope="module")
-def fitted(coded):
-    return fit_tiny_model(coded)
 
 
 def random_masks(seed: int = 0, shape=(3, 40, 50)):

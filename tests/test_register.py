@@ -16,7 +16,6 @@ from pipeline.onnx_export import onnx_logits
 from pipeline.register import register
 from tests.conftest import CLASSES
 from tests.factories import constant_model, tracked_model
-from tests.test_evaluate import coded, fitted  # noqa: F401  (module fixtures)
 
 NAME = "tiny-unet"
 
@@ -39,7 +38,7 @@ def train_evaluate_register(env, tag, model, cfg, data, params):
     return metrics, decision
 
 
-def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):  # noqa: F811
+def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):
     model, cfg = fitted
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     params = write_params(env / "params.yaml", onnx=True)
@@ -83,7 +82,7 @@ def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):  # no
     assert np.abs(onnx_logits(onnx_path, x.numpy()) - expected).max() < 1e-4
 
 
-def test_a_champion_scored_otherwise_is_rescored_on_this_test_set(coded, fitted, env):  # noqa: F811
+def test_a_champion_scored_otherwise_is_rescored_on_this_test_set(coded, fitted, env):
     model, cfg = fitted
     train_evaluate_register(env, "good", model, cfg, coded, write_params(env / "params.yaml"))
     # Evaluation settings change (no flip TTA): the recorded score is not comparable.
