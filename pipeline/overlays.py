@@ -48,11 +48,13 @@ def blend(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndar
     return cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)
 
 
-def palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+def palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]], fast: bool = False) -> bytes:
+    """``fast``: zlib level 1 (about 10x quicker, files about 3x larger), for answers
+    on the wire rather than files kept on disk."""
     im = Image.fromarray(mask, mode="P")
     im.putpalette(lookup_table(palette).reshape(-1).tolist())
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
+    im.save(buf, format="PNG", **({"compress_level": 1} if fast else {"optimize": True}))
     return buf.getvalue()
 
 

@@ -232,9 +232,47 @@ class RegisterParams(Section):
     onnx_opset: int = Field(default=18, ge=13, le=23)
 
 
+class ServeParams(Section):
+    """The Ray Serve application that answers ``POST /predict`` with the registered model."""
+
+    section: ClassVar[str] = "serve"
+
+    model: str = Field(default="champion", min_length=1, max_length=500,
+                       description="an alias of register.model_name, a version number, or a "
+                                   "models:/ or runs:/ URI")
+    host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes it")
+    port: int = Field(default=8000, ge=1, le=65535)
+    replicas: int = Field(default=1, ge=1, le=256)
+    cpus_per_replica: float = Field(default=1.0, gt=0, le=256, description="Ray CPUs each replica holds")
+    gpus_per_replica: float | Literal["auto"] = Field(
+        default="auto", description="auto: one GPU per replica when the cluster has GPUs, else 0")
+    threads: int | None = Field(default=None, ge=1, le=256,
+                                description="torch threads per replica; null: the machine's cores")
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="@serve.batch size")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, le=10,
+        description="wait for more requests before a batch; 0: batch what queued during the last one")
+    max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="per replica")
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="413 above this")
+    max_pixels: int = Field(default=40_000_000, ge=1024, description="413 above this (decompression bombs)")
+    tile_above_pixels: int = Field(default=1_048_576, ge=1024, description="sliding-window tiles above this")
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = Field(default=0.25, ge=0, lt=1)
+    flip_tta: bool = False
+    overlay_alpha: float = Field(default=0.5, ge=0, le=1, description="default opacity of ?format=overlay")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ServeParams:
+        if min(self.tile_size) < 32:
+            raise ValueError("tile_size: [height, width], each at least 32")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least max_batch_size, or batches never fill")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     m.section: m for m in (DownloadParams, PrepareParams, ModelParams, LossParams, TrainParams,
-                           EvaluateParams, RegisterParams)
+                           EvaluateParams, RegisterParams, ServeParams)
 }
 
 

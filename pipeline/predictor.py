@@ -12,10 +12,15 @@ probabilities (C, H, W):
   batch, and the two probability maps are averaged (test-time augmentation);
 - with ``scales`` other than ``(1.0,)`` the image is also resized by each factor (bilinear),
   predicted as above, and the probabilities resized back and averaged (multi-scale TTA).
+
+``masks(images)`` predicts a batch of images of any sizes (a serving batch): images of the
+same size go through the network together, one forward per size, so each mask is exactly
+what the image would get alone (nothing is padded to a neighbour's size).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import cv2
@@ -69,13 +74,13 @@ class Predictor:
         x = to_tensor([image], meta.mean, meta.std)
         h, w = image.shape[:2]
         if h * w <= self.tile_above_pixels:
-            return self._forward(x)
+            return self._forward(x)[0]
         th, tw = min(self.tile_size[0], h), min(self.tile_size[1], w)
         total = None
         hits = torch.zeros(1, h, w)
         for y in window_starts(h, th, self.tile_overlap):
             for x0 in window_starts(w, tw, self.tile_overlap):
-                p = self._forward(x[..., y:y + th, x0:x0 + tw])
+                p = self._forward(x[..., y:y + th, x0:x0 + tw])[0]
                 if total is None:
                     total = torch.zeros(p.shape[0], h, w)
                 total[:, y:y + th, x0:x0 + tw] += p
@@ -86,12 +91,32 @@ class Predictor:
         """(H, W, 3) uint8 RGB -> (H, W) uint8 class indices."""
         return self.probs(image).argmax(0).to(torch.uint8).numpy()
 
+    @torch.no_grad()
+    def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Class-index masks of ``images`` (any sizes), one forward per distinct size."""
+        out: list[np.ndarray | None] = [None] * len(images)
+        same_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            small = image.ndim == 3 and image.shape[0] * image.shape[1] <= self.tile_above_pixels
+            if small and self.scales == (1.0,) and image.shape[2] == 3 and image.dtype == np.uint8:
+                same_size[image.shape].append(i)
+            else:                        # tiles, multi-scale, or a bad array for probs() to refuse
+                out[i] = self.mask(image)
+        meta = self.model.meta
+        for indices in same_size.values():
+            x = to_tensor([images[i] for i in indices], meta.mean, meta.std)
+            labels = self._forward(x).argmax(1).to(torch.uint8).numpy()
+            for i, label in zip(indices, labels, strict=True):
+                out[i] = label
+        return out
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, h, w) normalised -> (C, h, w) probabilities, flip-averaged if asked."""
+        """(N, 3, h, w) normalised -> (N, C, h, w) probabilities, flip-averaged if asked."""
         device = next(self.model.parameters()).device
+        n = x.shape[0]
         batch = torch.cat([x, x.flip(-1)]) if self.flip_tta else x
         out = self.model(batch.to(device))
         if isinstance(out, tuple):       # smp aux_params: (masks, labels)
             out = out[0]
         p = out.float().softmax(dim=1).cpu()
-        return (p[0] + p[1].flip(-1)) / 2 if self.flip_tta else p[0]
+        return (p[:n] + p[n:].flip(-1)) / 2 if self.flip_tta else p

@@ -125,3 +125,21 @@ def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> 
             "params": {"train": {"seed": 0}, "loss": {"terms": {"ce": 1.0}}}})
         mlflow.set_tags({"model_uri": log_model(folder), "git_commit": "test"})
     return run.info.run_id
+
+
+def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion",
+                     test_miou: float = 0.9) -> str:
+    """``model`` logged to a new run of the current tracking store (with a ``test_miou``
+    metric), registered as a version of ``name`` holding ``alias``; returns the version."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.register import model_version
+
+    run_id = tracked_model(folder, model, cfg)
+    client = MlflowClient(tracking.tracking_uri())
+    client.log_metric(run_id, "test_miou", test_miou)
+    uri = client.get_run(run_id).data.tags["model_uri"]
+    version = model_version(client, name, run_id, uri)
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
