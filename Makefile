@@ -12,11 +12,14 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test test-slow lint install install-test clean
+.PHONY: run serve test test-slow lint install install-test clean
 
 run: $(VENV)/.installed
 	dvc repro
 	dvc commit --force --quiet data.dvc   # version the raw data the run used (dvc push sends it)
+
+serve: $(VENV)/.installed
+	python -m pipeline.serve
 
 test: $(VENV)/.installed-test
 	python -m pytest

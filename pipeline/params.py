@@ -242,7 +242,9 @@ class ServeParams(Section):
                                    "models:/ or runs:/ URI")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes it")
     port: int = Field(default=8000, ge=1, le=65535)
-    replicas: int = Field(default=1, ge=1, le=256)
+    replicas: int = Field(default=1, ge=1, le=256, description="spread over the cluster's nodes")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode", description="where Serve runs HTTP proxies (HeadOnly: one entry point)")
     cpus_per_replica: float = Field(default=1.0, gt=0, le=256, description="Ray CPUs each replica holds")
     gpus_per_replica: float | Literal["auto"] = Field(
         default="auto", description="auto: one GPU per replica when the cluster has GPUs, else 0")

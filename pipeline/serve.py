@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
@@ -49,6 +50,7 @@ class Segmenter:
         self.loaded = threading.Event()
         self.batches = self.batched_images = 0        # how much batching happens, in /health
         self.predict_seconds = 0.0
+        self.node = ray.get_runtime_context().get_node_id()
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         threading.Thread(target=self._load, args=(tracking_uri,), name="load-model", daemon=True).start()
@@ -110,7 +112,7 @@ class Segmenter:
             return api.json_reply({"status": "ready", "model": self.ref.uri, "batches": self.batches,
                                    "batched_images": self.batched_images,
                                    "predict_seconds": round(self.predict_seconds, 3),
-                                   "torch_threads": self.service.threads()})
+                                   "torch_threads": self.service.threads(), "node": self.node})
         if self.failure:
             return api.json_reply({"status": "failed", "model": self.ref.uri, "error": self.failure}, 503)
         return api.json_reply({"status": "loading", "model": self.ref.uri}, 503)
@@ -140,8 +142,6 @@ def gpus_per_replica(cfg: ServeParams) -> float:
     """``auto``: one GPU per replica when the Ray cluster has GPUs, else none."""
     if cfg.gpus_per_replica != "auto":
         return float(cfg.gpus_per_replica)
-    import ray
-
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
@@ -185,7 +185,7 @@ def write_config(path: Path, cfg: ServeParams, params: Path) -> None:
     from pipeline.io import write_text_atomic
 
     config = {
-        "proxy_location": "EveryNode",
+        "proxy_location": cfg.proxy_location,
         "http_options": {"host": cfg.host, "port": cfg.port},
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": "pipeline.serve:build_app",
@@ -226,8 +226,6 @@ def init_ray(log_to_driver: bool = True) -> None:
     """Join ``$RAY_ADDRESS``, else start a local cluster whose workers run at normal
     priority: Ray starts workers at nice 15, so on a small machine every Ray daemon and
     the HTTP proxy pre-empt the replica doing the work."""
-    import ray
-
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS"):
@@ -239,7 +237,7 @@ def start(cfg: ServeParams, ref: ModelRef, tracking_uri: str, timeout_s: float =
     """Deploy on the Ray cluster (``$RAY_ADDRESS`` or a new local one); returns the base URL
     once /health answers."""
     init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application(cfg, ref, tracking_uri, gpus_per_replica(cfg)), name=APP_NAME,
               route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host

@@ -108,8 +108,8 @@ class Service:
     def __init__(self, model, ref: ModelRef, cfg: ServeParams):
         import torch
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        # Ray starts an actor with one thread per reserved CPU; null means the whole machine.
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device).eval()
         self.ref, self.cfg = ref, cfg

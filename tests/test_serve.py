@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -355,3 +356,42 @@ def test_client_cli(server, tmp_path):
             "--out", str(tmp_path / "x"), str(images / "img0.png")]
     done = subprocess.run(down, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "cannot reach" in done.stderr
+
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import json, sys, urllib.request
+    import ray
+    import yaml
+    from ray.cluster_utils import Cluster
+    from pipeline import serve, tracking
+    from pipeline.params import ServeParams
+    from pipeline.service import resolve_model
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = ServeParams.model_validate(yaml.safe_load(open(sys.argv[1]))["serve"])
+        ref = resolve_model("champion", sys.argv[2], tracking.tracking_uri())
+        url = serve.start(cfg, ref, tracking.tracking_uri())
+        nodes = {json.loads(urllib.request.urlopen(url + "/health").read())["node"] for _ in range(40)}
+        print("NODES", len(nodes), len(ray.nodes()))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+def test_replicas_spread_over_a_two_node_cluster(fitted, env):
+    model, cfg = fitted
+    registered_model(env / "model", model, cfg, NAME)
+    (env / "params.yaml").write_text(yaml.safe_dump({"serve": {
+        "port": free_port(), "replicas": 2, "cpus_per_replica": 0.5, "proxy_location": "HeadOnly",
+        "threads": 1}}))
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(env / "params.yaml"), NAME], cwd=env,
+                          capture_output=True, text=True, timeout=300,
+                          # Proxies prefer replicas on their own node: off, so /health reaches both.
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled",
+                               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NODES 2 2" in proc.stdout, proc.stdout[-2000:]

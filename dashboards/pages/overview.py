@@ -1,0 +1,53 @@
+"""The champion: which model, how good, trained on what, with which params."""
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboards import data, ui
+
+src = ui.sources()
+champ = ui.champion(src)
+st.title("Champion")
+if champ is None:
+    st.info(f"No version of `{src.model_name}` holds the champion alias in `{src.tracking_uri}` yet. "
+            "Run the pipeline (`make run`) and come back.")
+    st.stop()
+
+st.subheader(f"{champ.name} · version {champ.version} · @{champ.alias}")
+m = champ.metrics
+cols = st.columns(4)
+for col, (label, key) in zip(cols, [("test mIoU", "test_miou"), ("pixel accuracy", "test_pixel_accuracy"),
+                                    ("mean Dice", "test_mean_dice"), ("boundary mIoU", "test_boundary_miou")],
+                             strict=True):
+    col.metric(label, f"{m[key]:.3f}" if key in m else "—")
+st.caption(f"run `{champ.run_id}` · data `{champ.tags.get('data_version', '?')}` · commit "
+           f"`{champ.tags.get('git_commit', '?')[:12]}` · best validation mIoU "
+           f"{m.get('best_val_miou', float('nan')):.3f}")
+
+card = data.card(src)
+left, right = st.columns([2, 3])
+with left:
+    st.subheader("Dataset")
+    if card is None:
+        st.info("No prepared dataset card (data/prepared/card.json) in this workspace.")
+    else:
+        st.markdown(f"**{card['dataset']}** · {card['classes']['num_classes']} classes · "
+                    f"ignore label {card['classes']['ignore_index']}")
+        st.dataframe(pd.DataFrame([{"split": k, **v} for k, v in card["splits"].items()]), hide_index=True)
+with right:
+    if card is not None:
+        freq = card.get("train_statistics", {}).get("frequency", {})
+        colours = dict(zip(card["classes"]["names"], card["classes"]["palette"], strict=True))
+        names = sorted(freq, key=freq.get)
+        fig = go.Figure(go.Bar(x=[freq[n] for n in names], y=names, orientation="h",
+                               marker_color=[data.rgb_hex(colours[n]) for n in names],
+                               marker_line_color="#333", marker_line_width=0.5,
+                               hovertemplate="%{y}: %{x:.2%} of training pixels<extra></extra>"))
+        fig.update_layout(title="Class frequency (training pixels)", height=360, xaxis_tickformat=".0%",
+                          margin=dict(l=10, r=10, t=40, b=10))
+        st.plotly_chart(fig, key="class-frequency")
+
+st.subheader("Params that trained it")
+params = pd.DataFrame(sorted(champ.params.items()), columns=["param", "value"])
+st.dataframe(params, hide_index=True, height=min(600, 36 * len(params) + 40))

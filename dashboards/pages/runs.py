@@ -1,0 +1,50 @@
+"""All MLflow runs; compare two or more: per-class IoU side by side and training curves."""
+
+import plotly.express as px
+import streamlit as st
+
+from dashboards import data, ui
+
+src = ui.sources()
+st.title("Runs")
+table = ui.runs(src)
+if table.empty:
+    ui.no_results(src)
+labels = ui.versions(src)
+names = [r.get("tags.mlflow.runName") or r["run_id"][:8] for _, r in table.iterrows()]
+table = table.assign(label=[f"{n} {labels.get(i, '')}".strip()
+                            for n, i in zip(names, table["run_id"], strict=True)])
+columns = ["label", "status", "start_time"] + [c for c in (
+    "metrics.test_miou", "metrics.best_val_miou", "metrics.test_mean_dice", "metrics.test_pixel_accuracy",
+    "params.model.arch", "params.model.encoder_name", "params.train.epochs", "params.train.lr",
+    "params.loss.terms") if c in table]
+st.dataframe(table[columns], hide_index=True, key="runs-table")
+
+chosen = st.multiselect("Compare runs", list(table["run_id"]), default=list(table["run_id"][:2]),
+                        format_func=dict(zip(table["run_id"], table["label"], strict=True)).get,
+                        key="compare")
+if len(chosen) < 2:
+    st.info("Pick two or more runs to compare them.")
+    st.stop()
+picked = table[table["run_id"].isin(chosen)]
+names = dict(zip(picked["run_id"], picked["label"], strict=True))
+ious = data.per_class_iou(picked)
+source = "test"
+if ious.empty:
+    ious, source = data.per_class_iou(picked, "metrics.val_iou_"), "last validation"
+if not ious.empty:
+    ious["run"] = ious["run_id"].map(names)
+    fig = px.bar(ious, x="class", y="IoU", color="run", barmode="group", title=f"Per-class IoU ({source})")
+    fig.update_layout(yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
+    st.plotly_chart(fig, key="compare-iou")
+history = ui.curves(src, tuple(chosen))
+if not history.empty:
+    history["run"] = history["run_id"].map(names)
+    fig = px.line(history, x="step", y="value", color="run", facet_col="metric", facet_col_wrap=2,
+                  markers=True, title="Training curves (per epoch)")
+    fig.update_yaxes(matches=None, showticklabels=True)
+    fig.update_layout(height=560, margin=dict(l=10, r=10, t=60, b=10))
+    st.plotly_chart(fig, key="compare-curves")
+st.markdown("Open in the MLflow UI (`mlflow ui`, see README): " + " · ".join(
+    f"[{names[r]}]({data.run_link(src, picked.set_index('run_id').loc[r, 'experiment_id'], r)})"
+    for r in chosen))

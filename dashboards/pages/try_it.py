@@ -1,0 +1,66 @@
+"""Send an image to the running model server and show what it sees."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboards import data, ui
+from pipeline.client import ServerError, Unreachable, content_type, get_json, post_image
+
+src = ui.sources()
+st.title("Try it")
+url = st.text_input("Model server", src.serve_url, key="serve-url",
+                    help=f"Start it with `make serve`; default from ${data.ENV_SERVE_URL}")
+try:
+    meta = get_json(url, "/metadata")
+    st.caption(f"Serving {meta['model'].get('name') or meta['model']['uri']} version "
+               f"{meta['model'].get('version') or '-'} on {meta['device']}")
+except (Unreachable, ServerError) as exc:
+    st.warning(f"The model server at {url} is not answering ({exc}). Start it with `make serve` "
+               "(or `python -m pipeline.serve`) and try again.")
+    meta = None
+
+source = st.radio("Image", ["upload", "a test image"], horizontal=True, key="source")
+payload = name = None
+if source == "upload":
+    upload = st.file_uploader("An image (PNG, JPEG, TIFF, BMP, WebP)", key="upload",
+                              type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp"])
+    if upload is not None:
+        payload, name = upload.getvalue(), upload.name
+else:
+    champ = ui.champion(src)
+    run_id = champ.run_id if champ is not None else None
+    if run_id is None:
+        st.info("No champion yet, so no test images to pick from.")
+    else:
+        index = ui.index(src, run_id)
+        ids = [im["id"] for im in index["images"] if "image" in im.get("files", {})]
+        picked = st.selectbox("Test image", ids, key="test-image")
+        entry = next(im for im in index["images"] if im["id"] == picked)
+        path = data.eval_file(src, run_id, entry["files"]["image"])
+        payload, name = path.read_bytes(), path.name
+
+if payload is not None and st.button("Segment", type="primary", key="segment"):
+    try:
+        overlay = post_image(url, payload, content_type(Path(name)), "overlay")
+        summary = post_image(url, payload, content_type(Path(name)), "json")
+    except Unreachable as exc:
+        st.error(f"The model server does not answer: {exc}")
+    except ServerError as exc:
+        st.error(f"The server refused {name}: {exc.message}")
+    else:
+        answer = json.loads(summary.body)
+        left, right = st.columns([3, 2])
+        left.image(overlay.body, caption=f"{name} · {answer['width']}x{answer['height']}", width="stretch")
+        areas = pd.DataFrame([{"class": c["name"], "share": c["fraction"], "pixels": c["pixels"],
+                               "colour": data.rgb_hex(c["color"])} for c in answer["classes"]])
+        areas = areas[areas["pixels"] > 0].sort_values("share")
+        fig = go.Figure(go.Bar(x=areas["share"].tolist(), y=areas["class"].tolist(), orientation="h",
+                               marker_color=areas["colour"].tolist(), customdata=areas["pixels"].tolist(),
+                               hovertemplate="%{y}: %{x:.1%} (%{customdata:,} px)<extra></extra>"))
+        fig.update_layout(title="Area per class", xaxis_tickformat=".0%", height=360,
+                          margin=dict(l=10, r=10, t=40, b=10))
+        right.plotly_chart(fig, key="areas")

@@ -1,0 +1,95 @@
+"""Streamlit pieces the pages share: sources, cached reads, the run picker, charts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboards import data
+
+TTL_S = 30          # MLflow tables are re-read at most this often; artifacts are cached for good
+
+
+def sources() -> data.Sources:
+    return data.Sources.from_env()
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def champion(src: data.Sources) -> data.Champion | None:
+    return data.champion(src)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def runs(src: data.Sources) -> pd.DataFrame:
+    return data.runs(src)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def evaluated_runs(src: data.Sources) -> pd.DataFrame:
+    return data.evaluated_runs(src)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def versions(src: data.Sources) -> dict[str, str]:
+    return data.versions(src)
+
+
+@st.cache_data(show_spinner="Reading the evaluation ...")
+def scores(src: data.Sources, run_id: str) -> dict:
+    return data.scores(src, run_id)
+
+
+@st.cache_data(show_spinner="Reading the evaluation index ...")
+def index(src: data.Sources, run_id: str) -> dict:
+    return data.index(src, run_id)
+
+
+@st.cache_data(show_spinner=False)
+def confusion(src: data.Sources, run_id: str):
+    return data.confusion(src, run_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=200)
+def picture(src: data.Sources, run_id: str, relative: str):
+    return data.picture(src, run_id, relative)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def curves(src: data.Sources, run_ids: tuple[str, ...]) -> pd.DataFrame:
+    return data.curves(src, list(run_ids))
+
+
+def no_results(src: data.Sources) -> None:
+    st.info(f"No evaluated run in the MLflow store `{src.tracking_uri}` yet. Run the pipeline "
+            "(`make run`, i.e. `dvc repro`) and come back.")
+    st.stop()
+
+
+def pick_run(src: data.Sources, key: str) -> str:
+    """A select box of the evaluated runs, the champion's first; returns the run id."""
+    table = evaluated_runs(src)
+    if table.empty:
+        no_results(src)
+    labels = versions(src)
+    champ = champion(src)
+    ids = list(table["run_id"])
+    if champ is not None and champ.run_id in ids:
+        ids.remove(champ.run_id)
+        ids.insert(0, champ.run_id)
+    names = {row["run_id"]: data.run_label(row, labels) for _, row in table.iterrows()}
+    return st.selectbox("Run", ids, format_func=names.get, key=key)
+
+
+def class_colours(src: data.Sources, run_id: str) -> dict[str, list[int]]:
+    return {c["name"]: c["color"] for c in index(src, run_id)["classes"]}
+
+
+def iou_bars(table: pd.DataFrame, value: str = "IoU") -> go.Figure:
+    table = table.sort_values(value, ascending=True, na_position="first")
+    fig = go.Figure(go.Bar(x=table[value], y=table["class"], orientation="h", marker_color=table["colour"],
+                           marker_line_color="#333", marker_line_width=0.5,
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(height=max(260, 28 * len(table) + 80), margin=dict(l=10, r=10, t=10, b=10),
+                      xaxis=dict(range=[0, 1], title=value))
+    return fig
