@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run serve test test-slow lint install install-test clean
+.PHONY: run serve dashboard test test-slow lint install install-test clean
 
 run: $(VENV)/.installed
 	dvc repro
@@ -20,6 +20,10 @@ run: $(VENV)/.installed
 
 serve: $(VENV)/.installed
 	python -m pipeline.serve
+
+dashboard: $(VENV)/.installed
+	streamlit run dashboards/app.py --server.address 127.0.0.1 --server.port 8501 \
+	    --server.headless true --browser.gatherUsageStats false
 
 test: $(VENV)/.installed-test
 	python -m pytest
