@@ -89,14 +89,16 @@ def versions(src: Sources) -> dict[str, str]:
     """run id -> "v<version> (aliases)" for every registered version of the model."""
     from mlflow.exceptions import MlflowException
 
+    client = src.client()
     try:
-        found = src.client().search_model_versions(f"name = '{src.model_name}'")
+        found = client.search_model_versions(f"name = '{src.model_name}'")
+        aliases = client.get_registered_model(src.model_name).aliases      # alias -> version
     except MlflowException:
         return {}
     out = {}
     for mv in found:
-        aliases = f" @{', @'.join(mv.aliases)}" if getattr(mv, "aliases", None) else ""
-        out[mv.run_id] = f"v{mv.version}{aliases}"
+        held = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+        out[mv.run_id] = " ".join([f"v{mv.version}", *(f"@{a}" for a in held)])
     return out
 
 
