@@ -110,3 +110,23 @@ def test_resolve_model(fitted, env):
         resolve_model("gold", "net", uri)
     with pytest.raises(LookupError, match="no versions"):
         resolve_model("champion", "missing", uri)
+
+
+def test_replica_reports_a_model_that_fails_to_load(env):
+    """/health says 503 "failed" with the reason, /predict answers 503, and Serve's health
+    check raises so that the replica is replaced."""
+    import asyncio
+
+    from pipeline.serve import Segmenter
+
+    replica = Segmenter.func_or_class(ModelRef(uri="models:/missing/1").to_dict(),
+                                      ServeParams().model_dump(mode="json"), f"sqlite:///{env / 'mlflow.db'}")
+    assert replica.loaded.wait(60)
+    reply = replica._health()
+    assert reply.status == 503 and json.loads(reply.body)["status"] == "failed"
+    assert "missing" in json.loads(reply.body)["error"]
+    with pytest.raises(RuntimeError, match="failed to load"):
+        replica.check_health()
+    with pytest.raises(api.ApiError, match="not loaded") as err:
+        asyncio.run(replica._ready())
+    assert err.value.status == 503
