@@ -1,0 +1,153 @@
+"""The notebooks run top to bottom in a real Jupyter kernel (nbclient) on tiny generated data,
+and find what they say they find: each one ends by printing its key numbers as one line,
+``RESULT {...json...}``, which these tests check.
+
+The kernel starts in ``tmp_path`` with ``NB_DATA`` pointing at a tiny prepared dataset;
+the notebooks that train or serve keep their MLflow store and Ray storage in a temporary
+directory of their own (under ``TMPDIR``, here ``tmp_path``).
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = "python3"
+TESTED = ("01-data.ipynb", "02-upsampling.ipynb", "03-losses-and-metrics.ipynb",
+          "04-train-and-compare.ipynb", "05-serve-and-query.ipynb")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """A kernel name that runs this interpreter, where ``pipeline`` is installed.
+
+    The venv's own ``python3`` spec (from ipykernel) starts ``python``, which jupyter_client
+    replaces with ``sys.executable``; any other spec of that name (a user-wide one for some
+    other Python, say) is shadowed by one written to a temporary JUPYTER_PATH.
+    """
+    try:
+        argv = KernelSpecManager().get_kernel_spec(KERNEL).argv
+    except NoSuchKernel:
+        argv = []
+    if argv and argv[0] in ("python", f"python{sys.version_info[0]}", sys.executable):
+        yield KERNEL
+        return
+    folder = tmp_path_factory.mktemp("jupyter")
+    spec = folder / "kernels" / KERNEL / "kernel.json"
+    spec.parent.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec.write_text(json.dumps({"argv": argv, "display_name": "Python 3 (tests)", "language": "python"}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(folder))
+        yield KERNEL
+
+
+@pytest.fixture
+def nb_env(tmp_path, monkeypatch, coded):
+    """What the kernel inherits: the tiny dataset, temporary files under tmp_path."""
+    # Ray's sockets live under its temp dir and must stay short: keep Ray's in the usual place.
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.gettempdir())
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("NB_DATA", str(coded))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def run_notebook(name: str, kernel: str, cwd: Path, timeout: int) -> dict:
+    """Execute notebooks/``name`` in ``cwd`` (each cell within ``timeout`` s); its RESULT line."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(nb, kernel_name=kernel, timeout=timeout,
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    lines = [line for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+             if out.output_type == "stream" and out.name == "stdout" for line in out.text.splitlines()]
+    results = [json.loads(line.removeprefix("RESULT ")) for line in lines if line.startswith("RESULT ")]
+    assert len(results) == 1, f"{name} printed {len(results)} RESULT lines"
+    return results[0]
+
+
+@pytest.mark.timeout(180)
+def test_data_notebook_counts_the_tiny_datasets_images(kernel, nb_env, coded):
+    result = run_notebook("01-data.ipynb", kernel, nb_env, 120)
+    card = json.loads((coded / "card.json").read_text())
+    assert result["images"] == {split: s["images"] for split, s in card["splits"].items()}
+    assert sum(result["images"].values()) == 20
+    assert result["classes"] == ["background", "road", "car"]
+    assert result["recount_matches"] is True
+    assert result["samples_shown"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_upsampling_notebook_checks_the_transposed_convolution_identity(kernel, nb_env):
+    result = run_notebook("02-upsampling.ipynb", kernel, nb_env, 120)
+    assert result["transpose_identity"] == {"stride_1": True, "stride_2": True}
+    assert result["shapes"]["input"] == [4, 4]
+    assert {tuple(s) for name, s in result["shapes"].items() if name != "input"} == {(8, 8)}
+    assert result["bilinear_kernel_matches_bilinear"] and result["unpool_restores_maxima"]
+    assert result["checkerboard_values"] == [1.0, 2.0, 4.0]      # uneven overlap: the checkerboard
+    assert result["resize_conv_values"] == [9.0]                  # even
+    assert result["stacked_variation"]["resize_conv"] == 0 < result["stacked_variation"]["transposed"]
+
+
+@pytest.mark.timeout(180)
+def test_losses_notebook_reproduces_the_class_imbalance_example(kernel, nb_env):
+    result = run_notebook("03-losses-and-metrics.ipynb", kernel, nb_env, 120)
+    assert result["pixel_accuracy"] == pytest.approx(0.95)
+    assert result["iou"] == pytest.approx([0.95, 0.0])
+    assert result["miou"] == pytest.approx(0.475)
+    assert result["dice"] == pytest.approx([190 / 195, 0.0])          # 97.4 % and 0 %
+    assert result["mean_dice"] == pytest.approx(95 / 195)              # 48.7 %
+    big, small = result["losses_at_256"], result["losses_at_1"]
+    assert small["ce"] < big["ce"] / 4 and small["focal"] < big["focal"] / 2     # pixel averages forget it
+    assert small["dice"] > 0.9 * big["dice"] and small["lovasz"] > 0.8 * big["lovasz"]  # per class: not
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_notebook_compares_two_tracked_runs(kernel, nb_env, coded):
+    result = run_notebook("04-train-and-compare.ipynb", kernel, nb_env, 480)
+    runs = result["runs"]
+    assert set(runs) == {"ce", "wce+dice"} and len(set(runs.values())) == 2
+    assert set(result["status"].values()) == {"FINISHED"}
+    for name in runs:
+        assert set(result["iou"][name]) == set(result["classes"]) == {"background", "road", "car"}
+        assert all(v != v or 0 <= v <= 1 for v in result["iou"][name].values())    # NaN or in [0, 1]
+        assert result["epochs"][name] == [0]
+        assert 0 <= result["best_val_miou"][name] <= 1
+    assert not list(nb_env.glob("nb04-*")), "the notebook's temporary directory was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_serve_notebook_answers_with_the_images_size(kernel, nb_env):
+    result = run_notebook("05-serve-and-query.ipynb", kernel, nb_env, 360)
+    h, w = result["image_size"]
+    assert (h, w) == (48, 64)
+    assert result["overlay_size"] == result["png_size"] == result["json_size"] == [h, w]
+    assert result["json_pixels"] == h * w
+    assert result["model_uri"] == "models:/notebook-unet/1"
+    assert result["agreement"] > 0.99 and result["rle_matches"]
+    assert result["val_miou"] > 0.5          # a few dozen steps learn the colour-coded classes
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(TESTED)
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_notebook_is_committed_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    dirty = [i for i, cell in enumerate(nb.cells)
+             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, (f"{name}: cells {dirty} have outputs or execution counts; "
+                       "run `python notebooks/strip_outputs.py notebooks/*.ipynb` before committing")
