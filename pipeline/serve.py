@@ -50,7 +50,8 @@ class Segmenter:
         self.loaded = threading.Event()
         self.batches = self.batched_images = 0        # how much batching happens, in /health
         self.predict_seconds = 0.0
-        self.node = ray.get_runtime_context().get_node_id()
+        # The node this replica runs on (in /health); outside Serve (tests) Ray is not started for it.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         threading.Thread(target=self._load, args=(tracking_uri,), name="load-model", daemon=True).start()

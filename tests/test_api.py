@@ -117,6 +117,8 @@ def test_replica_reports_a_model_that_fails_to_load(env):
     check raises so that the replica is replaced."""
     import asyncio
 
+    import ray
+
     from pipeline.serve import Segmenter
 
     replica = Segmenter.func_or_class(ModelRef(uri="models:/missing/1").to_dict(),
@@ -130,3 +132,4 @@ def test_replica_reports_a_model_that_fails_to_load(env):
     with pytest.raises(api.ApiError, match="not loaded") as err:
         asyncio.run(replica._ready())
     assert err.value.status == 503
+    assert not ray.is_initialized(), "constructing the replica class outside Serve started Ray"
