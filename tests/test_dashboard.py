@@ -224,7 +224,7 @@ def test_in_a_real_browser(workspace, tmp_path):
     import time
     import urllib.request
 
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -261,10 +261,10 @@ def test_in_a_real_browser(workspace, tmp_path):
             # Switch the run: the older, non-champion one, read from MLflow artifacts.
             tab.locator('[data-testid="stSelectbox"]').first.click()
             tab.get_by_role("option").nth(1).click()
+            expect(tab.locator('[data-testid="stMetricValue"]').first).to_contain_text(
+                f"{workspace['bad']['miou']:.3f}", timeout=60_000)
             tab.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
             tab.wait_for_selector(".js-plotly-plot .bars", timeout=60_000)
-            shown = tab.locator('[data-testid="stMetricValue"]').first.inner_text()
-            assert f"{workspace['bad']['miou']:.3f}" in shown
             tab.screenshot(path=str(tmp_path / "per_class.png"), full_page=True)
             visit("confusion", ".js-plotly-plot .heatmaplayer")          # the confusion matrix
             visit("overlays", '[data-testid="stImage"] img')             # an overlay image

@@ -359,7 +359,7 @@ def test_client_cli(server, tmp_path):
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""
-    import json, sys, urllib.request
+    import json, sys, time, urllib.error, urllib.request
     import ray
     import yaml
     from ray.cluster_utils import Cluster
@@ -374,7 +374,14 @@ CLUSTER_SCRIPT = textwrap.dedent("""
         cfg = ServeParams.model_validate(yaml.safe_load(open(sys.argv[1]))["serve"])
         ref = resolve_model("champion", sys.argv[2], tracking.tracking_uri())
         url = serve.start(cfg, ref, tracking.tracking_uri())
-        nodes = {json.loads(urllib.request.urlopen(url + "/health").read())["node"] for _ in range(40)}
+        # Each replica loads the model in the background: a replica still loading answers 503.
+        nodes, deadline = set(), time.monotonic() + 120
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            try:
+                nodes.add(json.loads(urllib.request.urlopen(url + "/health").read())["node"])
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and json.loads(exc.read())["status"] == "loading"
+                time.sleep(0.2)
         print("NODES", len(nodes), len(ray.nodes()))
     finally:
         ray.shutdown()
