@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +31,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pipeline import api, tracking
+from pipeline.client import ServerError, Unreachable, get_json
 from pipeline.params import PARAMS_FILE, RegisterParams, ServeParams, load_params, parse_section
 from pipeline.service import ModelRef, Service, load_segmentation_model, resolve_model
 
 APP_NAME = "segmentation"
 ROUTES = {"/predict": "POST", "/health": "GET", "/metadata": "GET"}
 LOAD_WAIT_S = 120.0
+LOAD_FAILED = "the model failed to load"
 
 
 @serve.deployment
@@ -115,7 +115,8 @@ class Segmenter:
                                    "predict_seconds": round(self.predict_seconds, 3),
                                    "torch_threads": self.service.threads(), "node": self.node})
         if self.failure:
-            return api.json_reply({"status": "failed", "model": self.ref.uri, "error": self.failure}, 503)
+            return api.json_reply({"status": "failed", "model": self.ref.uri,
+                                   "error": f"{LOAD_FAILED}: {self.failure}"}, 503)
         return api.json_reply({"status": "loading", "model": self.ref.uri}, 503)
 
     async def _ready(self) -> Service:
@@ -211,13 +212,12 @@ def wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            last = exc.read().decode(errors="replace")
-            if '"failed"' in last:
+            return get_json(url, "/health", timeout=5)
+        except ServerError as exc:
+            last = exc.message
+            if last.startswith(LOAD_FAILED):
                 break
-        except OSError as exc:
+        except Unreachable as exc:
             last = str(exc)
         time.sleep(0.25)
     raise RuntimeError(f"{url}/health not ready after {timeout_s:.0f} s: {last}")

@@ -143,3 +143,12 @@ def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion
     version = model_version(client, name, run_id, uri)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -17,7 +17,7 @@ from pipeline.evaluate import evaluate
 from pipeline.params import ServeParams
 from pipeline.register import register
 from pipeline.service import ModelRef, Service
-from tests.factories import constant_model, tracked_model
+from tests.factories import constant_model, free_port, tracked_model
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboards" / "app.py")
@@ -104,8 +104,11 @@ def test_per_class_for_any_evaluated_run(app, workspace):
         assert table.loc[name, "IoU"] == pytest.approx(scores["iou"], nan_ok=True)
         assert table.loc[name, "recall"] == pytest.approx(scores["recall"], nan_ok=True)
     picker = app.selectbox(key="per-class-run")
-    assert picker.value == good["run_id"] and set(picker.options) >= {o for o in picker.options}
+    assert picker.value == good["run_id"]
+    # Labels: the champion first, each with its version and test mIoU.
     assert len(picker.options) == 2
+    assert "v2 @champion" in picker.options[0] and f"{good['miou']:.3f}" in picker.options[0]
+    assert "v1" in picker.options[1] and f"{bad['miou']:.3f}" in picker.options[1]
     picker.select(bad["run_id"]).run()          # read from the run's MLflow artifacts
     assert not app.exception
     table = app.dataframe[0].value.set_index("class")
@@ -218,7 +221,6 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def test_in_a_real_browser(workspace, tmp_path):
     """`streamlit run` on a loopback port, driven by Playwright on Debian's chromium."""
     import os
-    import socket
     import subprocess
     import sys
     import time
@@ -226,9 +228,7 @@ def test_in_a_real_browser(workspace, tmp_path):
 
     from playwright.sync_api import expect, sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace['root'] / 'mlflow.db'}",
            "DVC_ROOT": str(workspace["root"]), "TMPDIR": str(tmp_path), "SEG_SERVE_URL": "http://127.0.0.1:9"}
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.address",

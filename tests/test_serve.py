@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,19 +22,13 @@ from PIL import Image
 
 from pipeline.predictor import Predictor
 from tests.conftest import CLASSES
-from tests.factories import registered_model
+from tests.factories import free_port, registered_model
 
 NAME = "served-unet"
 MAX_BODY = 300_000
 MAX_PIXELS = 1_000_000
 TILE_ABOVE = 4096           # images above 64x64 go through 32x48 tiles
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def encode(image, fmt="PNG", **kw) -> bytes:
