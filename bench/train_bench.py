@@ -4,8 +4,10 @@
 
 Same model (params.yaml's model section, random encoder weights), same images (the
 first N training rows of the prepared dataset), same batch size, crop, augmentation and
-torch thread count; each side runs two epochs and the second (warm) one is timed.
-Last line: ``RESULT ray_img_s=... torch_img_s=... ratio=...``.
+torch thread count and allocator settings (``train.keep_freed_memory``); each side runs
+two epochs and the second (warm) one is timed. The plain loop runs before and after the
+Ray run and its mean is the baseline, so that a change in the machine's load during the
+bench shows in both. Last line: ``RESULT ray_img_s=... torch_img_s=... ratio=...``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import paths, shards  # noqa: E402
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.augment import collate, train_transform  # noqa: E402
 from pipeline.engine import build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
 from pipeline.io import read_json, write_json_atomic  # noqa: E402
@@ -49,6 +52,8 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
     """Images/s of the second epoch of a plain loop over the same rows and transform."""
     config = worker_config(data, cfg, model_cfg, loss_cfg)
     torch.set_num_threads(cfg.threads_per_worker)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, config["num_classes"])
     loss_fn = build_loss(loss_cfg, config["num_classes"], config["ignore_index"], config["class_weights"])
@@ -82,12 +87,16 @@ def main() -> None:
                                  "threads_per_worker": cfg.threads_per_worker or 2})
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(args.data, Path(tmp) / "prepared", n, 4)
-        torch_img_s = torch_rate(data, cfg, model_cfg, loss_cfg)
+        before = torch_rate(data, cfg, model_cfg, loss_cfg)
         result, _, _ = fit(data, cfg, model_cfg, loss_cfg, storage=Path(tmp) / "ray", track=False)
-        ray_img_s = float(result.metrics_dataframe["train_images_per_s"].iloc[-1])
+        # The last epoch's report (metrics_dataframe holds only the kept checkpoints).
+        ray_img_s = float(result.metrics["train_images_per_s"])
+        after = torch_rate(data, cfg, model_cfg, loss_cfg)
+    torch_img_s = (before + after) / 2
     print(f"{n} images, batch {cfg.batch_size}, crop {cfg.crop_size}, {cfg.threads_per_worker} threads, "
           f"{model_cfg.arch}/{model_cfg.encoder_name}")
-    print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s (second epoch)")
+    print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s (second epoch; {before:.2f} before, "
+          f"{after:.2f} after the Ray run)")
     print(f"Ray Train + Data   : {ray_img_s:6.2f} images/s (second epoch)")
     ratio = ray_img_s / torch_img_s
     print(f"RESULT ray_img_s={ray_img_s:.2f} torch_img_s={torch_img_s:.2f} ratio={ratio:.3f}")

@@ -174,6 +174,7 @@ class TrainParams(Section):
     max_failures: int = Field(default=2, ge=-1, le=100)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     materialize: bool = Field(default=True, description="read the training split once into the object store")
+    keep_freed_memory: bool = Field(default=True, description="reuse freed memory (allocator)")
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainParams:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import paths, shards
+from pipeline import allocator, paths, shards
 from pipeline.io import read_json, write_json_atomic
 from pipeline.losses import resolve_class_weights
 from pipeline.modelio import CONFIG_FILE, WEIGHTS_FILE
@@ -157,6 +157,8 @@ def fit(
         scaling_config=scaling(cfg),
         run_config=RunConfig(
             name=name, storage_path=str(storage),
+            # Read by the C library when a worker process starts (pipeline.allocator).
+            worker_runtime_env={"env_vars": allocator.worker_env()} if cfg.keep_freed_memory else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # The best checkpoint by validation mIoU, plus the latest (kept for resume).
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
@@ -196,7 +198,6 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     model_cfg = load_params(ModelParams, params)
     loss_cfg = load_params(LossParams, params)
     result, run_id, name = fit(data, cfg, model_cfg, loss_cfg, storage, track)
-    history = result.metrics_dataframe
     extra = {"data_version": data_version(data), "mlflow_run_id": run_id, "ray_run_name": name,
              "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
     best = export_best(result, out, extra)
@@ -204,7 +205,8 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
         "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
         "epochs": cfg.epochs, "val_pixel_accuracy": best["val_pixel_accuracy"],
         "val_iou": {k.removeprefix("val_iou_"): v for k, v in best.items() if k.startswith("val_iou_")},
-        "train_images_per_s": float(history["train_images_per_s"].median()) if history is not None else None,
+        # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
+        "train_images_per_s": float(result.metrics["train_images_per_s"]),
     }
     write_json_atomic(metrics_path, summary)
     if run_id is not None:
