@@ -27,19 +27,18 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 NEVER_TRIM = 2**31 - 1      # the largest threshold mallopt takes (an int)
-TUNABLES = (
-    ("glibc.malloc.mmap_max", 0),
-    ("glibc.malloc.trim_threshold", NEVER_TRIM),
-    ("glibc.malloc.arena_max", 1),
+# Each setting as its GLIBC_TUNABLES name, its mallopt option (glibc's <malloc.h>) and value.
+SETTINGS = (
+    ("glibc.malloc.mmap_max", -4, 0),               # M_MMAP_MAX
+    ("glibc.malloc.trim_threshold", -1, NEVER_TRIM),  # M_TRIM_THRESHOLD
+    ("glibc.malloc.arena_max", -8, 1),              # M_ARENA_MAX
 )
-# The same settings as mallopt options, from glibc's <malloc.h>.
-MALLOPT = ((-4, 0), (-1, NEVER_TRIM), (-8, 1))    # M_MMAP_MAX, M_TRIM_THRESHOLD, M_ARENA_MAX
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment for a new process: ``GLIBC_TUNABLES`` with these settings first,
     then any the caller already sets (which therefore win)."""
-    ours = ":".join(f"{name}={value}" for name, value in TUNABLES)
+    ours = ":".join(f"{name}={value}" for name, _, value in SETTINGS)
     theirs = environ.get("GLIBC_TUNABLES", "").strip(":")
     return {"GLIBC_TUNABLES": f"{ours}:{theirs}" if theirs else ours}
 
@@ -50,7 +49,7 @@ def keep_freed_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):
         log.info("allocator settings skipped: the C library is not glibc")
         return False
-    for option, value in MALLOPT:
+    for _, option, value in SETTINGS:
         if libc.mallopt(option, value) != 1:
             raise OSError(f"glibc refused mallopt({option}, {value})")
     return True
