@@ -11,10 +11,21 @@ import time
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.metrics import ConfusionMatrix
 from pipeline.params import TrainParams
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """NHWC (``torch.channels_last``) or NCHW for the model's weights and its inputs.
+
+    oneDNN's CPU convolutions and cuDNN's tensor-core ones run faster on NHWC: measured
+    here, a training step of the default Unet-MobileNetV2 is about a quarter shorter on
+    the CPU, with one thread or two (README, "Training").
+    """
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def build_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
@@ -64,13 +75,15 @@ def train_one_epoch(
     """One pass over ``batches`` of (images (N,3,H,W) float, masks (N,H,W) int64).
 
     Returns the mean loss, the number of images and the seconds taken. Mixed precision
-    runs only when a ``scaler`` is given (CUDA).
+    runs only when a ``scaler`` is given (CUDA). Images go to the model in
+    ``memory_format(cfg.channels_last)``, the layout the model should already be in.
     """
     model.train()
     total_loss, images, start = 0.0, 0, time.perf_counter()
     use_amp = scaler is not None and device.type == "cuda"
+    layout = memory_format(cfg.channels_last)
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = model(x)
@@ -96,6 +109,24 @@ def train_one_epoch(
     return {"loss": total_loss / max(1, images), "images": images, "seconds": seconds}
 
 
+def all_reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``train_one_epoch``'s stats over all ranks of the default process group: the mean
+    loss over every rank's images, the images of all ranks, and the slowest rank's seconds
+    (the epoch ends when it does). Unchanged without a process group.
+
+    The tensors live on ``device``: NCCL reduces only GPU tensors, gloo CPU ones.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    as_tensor = {"dtype": torch.float64, "device": device}
+    sums = torch.tensor([stats["loss"] * stats["images"], stats["images"]], **as_tensor)
+    slowest = torch.tensor([stats["seconds"]], **as_tensor)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    loss_sum, images = sums.tolist()
+    return {"loss": loss_sum / max(1.0, images), "images": int(images), "seconds": slowest.item()}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -104,13 +135,16 @@ def evaluate(
     ignore_index: int,
     device: torch.device,
     loss_fn: nn.Module | None = None,
+    channels_last: bool = False,
 ) -> tuple[ConfusionMatrix, float]:
-    """Confusion matrix over all ``batches`` (not reduced across workers) and the mean loss."""
+    """Confusion matrix over all ``batches`` (not reduced across workers) and the mean loss.
+    ``channels_last``: pass the images in NHWC, for a model converted to it."""
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
     total_loss, images = 0.0, 0
+    layout = memory_format(channels_last)
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
         logits = model(x).float()
         if loss_fn is not None:
             total_loss += loss_fn(logits, y).item() * x.shape[0]

@@ -175,6 +175,7 @@ class TrainParams(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     materialize: bool = Field(default=True, description="read the training split once into the object store")
     keep_freed_memory: bool = Field(default=True, description="reuse freed memory (allocator)")
+    channels_last: bool = Field(default=True, description="NHWC weights and inputs: faster convolutions")
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainParams:
