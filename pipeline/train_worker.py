@@ -20,9 +20,17 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.augment import collate, train_transform
-from pipeline.engine import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from pipeline.engine import (
+    all_reduce_stats,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    memory_format,
+    train_one_epoch,
+)
 from pipeline.io import write_json_atomic
 from pipeline.losses import build_loss
 from pipeline.metrics import segmentation_metrics
@@ -65,7 +73,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     meta = ModelMeta(class_names=names, palette=config["palette"], mean=config["mean"],
                      std=config["std"], ignore_index=ignore)
-    model = build_model(model_cfg, num_classes, meta)
+    model = build_model(model_cfg, num_classes, meta).to(memory_format=memory_format(cfg.channels_last))
     loss_fn = build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
     optimizer = build_optimizer(model, cfg)
     per_worker = config["n_train"] // world
@@ -89,9 +97,9 @@ def train_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     plain = model.module if hasattr(model, "module") else model
 
-    transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore,
-                                seed=cfg.seed * 1000 + rank)
     norm = {"mean": config["mean"], "std": config["std"], "ignore_index": ignore}
+    train_collate = TrainCollate(train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore,
+                                                 seed=cfg.seed * 1000 + rank), norm)
     train_shard = ray.train.get_dataset_shard("train")
     # Validation rows are read once and kept encoded: re-reading a small split through
     # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
@@ -100,17 +108,21 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes = _count_nodes(world)
 
     for epoch in range(start_epoch, cfg.epochs):
-        batches = (
-            collate(b["image"], b["mask"], transform=transform, **norm)
-            for b in train_shard.iter_batches(
-                batch_size=cfg.batch_size, batch_format="numpy", drop_last=per_worker >= cfg.batch_size,
-                local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch,
-            )
+        # Ray Data decodes and augments the next batch in its collate thread while this
+        # one trains; one thread (prefetch_batches=1) keeps the augmentation's random
+        # stream in batch order.
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=per_worker >= cfg.batch_size, collate_fn=train_collate,
+            prefetch_batches=1, pin_memory=device.type == "cuda",
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch,
         )
-        stats = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device, scaler)
+        # Loss and images/s of the whole worker group, not of this rank alone.
+        stats = all_reduce_stats(
+            train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device, scaler), device)
         start_val = time.perf_counter()
         val_batches = (collate(images, masks, **norm) for images, masks in val_rows)
-        cm, val_loss = evaluate(plain, val_batches, num_classes, ignore, device, loss_fn)
+        cm, val_loss = evaluate(plain, val_batches, num_classes, ignore, device, loss_fn,
+                                channels_last=cfg.channels_last)
         cm.all_reduce()
         val = segmentation_metrics(cm.mat)
         is_best = val["miou"] > best
@@ -118,7 +130,7 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics = {
             "epoch": epoch, "start_epoch": start_epoch, "nodes": nodes, "workers": world,
             "train_loss": stats["loss"], "val_loss": val_loss,
-            "train_images_per_s": stats["images"] / stats["seconds"] * world,
+            "train_images_per_s": stats["images"] / stats["seconds"],
             "train_seconds": stats["seconds"], "val_seconds": time.perf_counter() - start_val,
             "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), "best_val_miou": best,
             **epoch_metrics(val, names),
@@ -142,6 +154,17 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+class TrainCollate(NumpyBatchCollateFn):
+    """Ray Data's last step for a training batch: {"image", "mask"} arrays of encoded rows
+    -> (images (N, 3, H, W) float32 normalised, masks (N, H, W) int64), augmented."""
+
+    def __init__(self, transform, norm: dict[str, Any]):
+        self.transform, self.norm = transform, norm
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
 
 
 def _rank_rows(dataset, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:

@@ -10,9 +10,12 @@ import numpy as np
 import psutil
 import pytest
 import ray
+import ray.data
+from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
 from pipeline import train as train_stage
 from pipeline.inference import predict_mask
+from pipeline.ingest import ShardConfig
 from pipeline.modelio import load_model
 from pipeline.params import LossParams, ModelParams, TrainParams, load_params
 from tests.conftest import CLASSES, only_run, write_params
@@ -99,3 +102,23 @@ def test_workers_get_the_weights_folder_as_an_absolute_path(prepared, env, monke
     cfg, model_cfg, loss_cfg = (load_params(m, params) for m in (TrainParams, ModelParams, LossParams))
     config = train_stage.worker_config(prepared, cfg, model_cfg, loss_cfg)
     assert config["env"] == {"SEG_WEIGHTS_DIR": str(env / "weights")}
+
+
+def rows(iterator) -> list[int]:
+    return [int(i) for batch in iterator.iter_batches(batch_format="numpy") for i in batch["id"]]
+
+
+def test_a_materialised_split_gives_each_worker_a_fixed_equal_shard(local_ray):
+    data = ray.data.range(10).materialize()
+    shards = ShardConfig(datasets_to_split=["train"]).configure(
+        {"train": data, "val": ray.data.range(4)}, world_size=2, worker_handles=None, worker_node_ids=None)
+    train = [rows(s["train"]) for s in shards]
+    assert sorted(train[0] + train[1]) == list(range(10)) and len(train[0]) == len(train[1]) == 5
+    assert [rows(s["train"]) for s in shards] == train         # the same rows every epoch
+    assert all(rows(s["val"]) == [0, 1, 2, 3] for s in shards)  # not split: every worker sees all
+
+
+def test_a_lazy_split_keeps_ray_trains_streaming_split(local_ray):
+    shards = ShardConfig(datasets_to_split=["train"]).configure(
+        {"train": ray.data.range(10)}, world_size=2, worker_handles=None, worker_node_ids=None)
+    assert all(isinstance(s["train"], StreamSplitDataIterator) for s in shards)
