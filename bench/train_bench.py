@@ -1,19 +1,27 @@
 """Training images per second: the Ray Train + Ray Data path against a plain PyTorch loop.
 
-    python bench/train_bench.py [--quick] [--data data/prepared]
+    python bench/train_bench.py [--quick] [--rounds R] [--data data/prepared]
 
 Same model (params.yaml's model section, random encoder weights), same images (the
-first N training rows of the prepared dataset), same batch size, crop, augmentation and
-torch thread count and allocator settings (``train.keep_freed_memory``); each side runs
-two epochs and the second (warm) one is timed. The plain loop runs before and after the
-Ray run and its mean is the baseline, so that a change in the machine's load during the
-bench shows in both. Last line: ``RESULT ray_img_s=... torch_img_s=... ratio=...``.
+first N training rows of the prepared dataset), same crop, augmentation and allocator
+settings (``train.keep_freed_memory``), and the same resources: the Ray side runs the
+params' layout (``train.num_workers`` workers of ``train.threads_per_worker`` torch
+threads, ``train.batch_size`` images each), the plain loop one process with all of
+those threads and the whole global batch (workers x batch size). Each run trains two
+epochs and the second (warm) one is timed; every Ray run starts and stops its own
+local cluster, so the plain loop never shares the machine with Ray's processes.
+
+Runs alternate (plain, Ray, plain, ... plain; ``--rounds`` Ray runs) and each side's
+mean is its figure, so drift in this machine's load hits both sides alike. Last line:
+``RESULT ray_img_s=... torch_img_s=... ratio=...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +35,7 @@ import torch  # noqa: E402
 from pipeline import paths, shards  # noqa: E402
 from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.augment import collate, train_transform  # noqa: E402
-from pipeline.engine import build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
+from pipeline.engine import build_optimizer, build_scheduler, memory_format, train_one_epoch  # noqa: E402
 from pipeline.io import read_json, write_json_atomic  # noqa: E402
 from pipeline.losses import build_loss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -49,13 +57,14 @@ def subset(data: Path, out: Path, n_train: int, n_val: int) -> Path:
 
 
 def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> float:
-    """Images/s of the second epoch of a plain loop over the same rows and transform."""
+    """Images/s of the second epoch of a plain loop over the same rows and transform,
+    with ``cfg.threads_per_worker`` threads and batches of ``cfg.batch_size``."""
     config = worker_config(data, cfg, model_cfg, loss_cfg)
     torch.set_num_threads(cfg.threads_per_worker)
     if cfg.keep_freed_memory:
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, config["num_classes"])
+    model = build_model(model_cfg, config["num_classes"]).to(memory_format=memory_format(cfg.channels_last))
     loss_fn = build_loss(loss_cfg, config["num_classes"], config["ignore_index"], config["class_weights"])
     optimizer = build_optimizer(model, cfg)
     steps = config["n_train"] // cfg.batch_size
@@ -74,32 +83,62 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
     return rate
 
 
+def ray_rate(
+    data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams, storage: Path
+) -> float:
+    """Images/s of the second epoch through the train stage's own ``fit``, on a local
+    cluster that is shut down afterwards."""
+    import ray
+
+    try:
+        result, _, _ = fit(data, cfg, model_cfg, loss_cfg, storage=storage, track=False)
+    finally:
+        ray.shutdown()
+    # The last epoch's report (metrics_dataframe holds only the kept checkpoints).
+    return float(result.metrics["train_images_per_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 images instead of 128")
+    parser.add_argument("--quick", action="store_true", help="32 images and one Ray run")
+    parser.add_argument("--rounds", type=int, help="Ray runs, each followed by a plain one (default 2)")
     parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
+    layout = parser.add_argument_group("another layout than params.yaml's train section")
+    layout.add_argument("--workers", type=int, help="train.num_workers")
+    layout.add_argument("--threads", type=int, help="train.threads_per_worker")
+    layout.add_argument("--batch-size", type=int, help="train.batch_size (per worker)")
     args = parser.parse_args()
+    if os.environ.get("RAY_ADDRESS"):
+        raise SystemExit("train_bench: unset RAY_ADDRESS; the bench compares against a local cluster")
+    rounds = args.rounds or (1 if args.quick else 2)
     cfg = load_params(TrainParams)
+    overrides = {"num_workers": args.workers, "threads_per_worker": args.threads,
+                 "batch_size": args.batch_size}
+    cfg = TrainParams.model_validate(cfg.model_dump() | {k: v for k, v in overrides.items() if v is not None})
     model_cfg = load_params(ModelParams).model_copy(update={"encoder_weights": None})
     loss_cfg = load_params(LossParams)
     n = 32 if args.quick else 128
-    cfg = cfg.model_copy(update={"epochs": 2, "num_workers": 1, "warmup_epochs": 0.0,
-                                 "threads_per_worker": cfg.threads_per_worker or 2})
+    threads = cfg.threads_per_worker or max(1, math.floor(cfg.cpus_per_worker))
+    ray_cfg = cfg.model_copy(update={"epochs": 2, "warmup_epochs": 0.0, "threads_per_worker": threads})
+    plain_cfg = ray_cfg.model_copy(update={"num_workers": 1, "threads_per_worker": threads * cfg.num_workers,
+                                           "batch_size": cfg.batch_size * cfg.num_workers})
+    plain_runs, ray_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(args.data, Path(tmp) / "prepared", n, 4)
-        before = torch_rate(data, cfg, model_cfg, loss_cfg)
-        result, _, _ = fit(data, cfg, model_cfg, loss_cfg, storage=Path(tmp) / "ray", track=False)
-        # The last epoch's report (metrics_dataframe holds only the kept checkpoints).
-        ray_img_s = float(result.metrics["train_images_per_s"])
-        after = torch_rate(data, cfg, model_cfg, loss_cfg)
-    torch_img_s = (before + after) / 2
-    print(f"{n} images, batch {cfg.batch_size}, crop {cfg.crop_size}, {cfg.threads_per_worker} threads, "
-          f"{model_cfg.arch}/{model_cfg.encoder_name}")
-    print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s (second epoch; {before:.2f} before, "
-          f"{after:.2f} after the Ray run)")
-    print(f"Ray Train + Data   : {ray_img_s:6.2f} images/s (second epoch)")
+        plain_runs.append(torch_rate(data, plain_cfg, model_cfg, loss_cfg))
+        for i in range(rounds):
+            ray_runs.append(ray_rate(data, ray_cfg, model_cfg, loss_cfg, Path(tmp) / f"ray{i}"))
+            plain_runs.append(torch_rate(data, plain_cfg, model_cfg, loss_cfg))
+    torch_img_s, ray_img_s = statistics.mean(plain_runs), statistics.mean(ray_runs)
+    print(f"{n} images, {model_cfg.arch}/{model_cfg.encoder_name}, crop {cfg.crop_size}, "
+          f"global batch {plain_cfg.batch_size}, {plain_cfg.threads_per_worker} threads in all")
+    print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s  (1 process x {plain_cfg.threads_per_worker} "
+          f"threads, batch {plain_cfg.batch_size}; runs: {', '.join(f'{r:.2f}' for r in plain_runs)})")
+    print(f"Ray Train + Data   : {ray_img_s:6.2f} images/s  ({cfg.num_workers} worker(s) x {threads} "
+          f"thread(s), batch {cfg.batch_size} each; runs: {', '.join(f'{r:.2f}' for r in ray_runs)})")
     ratio = ray_img_s / torch_img_s
-    print(f"RESULT ray_img_s={ray_img_s:.2f} torch_img_s={torch_img_s:.2f} ratio={ratio:.3f}")
+    print(f"RESULT ray_img_s={ray_img_s:.2f} torch_img_s={torch_img_s:.2f} ratio={ratio:.3f} "
+          f"workers={cfg.num_workers} threads_per_worker={threads}")
 
 
 if __name__ == "__main__":
