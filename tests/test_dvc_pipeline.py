@@ -118,20 +118,36 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     start = time.monotonic()
     assert "Data and pipelines are up to date" in dvc(repo, "repro", env=env)
     assert time.monotonic() - start < 5
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+    def runs():
+        return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+    # An edit to code the training runs re-runs train, and it trains afresh: a new Ray run and
+    # MLflow run, not the finished one restored with its old weights.
+    (first,) = runs()
+    with (repo / "pipeline/losses.py").open("a") as f:
+        f.write("# an edit that dvc.yaml sees\n")
+    dvc(repo, "repro", env=env)
+    (second,) = [r for r in runs() if r.info.run_id != first.info.run_id]
+    assert second.data.tags["ray_run_name"] != first.data.tags["ray_run_name"]
+    assert second.data.metrics["best_val_miou"] >= 0 and "test_miou" in second.data.metrics
 
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)
-    dvc(repo, "exp", "run", "-S", "train.epochs=3", "-n", "three-epochs", env=env)
+    # README, "Experiments": `~` drops the terms and `+` sets the new ones; a plain
+    # `loss.terms={...}` fails on a new key and `++` merges it into the old terms.
+    dvc(repo, "exp", "run", "-S", "train.epochs=3", "-S", "~loss.terms", "-S", "+loss.terms={focal: 1.0}",
+        "-n", "three-epochs", env=env)
     assert "three-epochs" in dvc(repo, "exp", "show", "--json", env=env)
     assert "miou" in dvc(repo, "metrics", "diff", env=env)
     plots = json.loads(dvc(repo, "plots", "diff", "HEAD", "--json", env=env, stdout_only=True))
     assert {"metrics/plots/per_class_iou.json", "metrics/plots/confusion.json"} <= set(plots["data"])
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert len(runs) == 2
-    experiment = [r for r in runs if r.data.tags.get("dvc_exp") == "three-epochs"]
+    assert len(runs()) == 3
+    experiment = [r for r in runs() if r.data.tags.get("dvc_exp") == "three-epochs"]
     assert len(experiment) == 1 and experiment[0].info.run_name == "three-epochs"
     assert "test_miou" in experiment[0].data.metrics
-    assert len(client.search_model_versions("name = 'tiny'")) == 2
+    assert experiment[0].data.params["loss.terms"] == "{'focal': 1.0}"   # replaced, not merged
+    assert len(client.search_model_versions("name = 'tiny'")) == 3
     assert client.get_model_version_by_alias("tiny", "champion")
