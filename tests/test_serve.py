@@ -140,7 +140,8 @@ def test_health_and_metadata(server):
     assert model["test_metrics"] == {"test_miou": pytest.approx(0.87)}
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
-    assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS}
+    assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
+                              "max_replica_pixels": ServeParams().max_replica_pixels}
     assert meta["inference"]["max_batch_size"] == 4
 
 
