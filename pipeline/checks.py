@@ -4,6 +4,13 @@
 ``convert_sample`` produces the canonical encoded bytes (RGB image, single-channel
 ``L`` PNG mask of class indices), passing the original bytes through untouched
 whenever they already are canonical, which is what keeps prepare fast.
+
+EXIF orientation: an image is taken as it is displayed (turned upright by its EXIF
+Orientation tag, ``pipeline.images.upright``), as serving does and as labelling tools
+show it (LabelMe records the displayed size; browsers turn photos too), so its mask must
+have the displayed size. A turned image is re-encoded without the tag. A mask that
+matches the stored (unturned) size of a quarter-turned photo is reported as a size
+mismatch that says so: turning the mask to fit would be a guess.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.datasets import ClassSpec, Sample
+from pipeline.images import orientation, upright
 from pipeline.params import Resize
 
 PASS_THROUGH_IMAGE_FORMATS = {"PNG", "JPEG"}
+QUARTER_TURNS = {5, 6, 7, 8}        # EXIF orientations that swap width and height
 # Huge masks or images (decompression bombs) fail loudly instead of exhausting memory.
 Image.MAX_IMAGE_PIXELS = 16384 * 16384
 
@@ -31,8 +40,9 @@ class MaskError(ValueError):
 class Inspection:
     sample: Sample
     problems: list[str] = field(default_factory=list)
-    height: int = 0
+    height: int = 0                 # as displayed (EXIF orientation applied)
     width: int = 0
+    orientation: int = 1            # EXIF Orientation tag of the image (1: as stored)
     image_sha1: str = ""
     # Histogram of mask values 0..255 after the dataset's label map (None if unreadable).
     hist: np.ndarray | None = None
@@ -93,7 +103,10 @@ def inspect_sample(sample: Sample, spec: ClassSpec) -> Inspection:
         result.image_sha1 = hashlib.sha1(data).hexdigest()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            result.orientation = orientation(im)
             result.width, result.height = im.size
+            if result.orientation in QUARTER_TURNS:
+                result.width, result.height = im.height, im.width
     except UnidentifiedImageError:
         result.problems.append("unreadable image: not in a format Pillow can read")
         return result
@@ -115,9 +128,14 @@ def inspect_sample(sample: Sample, spec: ClassSpec) -> Inspection:
         result.problems.append(f"unreadable mask {sample.mask}: {exc}")
         return result
     if mask.shape != (result.height, result.width):
+        turned = ""
+        if result.orientation in QUARTER_TURNS and mask.shape == (result.width, result.height):
+            turned = (f"; the image has EXIF orientation {result.orientation}: it is displayed "
+                      f"{result.width}x{result.height} but stored {result.height}x{result.width}, and the "
+                      "mask fits the image as stored: masks must be drawn on the displayed image")
         result.problems.append(
             f"image/mask size mismatch: image {result.width}x{result.height}, "
-            f"mask {mask.shape[1]}x{mask.shape[0]} ({sample.mask})"
+            f"mask {mask.shape[1]}x{mask.shape[0]} ({sample.mask}){turned}"
         )
         return result
     if mask.max() > 255 or mask.min() < 0:
@@ -154,11 +172,13 @@ def convert_sample(
     ``binary_255`` maps mask value 255 to class 1 (binary masks saved as 0/255).
     """
     image_bytes = sample.image.read_bytes()
-    with Image.open(io.BytesIO(image_bytes)) as im:
-        fmt, mode, (w, h) = im.format, im.mode, im.size
+    with Image.open(io.BytesIO(image_bytes)) as stored:
+        fmt, turned = stored.format, orientation(stored) != 1
+        im = upright(stored)                 # a new image when turned (it has no format)
+        mode, (w, h) = im.mode, im.size
         out_h, out_w = target_size(h, w, resize)
         resized = (out_h, out_w) != (h, w)
-        if resized or fmt not in PASS_THROUGH_IMAGE_FORMATS or mode != "RGB":
+        if resized or turned or fmt not in PASS_THROUGH_IMAGE_FORMATS or mode != "RGB":
             rgb = im.convert("RGB")
             if resized:
                 rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR)

@@ -12,6 +12,13 @@ wrong and what is accepted):
    decoded (decompression bombs never reach memory);
 5. the pixels decode completely (truncated files are refused, not padded with grey).
 
+Between 4 and 5 an optional ``admit(pixels)`` callback may refuse the image (the serving
+replica's pixel budget, ``pipeline.service``) before any pixel is decoded.
+
+The EXIF Orientation tag is honoured (``PIL.ImageOps.exif_transpose``): a phone photo
+stored sideways with orientation 6 or 8 comes out as it is displayed, upright, which is
+what the person who took it, a browser and a labelling tool all see.
+
 Channel layouts are converted to RGB: grey, grey + alpha, RGBA (alpha dropped, i.e. as
 if on black), palette, CMYK, and 16-bit grey or RGB (scaled to 8 bits). The first frame
 of a multi-frame file (animated WebP, multi-page TIFF) is used.
@@ -21,10 +28,11 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "TIFF": "image/tiff", "BMP": "image/bmp",
            "WEBP": "image/webp"}
@@ -52,9 +60,12 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def decode_image(data: bytes, content_type: str | None = None,
-                 limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Checked bytes -> (H, W, 3) uint8 RGB. Raises ``ImageError``."""
+def decode_image(data: bytes, content_type: str | None = None, limits: ImageLimits = ImageLimits(),
+                 admit: Callable[[int], None] | None = None) -> np.ndarray:
+    """Checked bytes -> (H, W, 3) uint8 RGB, turned upright by its EXIF orientation.
+
+    Raises ``ImageError``; ``admit(width * height)``, called once the header has passed
+    the checks and before decoding, may raise its own refusal."""
     if not data:
         raise ImageError("empty body: send the image bytes (PNG, JPEG, TIFF, BMP or WebP)")
     if len(data) > limits.max_bytes:
@@ -86,12 +97,26 @@ def decode_image(data: bytes, content_type: str | None = None,
                              f"the limit of {limits.max_pixels:,}", status=413)
         if width < 1 or height < 1:
             raise ImageError(f"image of {width}x{height} has no pixels")
+        if admit is not None:
+            admit(width * height)
         try:
             image.seek(0)
             image.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"the {image.format} image is corrupt or truncated: {exc}") from None
-        return to_rgb(image)
+        return to_rgb(upright(image))
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = as stored; 6 and 8 = turned a quarter; 1 if absent)."""
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as displayed: turned and mirrored as its EXIF Orientation says (itself if 1)."""
+    if orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

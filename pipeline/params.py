@@ -251,7 +251,7 @@ class ServeParams(Section):
     gpus_per_replica: float | Literal["auto"] = Field(
         default="auto", description="auto: one GPU per replica when the cluster has GPUs, else 0")
     threads: int | None = Field(default=None, ge=1, le=256,
-                                description="torch threads per replica; null: the machine's cores")
+                                description="torch threads per replica; null: node cores // replicas")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="@serve.batch size")
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0, le=10,
@@ -259,6 +259,9 @@ class ServeParams(Section):
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="per replica")
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="413 above this")
     max_pixels: int = Field(default=40_000_000, ge=1024, description="413 above this (decompression bombs)")
+    max_replica_pixels: int = Field(
+        default=120_000_000, ge=1024,
+        description="decoded pixels a replica holds at once (queued + in flight); 503 beyond")
     tile_above_pixels: int = Field(default=1_048_576, ge=1024, description="sliding-window tiles above this")
     tile_size: tuple[int, int] = (512, 512)
     tile_overlap: float = Field(default=0.25, ge=0, lt=1)
@@ -269,6 +272,8 @@ class ServeParams(Section):
     def _sizes(self) -> ServeParams:
         if min(self.tile_size) < 32:
             raise ValueError("tile_size: [height, width], each at least 32")
+        if self.max_replica_pixels < self.max_pixels:
+            raise ValueError("max_replica_pixels must be at least max_pixels, or large images never fit")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least max_batch_size, or batches never fill")
         return self

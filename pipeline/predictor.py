@@ -1,17 +1,23 @@
 """Whole-image prediction at native resolution, for evaluation and serving.
 
-``Predictor(model, ...)`` turns one (H, W, 3) uint8 RGB image of any size into class
-probabilities (C, H, W):
+``Predictor(model, ...)`` turns one (H, W, 3) uint8 RGB image of any size into a class
+mask (H, W) uint8 (``mask``) or class probabilities (C, H, W) float32 (``probs``):
 
 - up to ``tile_above_pixels`` pixels the image goes through the network whole (the
   model pads it to its stride and crops back, ``pipeline.models.SegmentationModel``);
+  with ``scales`` other than ``(1.0,)`` it is also resized by each factor (bilinear),
+  predicted as above (in tiles if the resized image is above the threshold), and the
+  probabilities resized back and averaged (multi-scale TTA);
 - above that, overlapping ``tile_size`` windows cover it, the last one in each row and
-  column flush with the edge, and the probabilities of overlapping windows are averaged,
-  so memory is bounded by one tile whatever the image size;
-- with ``flip_tta`` each image or tile is also predicted mirrored left-right, in the same
-  batch, and the two probability maps are averaged (test-time augmentation);
-- with ``scales`` other than ``(1.0,)`` the image is also resized by each factor (bilinear),
-  predicted as above, and the probabilities resized back and averaged (multi-scale TTA).
+  column flush with the edge, and the probabilities of overlapping windows are averaged.
+  Windows are visited one band at a time along the image's longer side, and only the
+  current band's probabilities are held (C x tile x the shorter side, float32): a band's
+  finished rows become mask rows before the next band starts, so ``mask`` holds that,
+  one window's forward pass and the uint8 mask whatever the image size (``probs`` must
+  return all C x H x W and holds it). Multi-scale TTA then applies to each window (the
+  window resized by each factor, its probabilities resized back), so it stays bounded too;
+- with ``flip_tta`` each image or window is also predicted mirrored left-right, in the
+  same batch, and the two probability maps are averaged (test-time augmentation).
 
 ``masks(images)`` predicts a batch of images of any sizes (a serving batch): images of the
 same size go through the network together, one forward per size, so each mask is exactly
@@ -21,6 +27,7 @@ what the image would get alone (nothing is padded to a neighbour's size).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -42,6 +49,24 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     return starts + [length - tile]
 
 
+# Finished rows are divided by their window counts this many at a time (a small temporary).
+FINISH_ROWS = 64
+Where = tuple[slice, slice]          # (rows, columns) of an image
+
+
+def _check(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+
+
+def _coverage(length: int, tile: int, starts: list[int]) -> torch.Tensor:
+    """(length,) float32: how many windows of ``tile`` starting at ``starts`` cover each index."""
+    hits = torch.zeros(length)
+    for s in starts:
+        hits[s:s + tile] += 1
+    return hits
+
+
 @dataclass
 class Predictor:
     model: SegmentationModel
@@ -54,8 +79,32 @@ class Predictor:
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (C, H, W) float32 class probabilities on the CPU."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        _check(image)
+        if not self._tiled(image):
+            return self._whole(image)
+        out = None
+        for where, block in self._bands(image, self.scales):
+            out = torch.empty(block.shape[0], *image.shape[:2]) if out is None else out
+            out[(slice(None), *where)] = block
+        return out
+
+    @torch.no_grad()
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W) uint8 class indices."""
+        _check(image)
+        if not self._tiled(image):
+            return self._whole(image).argmax(0).to(torch.uint8).numpy()
+        mask = np.empty(image.shape[:2], np.uint8)
+        for where, block in self._bands(image, self.scales):
+            mask[where] = block.argmax(0).to(torch.uint8).numpy()
+        return mask
+
+    def _tiled(self, image: np.ndarray) -> bool:
+        return image.shape[0] * image.shape[1] > self.tile_above_pixels
+
+    def _whole(self, image: np.ndarray) -> torch.Tensor:
+        """(C, H, W) probabilities of an image at or below the tiling threshold, averaged over
+        ``scales``; a resized image above the threshold is tiled at its own resolution."""
         h, w = image.shape[:2]
         total = None
         for scale in self.scales:
@@ -70,26 +119,76 @@ class Predictor:
         return total / len(self.scales)
 
     def _probs_at_native(self, image: np.ndarray) -> torch.Tensor:
-        meta = self.model.meta
-        x = to_tensor([image], meta.mean, meta.std)
+        if not self._tiled(image):
+            return self._forward(self._normalise(image))[0]
         h, w = image.shape[:2]
-        if h * w <= self.tile_above_pixels:
-            return self._forward(x)[0]
-        th, tw = min(self.tile_size[0], h), min(self.tile_size[1], w)
-        total = None
-        hits = torch.zeros(1, h, w)
-        for y in window_starts(h, th, self.tile_overlap):
-            for x0 in window_starts(w, tw, self.tile_overlap):
-                p = self._forward(x[..., y:y + th, x0:x0 + tw])[0]
-                if total is None:
-                    total = torch.zeros(p.shape[0], h, w)
-                total[:, y:y + th, x0:x0 + tw] += p
-                hits[:, y:y + th, x0:x0 + tw] += 1
-        return total / hits
+        out = None
+        for where, block in self._bands(image, (1.0,)):
+            out = torch.empty(block.shape[0], h, w) if out is None else out
+            out[(slice(None), *where)] = block
+        return out
 
-    def mask(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (H, W) uint8 class indices."""
-        return self.probs(image).argmax(0).to(torch.uint8).numpy()
+    def _bands(self, image: np.ndarray, scales: tuple[float, ...]) -> Iterator[tuple[Where, torch.Tensor]]:
+        """Finished parts of the blended probabilities of a tiled ``image``, in order:
+        (where: (rows, columns) slices of the image, block: (C, rows, columns) float32).
+
+        Bands run along the longer side: a wide image is swept in columns, by sweeping its
+        transpose in rows (each window is still predicted the right way round)."""
+        if image.shape[1] <= image.shape[0]:
+            for rows, block in self._row_bands(image, self.tile_size, scales, transposed=False):
+                yield (rows, slice(None)), block
+        else:
+            view = image.transpose(1, 0, 2)
+            tile = (self.tile_size[1], self.tile_size[0])
+            for cols, block in self._row_bands(view, tile, scales, transposed=True):
+                yield (slice(None), cols), block.transpose(1, 2)
+
+    def _row_bands(self, image: np.ndarray, tile: tuple[int, int], scales: tuple[float, ...],
+                   transposed: bool) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Sweep the rows of windows top to bottom, holding one band (C, tile height, W).
+
+        Each band's windows are added in order into ``band``, which covers image rows
+        [top, top + th); the rows above the next band's first row get no more windows, so
+        they are divided by their window count and handed out, and the rest moves up. Every
+        pixel sums its windows in the same row-major order as a whole-image accumulator."""
+        h, w = image.shape[:2]
+        th, tw = min(tile[0], h), min(tile[1], w)
+        ys, xs = window_starts(h, th, self.tile_overlap), window_starts(w, tw, self.tile_overlap)
+        row_hits, col_hits = _coverage(h, th, ys), _coverage(w, tw, xs)
+        band = None
+        for i, y in enumerate(ys):
+            for x0 in xs:
+                window = image[y:y + th, x0:x0 + tw]
+                p = self._window(window.transpose(1, 0, 2) if transposed else window, scales)
+                p = p.transpose(1, 2) if transposed else p
+                band = torch.zeros(p.shape[0], th, w) if band is None else band
+                band[:, :, x0:x0 + tw] += p
+            done = (ys[i + 1] if i + 1 < len(ys) else h) - y          # rows [y, y + done) are final
+            for r0 in range(0, done, FINISH_ROWS):                   # in slices: a small temporary
+                r1 = min(done, r0 + FINISH_ROWS)
+                hits = row_hits[y + r0:y + r1, None] * col_hits[None, :]
+                yield slice(y + r0, y + r1), band[:, r0:r1] / hits
+            band[:, :th - done] = band[:, done:].clone()
+            band[:, th - done:] = 0
+
+    def _window(self, window: np.ndarray, scales: tuple[float, ...]) -> torch.Tensor:
+        """(C, h, w) probabilities of one window, averaged over ``scales`` (each resized
+        window's probabilities resized back to h x w) and flips."""
+        h, w = window.shape[:2]
+        total = None
+        for scale in scales:
+            if scale == 1.0:
+                p = self._forward(self._normalise(window))[0]
+            else:
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                resized = cv2.resize(np.ascontiguousarray(window), size, interpolation=cv2.INTER_LINEAR)
+                p = F.interpolate(self._forward(self._normalise(resized)), size=(h, w), mode="bilinear",
+                                  align_corners=False)[0]
+            total = p if total is None else total + p
+        return total if len(scales) == 1 else total / len(scales)
+
+    def _normalise(self, image: np.ndarray) -> torch.Tensor:
+        return to_tensor([image], self.model.meta.mean, self.model.meta.std)
 
     @torch.no_grad()
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from pipeline import api, tracking
 from pipeline.client import ServerError, Unreachable, get_json
 from pipeline.params import PARAMS_FILE, RegisterParams, ServeParams, load_params, parse_section
-from pipeline.service import ModelRef, Service, load_segmentation_model, resolve_model
+from pipeline.service import ModelRef, Service, error_answer, load_segmentation_model, resolve_model
 
 APP_NAME = "segmentation"
 ROUTES = {"/predict": "POST", "/health": "GET", "/metadata": "GET"}
@@ -83,7 +83,7 @@ class Segmenter:
             else:
                 reply = api.json_reply((await self._ready()).metadata())
         except api.ApiError as exc:
-            reply = api.error_reply(exc.status, exc.message)
+            reply = error_answer(exc)
         except Exception as exc:  # a bug, not the client's fault: say so, keep serving
             reply = api.error_reply(500, f"internal error: {type(exc).__name__}: {exc}")
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
@@ -93,10 +93,12 @@ class Segmenter:
         service = await self._ready()
         api.check_length(request.headers.get("content-length"), self.cfg.max_body_bytes)
         body = await read_body(request, self.cfg.max_body_bytes)
-        image, options = await asyncio.to_thread(
-            service.parse, body, request.headers.get("content-type"), request.query_params.multi_items())
-        mask = await self.predict_batch(image)
-        return await asyncio.to_thread(service.answer, image, mask, options)
+        with service.admission() as admitted:        # decoded pixels held until answered
+            image, options = await asyncio.to_thread(
+                service.parse, body, request.headers.get("content-type"), request.query_params.multi_items(),
+                admitted)
+            mask = await self.predict_batch(image)
+            return await asyncio.to_thread(service.answer, image, mask, options)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict_batch(self, images: list) -> list:

@@ -5,6 +5,13 @@
   that every replica loads the same version even if the alias moves meanwhile.
 - ``Service`` holds the loaded model and a ``Predictor``; ``predict`` takes a batch of
   decoded images of any sizes, ``handle_predict`` a whole request (bytes in, ``Reply`` out).
+- Memory: a request's decoded pixels count against the replica's ``PixelBudget``
+  (``serve.max_replica_pixels``) from before decoding until its answer is rendered; an
+  image that does not fit while others are held is answered 503 with ``Retry-After``,
+  so queued images x their pixels stay bounded (``Predictor`` bounds the rest).
+- Threads: ``serve.threads: null`` gives each replica ``node cores // replicas`` torch
+  threads (at least 1, ``replica_threads``), so replicas x threads never exceed a node's
+  cores even when every replica lands on one node.
 
 ``pipeline.serve`` wraps this in Ray Serve; tests and the benchmark call it in-process.
 """
@@ -12,7 +19,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +31,82 @@ from pipeline import api
 from pipeline.images import ImageError, ImageLimits, decode_image
 from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
+
+RETRY_AFTER_S = 1
+
+
+class Busy(api.ApiError):
+    """The replica holds as many decoded pixels as it may: try again shortly (503)."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
+
+
+def error_answer(exc: api.ApiError) -> api.Reply:
+    """The JSON error reply for ``exc``; a ``Busy`` one says when to retry."""
+    reply = api.error_reply(exc.status, exc.message)
+    return replace(reply, headers={"Retry-After": str(RETRY_AFTER_S)}) if isinstance(exc, Busy) else reply
+
+
+class PixelBudget:
+    """Decoded pixels one replica holds at once, at most ``limit`` (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> None:
+        """Hold ``pixels`` more, or raise ``Busy`` when they do not fit beside those held."""
+        with self._lock:
+            if self.held + pixels > self.limit:
+                raise Busy(f"this replica is busy: an image of {pixels:,} pixels does not fit beside the "
+                           f"{self.held:,} decoded pixels it holds (serve.max_replica_pixels = "
+                           f"{self.limit:,}); retry in {RETRY_AFTER_S} s")
+            self.held += pixels
+
+    def give_back(self, pixels: int) -> None:
+        with self._lock:
+            self.held -= pixels
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        self.take(pixels)
+        try:
+            yield
+        finally:
+            self.give_back(pixels)
+
+
+class Admission:
+    """One request's share of a ``PixelBudget``: taken while parsing, given back on exit."""
+
+    def __init__(self, budget: PixelBudget):
+        self.budget, self.pixels = budget, 0
+
+    def take(self, pixels: int) -> None:
+        self.budget.take(pixels)
+        self.pixels += pixels
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.budget.give_back(self.pixels)
+        self.pixels = 0
+
+
+def node_cores() -> int:
+    """CPU cores this process may run on (its affinity), i.e. the node's unless restricted."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def replica_threads(threads: int | None, replicas: int, node_cores: int) -> int:
+    """Torch threads for one replica: ``serve.threads`` when set, else the node's cores
+    shared by all ``replicas`` (at least 1), so that replicas x threads <= cores however
+    many of them the node gets."""
+    if threads:
+        return threads
+    return max(1, node_cores // replicas)
 
 
 @dataclass(frozen=True)
@@ -108,12 +194,13 @@ class Service:
     def __init__(self, model, ref: ModelRef, cfg: ServeParams):
         import torch
 
-        # Ray starts an actor with one thread per reserved CPU; null means the whole machine.
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        # Ray starts an actor with one thread per reserved CPU; null: a share of the node's cores.
+        torch.set_num_threads(replica_threads(cfg.threads, cfg.replicas, node_cores()))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device).eval()
         self.ref, self.cfg = ref, cfg
         self.limits = ImageLimits(max_bytes=cfg.max_body_bytes, max_pixels=cfg.max_pixels)
+        self.budget = PixelBudget(cfg.max_replica_pixels)
         self.predictor = Predictor(self.model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
                                    tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
         self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
@@ -128,12 +215,18 @@ class Service:
         """A batch of (H, W, 3) uint8 RGB images of any sizes -> (H, W) uint8 masks."""
         return self.predictor.masks(images)
 
-    def parse(self, body: bytes, content_type: str | None, query) -> tuple[np.ndarray, api.Options]:
-        """A /predict request -> (RGB image, options). Raises ``api.ApiError``."""
+    def admission(self) -> Admission:
+        """``with service.admission() as admitted:`` around parse .. answer of one request."""
+        return Admission(self.budget)
+
+    def parse(self, body: bytes, content_type: str | None, query,
+              admitted: Admission) -> tuple[np.ndarray, api.Options]:
+        """A /predict request -> (RGB image, options); its pixels are taken from the budget
+        into ``admitted`` before decoding. Raises ``api.ApiError`` (``Busy`` when full)."""
         options = api.parse_options(query, self.cfg.overlay_alpha)
         data, declared = api.image_bytes(body, content_type)
         try:
-            return decode_image(data, declared, self.limits), options
+            return decode_image(data, declared, self.limits, admit=admitted.take), options
         except ImageError as exc:
             raise api.ApiError(exc.status, str(exc)) from None
 
@@ -142,11 +235,12 @@ class Service:
 
     def handle_predict(self, body: bytes, content_type: str | None, query=()) -> api.Reply:
         """One whole request in-process: parse, predict alone, answer."""
-        try:
-            image, options = self.parse(body, content_type, query)
-        except api.ApiError as exc:
-            return api.error_reply(exc.status, exc.message)
-        return self.answer(image, self.predict([image])[0], options)
+        with self.admission() as admitted:
+            try:
+                image, options = self.parse(body, content_type, query, admitted)
+            except api.ApiError as exc:
+                return error_answer(exc)
+            return self.answer(image, self.predict([image])[0], options)
 
     def metadata(self) -> dict[str, Any]:
         meta = self.model.meta
@@ -160,6 +254,7 @@ class Service:
             "inference": cfg.model_dump(mode="json", include={
                 "max_batch_size", "batch_wait_timeout_s", "tile_above_pixels", "tile_size", "tile_overlap",
                 "flip_tta"}),
-            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels},
+            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+                       "max_replica_pixels": cfg.max_replica_pixels},
             "answers": api.ANSWERS,
         }

@@ -12,6 +12,28 @@ def random_image(rng: np.random.Generator, h: int = 24, w: int = 32) -> Image.Im
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+# EXIF orientation tag values and how each turns the stored pixels into the displayed image.
+EXIF_ORIENTATION = 0x0112
+EXIF_ROTATIONS = {6: -1, 8: 1}           # np.rot90 k: 6 = turn 90 degrees clockwise, 8 = anticlockwise
+
+
+def rotated_jpeg(stored: np.ndarray, orientation: int = 6, quality: int = 95) -> bytes:
+    """JPEG bytes of the (h, w, 3) uint8 ``stored`` pixels with an EXIF Orientation tag, as a
+    phone writes a photo taken upright; a viewer shows ``displayed(stored, orientation)``."""
+    import io
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def displayed(stored: np.ndarray, orientation: int = 6) -> np.ndarray:
+    """The stored pixels turned as EXIF ``orientation`` says (what a viewer shows)."""
+    return np.ascontiguousarray(np.rot90(stored, k=EXIF_ROTATIONS[orientation]))
+
+
 def blob_mask(rng: np.random.Generator, h: int, w: int, num_classes: int) -> np.ndarray:
     """(h, w) uint8 with every class present: horizontal bands plus a random square."""
     mask = (np.arange(h)[:, None] * num_classes // h).repeat(w, axis=1).astype(np.uint8)

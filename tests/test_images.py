@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import ImageError, ImageLimits, decode_image, media_type
+from tests.factories import displayed, rotated_jpeg
 
 RGB = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
 
@@ -99,6 +100,24 @@ def test_body_over_the_size_limit():
     with pytest.raises(ImageError, match="larger than the limit") as info:
         decode_image(PNG, "image/png", ImageLimits(max_bytes=100))
     assert info.value.status == 413
+
+
+def smooth_picture(h: int, w: int) -> np.ndarray:
+    """Gradients plus one dark corner (top left): JPEG keeps it, and a turn moves it."""
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    image = np.stack([xs * 200 // w + 30, ys * 200 // h + 30, np.full_like(xs, 120)], axis=-1)
+    image = image.astype(np.uint8)
+    image[: h // 4, : w // 4] = 0
+    return image
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_turns_a_phone_photo_upright(orientation):
+    stored = smooth_picture(24, 40)                      # stored landscape, shown portrait
+    out = decode_image(rotated_jpeg(stored, orientation), "image/jpeg")
+    upright = displayed(stored, orientation)
+    assert out.shape == upright.shape == (40, 24, 3)
+    assert np.abs(out.astype(int) - upright).mean() < 4
 
 
 def test_media_type():

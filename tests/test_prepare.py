@@ -10,7 +10,7 @@ from pipeline.card import class_statistics
 from pipeline.datasets import CAMVID_CLASSES, ClassSpec
 from pipeline.params import PrepareParams, parse_section
 from pipeline.prepare import PrepareError, prepare
-from tests.factories import make_folder_dataset, random_image
+from tests.factories import blob_mask, displayed, make_folder_dataset, random_image, rotated_jpeg
 
 
 def folder_cfg(**overrides) -> PrepareParams:
@@ -216,3 +216,42 @@ def test_palette_mode_masks_become_single_channel_indices(tmp_path):
         assert Image.open(io.BytesIO(raw)).mode == "L"
     for key, mask in prepared_masks(out, "train").items():
         np.testing.assert_array_equal(mask, truth[f"train/{key}"])
+
+
+def phone_photo_dataset(root, mask_as: str):
+    """Three pre-split pairs; train/img_000 is a JPEG stored 24x40 (landscape) with EXIF
+    Orientation 6, shown 40x24 (portrait); its mask is drawn on the ``displayed`` or the
+    ``stored`` pixels."""
+    make_folder_dataset(root, n=3, splits=("train", "val", "test"))
+    ys, xs = np.meshgrid(np.arange(24), np.arange(40), indexing="ij")
+    stored = np.stack([xs * 5 + 20, ys * 8 + 20, np.full_like(xs, 100)], axis=-1).astype(np.uint8)
+    stored[:6, :10] = 0                                        # a dark corner a turn moves
+    (root / "images" / "train" / "img_000.png").unlink()
+    (root / "images" / "train" / "img_000.jpg").write_bytes(rotated_jpeg(stored, 6))
+    h, w = (40, 24) if mask_as == "displayed" else (24, 40)
+    mask = blob_mask(np.random.default_rng(1), h, w, 2)
+    Image.fromarray(mask).save(root / "masks" / "train" / "img_000.png")
+    return stored, mask
+
+
+def test_exif_orientation_is_applied_to_the_image_and_the_mask_follows_the_displayed_image(tmp_path):
+    stored, mask = phone_photo_dataset(tmp_path / "raw", mask_as="displayed")
+    out = tmp_path / "prepared"
+    card = prepare("folder", tmp_path / "raw", out, folder_cfg())
+    assert card["splits"]["train"]["max_size"] == "40x24"
+    (_, image, got_mask), = list(shards.iter_samples(out, "train"))
+    assert image.shape == (40, 24, 3)
+    assert np.abs(image.astype(int) - displayed(stored, 6)).mean() < 4     # upright pixels
+    np.testing.assert_array_equal(got_mask, mask)
+    raw = shards.read_split(out, "train", columns=["image"]).column("image").to_pylist()[0]
+    with Image.open(io.BytesIO(raw)) as im:                          # no tag left to turn it twice
+        assert im.size == (24, 40) and im.getexif().get(0x0112, 1) == 1
+
+
+def test_mask_drawn_on_the_stored_pixels_of_a_turned_photo_is_a_clear_error(tmp_path):
+    phone_photo_dataset(tmp_path / "raw", mask_as="stored")
+    with pytest.raises(PrepareError) as err:
+        prepare("folder", tmp_path / "raw", tmp_path / "prepared", folder_cfg())
+    msg = str(err.value)
+    assert "img_000.jpg" in msg and "size mismatch" in msg
+    assert "EXIF orientation 6" in msg and "as stored" in msg

@@ -20,9 +20,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.images import decode_image
+from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
+from pipeline.service import ModelRef, Service, replica_threads
 from tests.conftest import CLASSES
-from tests.factories import free_port, registered_model
+from tests.factories import displayed, free_port, registered_model, rotated_jpeg
 
 NAME = "served-unet"
 MAX_BODY = 300_000
@@ -137,7 +140,8 @@ def test_health_and_metadata(server):
     assert model["test_metrics"] == {"test_miou": pytest.approx(0.87)}
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
-    assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS}
+    assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
+                              "max_replica_pixels": ServeParams().max_replica_pixels}
     assert meta["inference"]["max_batch_size"] == 4
 
 
@@ -237,6 +241,16 @@ def test_concurrent_requests_of_mixed_sizes_are_batched_correctly(server):
     batches = after["batches"] - before["batches"]
     assert after["batched_images"] - before["batched_images"] == len(images)
     assert batches < len(images), "concurrent requests were never batched"
+
+
+def test_exif_rotated_phone_photo_is_segmented_upright(server):
+    stored = picture(40, 56, seed=5)                  # stored landscape, shown portrait
+    body = rotated_jpeg(stored, 6)
+    status, _, answer = server.predict(body, "image/jpeg")
+    assert status == 200
+    mask = mask_of(answer)
+    assert mask.shape == (56, 40) == displayed(stored, 6).shape[:2]
+    agree(mask, server.predictor.mask(decode_image(body, "image/jpeg")))
 
 
 def png_header(width, height) -> bytes:
@@ -395,3 +409,61 @@ def test_replicas_spread_over_a_two_node_cluster(fitted, env):
                                "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NODES 2 2" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_default_threads_share_the_node_cores_among_its_replicas():
+    assert replica_threads(None, replicas=1, node_cores=16) == 16
+    assert replica_threads(None, replicas=4, node_cores=16) == 4
+    assert replica_threads(None, replicas=3, node_cores=16) == 5
+    assert replica_threads(None, replicas=32, node_cores=16) == 1          # at least one
+    assert replica_threads(6, replicas=4, node_cores=16) == 6             # serve.threads wins
+    for cores in (1, 2, 3, 16, 64):
+        for replicas in range(1, 70):
+            threads = replica_threads(None, replicas, cores)
+            assert threads >= 1 and (replicas * threads <= cores or threads == 1)
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_service_of_two_replicas_takes_half_the_cores(fitted, torch_threads):
+    model, _ = fitted
+    service = Service(model, ModelRef(uri="models:/m/1"), ServeParams(replicas=2))
+    cores = len(os.sched_getaffinity(0))
+    assert service.threads() == max(1, cores // 2)
+
+
+def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_threads):
+    model, _ = fitted
+    cfg = ServeParams(max_pixels=10_000, max_replica_pixels=12_000, threads=1)
+    service = Service(model, ModelRef(uri="models:/m/1"), cfg)
+    image = picture(50, 100)                                  # 5,000 pixels
+    good = encode(image)
+    truncated = good[: len(good) // 2]                        # a 400 once decoding starts
+    with service.budget.hold(8_000):                          # other requests in flight
+        busy = service.handle_predict(good, "image/png")
+        also_busy = service.handle_predict(truncated, "image/png")
+        assert service.budget.held == 8_000
+    assert busy.status == 503 and busy.media_type == "application/json"
+    assert busy.headers.get("Retry-After") == "1"
+    message = json.loads(busy.body)["error"]
+    assert "serve.max_replica_pixels" in message and "12,000" in message and "5,000" in message
+    assert also_busy.status == 503                            # refused before any pixel was decoded
+    assert service.handle_predict(truncated, "image/png").status == 400
+    ok = service.handle_predict(good, "image/png")
+    assert ok.status == 200
+    np.testing.assert_array_equal(mask_of(ok.body), Predictor(model).mask(image))
+    assert service.budget.held == 0                           # every request gave its pixels back
+
+
+def test_replica_pixel_budget_must_hold_one_largest_image():
+    from pipeline.params import ParamsError, parse_section
+
+    with pytest.raises(ParamsError, match="max_replica_pixels"):
+        parse_section(ServeParams, {"max_pixels": 2_000_000, "max_replica_pixels": 1_000_000})
