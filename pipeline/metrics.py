@@ -93,17 +93,26 @@ def segmentation_metrics(cm: torch.Tensor) -> dict[str, float | list[float]]:
     }
 
 
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor must live for a collective of the process-group ``backend``
+    (``dist.get_backend()``): NCCL reduces only CUDA tensors, on the current device
+    (which Ray Train sets for each worker); gloo and MPI reduce CPU tensors."""
+    return torch.device("cuda") if "nccl" in str(backend).lower() else torch.device("cpu")
+
+
 class ConfusionMatrix:
     """Running confusion matrix over a split.
 
     ``update`` per batch, ``all_reduce`` once after the last batch when running
-    distributed, then ``compute``. The counts live on the device of the first batch.
+    distributed, then ``compute``. The counts start on ``device`` (CPU by default) and
+    follow the batches' device.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX):
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX,
+                 device: torch.device | str | None = None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch.
@@ -129,10 +138,14 @@ class ConfusionMatrix:
         """Sum the counts over all ranks of the default process group; a no-op without one.
 
         Call it once, after the last update: each call adds every rank's counts again.
-        With the NCCL backend the counts must be on this rank's GPU (update with GPU
-        tensors); gloo takes CPU tensors.
+        The counts move first to the device the group's backend reduces on
+        (``collective_device``), so that a rank that saw no batch, whose counts are
+        still on the CPU, can join an NCCL reduction.
         """
         if dist.is_available() and dist.is_initialized():
+            device = collective_device(dist.get_backend())
+            if self.mat.device.type != device.type:
+                self.mat = self.mat.to(device)
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
         return self
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,11 @@ from pipeline.engine import (
     build_scheduler,
     evaluate,
     memory_format,
+    restore_training_state,
+    seed_epoch,
+    seed_everything,
     train_one_epoch,
+    training_state,
 )
 from pipeline.io import write_json_atomic
 from pipeline.losses import build_loss
@@ -38,14 +41,8 @@ from pipeline.modelio import CONFIG_FILE
 from pipeline.models import ModelMeta, build_model
 from pipeline.params import LossParams, ModelParams, TrainParams
 
-STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, epoch, RNG
+STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, scaler, epoch
 META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def epoch_metrics(cm_metrics: dict, class_names: list[str], prefix: str = "val_") -> dict[str, float]:
@@ -87,19 +84,13 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"] + 1, state["best_miou"]
-        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best = restore_training_state(state, model, optimizer, scheduler, scaler)
     model = ray.train.torch.prepare_model(model)
     plain = model.module if hasattr(model, "module") else model
 
     norm = {"mean": config["mean"], "std": config["std"], "ignore_index": ignore}
-    train_collate = TrainCollate(train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore,
-                                                 seed=cfg.seed * 1000 + rank), norm)
+    transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore)
+    train_collate = TrainCollate(transform, norm)
     train_shard = ray.train.get_dataset_shard("train")
     # Validation rows are read once and kept encoded: re-reading a small split through
     # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
@@ -108,6 +99,9 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes = _count_nodes(world)
 
     for epoch in range(start_epoch, cfg.epochs):
+        # This rank's random streams for this epoch, the same in a resumed run as in an
+        # uninterrupted one (augmentation included).
+        seed_epoch(cfg.seed, epoch, rank, transform)
         # Ray Data decodes and augments the next batch in its collate thread while this
         # one trains; one thread (prefetch_batches=1) keeps the augmentation's random
         # stream in batch order.
@@ -117,19 +111,19 @@ def train_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch,
         )
         # Loss and images/s of the whole worker group, not of this rank alone.
-        stats = all_reduce_stats(
-            train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device, scaler), device)
+        stats = all_reduce_stats(train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device,
+                                                 scaler))
         start_val = time.perf_counter()
         val_batches = (collate(images, masks, **norm) for images, masks in val_rows)
+        # Reduced over all ranks inside: counts and the loss of the whole split.
         cm, val_loss = evaluate(plain, val_batches, num_classes, ignore, device, loss_fn,
                                 channels_last=cfg.channels_last)
-        cm.all_reduce()
         val = segmentation_metrics(cm.mat)
         is_best = val["miou"] > best
         best = max(best, val["miou"])
         metrics = {
             "epoch": epoch, "start_epoch": start_epoch, "nodes": nodes, "workers": world,
-            "train_loss": stats["loss"], "val_loss": val_loss,
+            "train_loss": stats["loss"], "val_loss": val_loss, "train_skipped_steps": stats["skipped_steps"],
             "train_images_per_s": stats["images"] / stats["seconds"],
             "train_seconds": stats["seconds"], "val_seconds": time.perf_counter() - start_val,
             "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), "best_val_miou": best,
@@ -141,11 +135,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 from pipeline.tracking import log_epoch
                 log_epoch(client, run_id, metrics, step=epoch)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({
-                    "model": plain.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "epoch": epoch, "best_miou": best, "torch_rng": torch.get_rng_state(),
-                }, Path(d) / STATE_FILE)
+                state = training_state(plain, optimizer, scheduler, scaler, epoch, best)
+                torch.save(state, Path(d) / STATE_FILE)
                 write_json_atomic(Path(d) / META_FILE, {
                     "model": model_cfg.model_dump(mode="json"), "num_classes": num_classes,
                     "meta": meta.to_dict(), "epoch": epoch, "metrics": metrics,
