@@ -4,16 +4,15 @@
     python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json
 
 Same code on one CPU, one GPU or a cluster: with ``RAY_ADDRESS`` set it joins that
-cluster, otherwise it starts a local one. A re-run with the same params and data after
-a crash resumes from the latest checkpoint in ``ray_results/<run name>`` and continues
-the same MLflow run.
+cluster, otherwise it starts a local one. A re-run with the same params, data and
+training code (``pipeline.run_identity``) after a crash resumes from the latest checkpoint
+in ``ray_results/<run name>`` and continues the same MLflow run; a run that finished is
+never resumed: running it again (``dvc repro -f``) trains afresh in a new MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline import allocator, paths, shards
+from pipeline import allocator, paths, run_identity, shards
 from pipeline.ingest import ShardConfig
 from pipeline.io import read_json, write_json_atomic
 from pipeline.losses import resolve_class_weights
@@ -53,9 +52,19 @@ def data_version(data: Path) -> str:
 
 
 def run_name(sections: dict[str, dict], version: str) -> str:
-    """Equal params and data give the same name, which is what lets a re-run resume."""
-    blob = json.dumps({"params": sections, "data": version}, sort_keys=True)
-    return "train-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+    """Equal params, data and training code give the same name, which is what lets a re-run
+    after a crash resume (``pipeline.run_identity``)."""
+    return run_identity.run_name(sections, version)
+
+
+def start_afresh_if_finished(run_dir: Path) -> bool:
+    """A finished run is never resumed: its folder (checkpoints, MLflow run id) is cleared so
+    that the same identity trains again from scratch (``dvc repro -f``). True if cleared."""
+    if not run_identity.is_complete(run_dir):
+        return False
+    log.info("run %s finished before: training afresh", run_dir.name)
+    shutil.rmtree(run_dir)
+    return True
 
 
 def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> dict:
@@ -141,6 +150,7 @@ def fit(
     version = data_version(data)
     name = run_name(sections, version)
     storage = Path(storage).resolve()
+    start_afresh_if_finished(storage / name)
     run_id = None
     if track:
         from mlflow.tracking import MlflowClient
@@ -226,6 +236,7 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     write_json_atomic(metrics_path, summary)
     if run_id is not None:
         _finish_mlflow(run_id, out, metrics_path, summary)
+    run_identity.mark_complete(Path(storage).resolve() / name, {"mlflow_run_id": run_id, "out": str(out)})
     log.info("best validation mIoU %.4f at epoch %d -> %s", summary["best_val_miou"],
              summary["best_epoch"], out)
     return summary

@@ -11,6 +11,7 @@ import psutil
 import pytest
 import ray
 import ray.data
+from mlflow.tracking import MlflowClient
 from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
 from pipeline import train as train_stage
@@ -52,6 +53,22 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     masks = pyfunc.predict([np.zeros((20, 30, 3), np.uint8), np.zeros((41, 17, 3), np.uint8)])
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
+
+
+def test_a_finished_run_is_trained_afresh_not_restored(prepared, env, local_ray):
+    """The same params, data and code again (``dvc repro -f``): Ray must not restore the finished
+    run (zero epochs, the old weights), and the new training gets an MLflow run of its own."""
+    params = write_params(env / "params.yaml", epochs=1)
+    for _ in range(2):
+        train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results")
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 2 and runs[0].data.tags["ray_run_name"] == runs[1].data.tags["ray_run_name"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [0]
+    latest = max(runs, key=lambda r: r.info.start_time)
+    assert latest.info.run_id in (env / "model" / "model.json").read_text()   # the output is the new one
 
 
 def worker_pids() -> list[psutil.Process]:
