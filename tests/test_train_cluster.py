@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import only_run, write_params
 
 SCRIPT = textwrap.dedent("""
@@ -39,6 +41,7 @@ SCRIPT = textwrap.dedent("""
 LEARNED_MIOU = 0.8
 
 
+@pytest.mark.slow    # 10 epochs on two nodes: 2-3 minutes here (make test-slow)
 def test_two_workers_on_two_nodes_learn_learnable_data(coded, env):
     write_params(env / "params.yaml", epochs=10, lr=3e-3, placement_strategy="STRICT_SPREAD")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(coded), str(env)], cwd=env,
