@@ -10,7 +10,7 @@ in its folder), and a complete run is never resumed: running again trains afresh
 
 Reading the imports rather than ``dvc.yaml``'s deps keeps the identity right where
 there is no ``dvc.yaml`` (tests, notebooks, a stage run by hand), and it cannot drift
-from the code; ``tests/test_dvc_pipeline.py`` checks that ``dvc.yaml`` lists the same
+from the code; ``tests/test_dvc_deps.py`` checks that ``dvc.yaml`` lists the same
 modules, so DVC re-runs the stage exactly when the identity changes.
 """
 

@@ -2,9 +2,10 @@
 
 A module missing from a stage's ``deps`` means an edit to it leaves the stage's outputs
 silently stale (``dvc repro`` skips the stage); one listed but never imported re-runs the
-stage for nothing. The imports are read statically from the source (``ast``), including
-the ones inside functions (lazy imports of tracking, the Ray worker's modules...), and
-followed transitively from the module that the stage's ``cmd`` runs.
+stage for nothing. The imports are read statically from the source, including the ones
+inside functions (lazy imports of tracking, the Ray worker's modules...), and followed
+transitively from the module that the stage's ``cmd`` runs: the same walk
+(``pipeline.run_identity.project_imports``) that gives a training its identity.
 """
 
 import ast
@@ -14,53 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.run_identity import project_imports
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = "pipeline"
 CMD_MODULE = re.compile(r"python -m (pipeline(?:\.\w+)+)")
-
-
-def module_path(module: str) -> Path | None:
-    """The source file of a project module, or None for a name that is not one."""
-    base = REPO.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def direct_imports(module: str) -> set[str]:
-    """Project modules that ``module``'s source imports anywhere (top level or in a function)."""
-    found = set()
-    path = module_path(module)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:   # relative: resolve against this module's package
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{base}.{node.module}" if node.module else base
-            else:
-                base = node.module or ""
-            # `from pipeline import tracking` names a module; `from pipeline.io import read_json` a symbol.
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] == PACKAGE and module_path(name) is not None:
-                found.add(name)
-    return found
-
-
-def closure(module: str) -> set[str]:
-    seen, todo = set(), [module]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(direct_imports(current) - seen)
-    return seen
 
 
 def inert(path: Path) -> bool:
@@ -71,9 +29,9 @@ def inert(path: Path) -> bool:
     )
 
 
-def relevant_files(modules: set[str]) -> set[str]:
-    """Repo-relative source files of the modules, less the inert package files."""
-    return {module_path(m).relative_to(REPO).as_posix() for m in modules if not inert(module_path(m))}
+def imported_files(module: str) -> set[str]:
+    """Repo-relative sources of ``module`` and the project modules it imports, less inert ones."""
+    return {p.relative_to(REPO).as_posix() for p in project_imports(module, REPO) if not inert(p)}
 
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -85,17 +43,17 @@ def stage_module(stage: dict) -> str:
     return match.group(1)
 
 
-def test_closure_follows_lazy_and_from_imports():
+def test_the_imports_of_a_stage_are_followed_through_functions_and_from_imports():
     # train imports its worker at the top and MLflow tracking inside a function.
-    modules = closure("pipeline.train")
-    assert {"pipeline.train_worker", "pipeline.engine", "pipeline.tracking", "pipeline.losses"} <= modules
-    assert "pipeline.serve" not in modules
+    files = imported_files("pipeline.train")
+    assert {"pipeline/train_worker.py", "pipeline/engine.py", "pipeline/tracking.py"} <= files
+    assert "pipeline/serve.py" not in files and "pipeline/__init__.py" not in files
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_list_exactly_the_modules_it_runs(name):
     stage = STAGES[name]
-    imported = relevant_files(closure(stage_module(stage)))
+    imported = imported_files(stage_module(stage))
     listed = {dep for dep in stage.get("deps", []) if dep.endswith(".py")}
     missing, unused = sorted(imported - listed), sorted(listed - imported)
     assert not missing and not unused, (
