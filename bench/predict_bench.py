@@ -30,10 +30,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.inference import to_tensor  # noqa: E402
 from pipeline.models import ModelMeta, SegmentationModel, build_model  # noqa: E402
 from pipeline.params import ModelParams  # noqa: E402
-from pipeline.predictor import Predictor, window_starts  # noqa: E402
+from pipeline.predictor import Predictor  # noqa: E402
+from tests.factories import whole_image_accumulation  # noqa: E402
 
 SIDE = 6000
 CLASSES = 11
@@ -63,20 +63,9 @@ def make_model(quick: bool) -> SegmentationModel:
     return build_model(cfg, CLASSES, meta).eval()
 
 
-@torch.no_grad()
 def old_mask(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
     """The whole-image accumulation pipeline.predictor used before the band sweep."""
-    x = to_tensor([image], model.meta.mean, model.meta.std)
-    h, w = image.shape[:2]
-    th, tw = min(TILE[0], h), min(TILE[1], w)
-    total, hits = None, torch.zeros(1, h, w)
-    for y in window_starts(h, th, OVERLAP):
-        for x0 in window_starts(w, tw, OVERLAP):
-            p = model(x[..., y:y + th, x0:x0 + tw])[0].float().softmax(0)
-            total = torch.zeros(p.shape[0], h, w) if total is None else total
-            total[:, y:y + th, x0:x0 + tw] += p
-            hits[:, y:y + th, x0:x0 + tw] += 1
-    probs = total / hits
+    probs = whole_image_accumulation(model, image, TILE, OVERLAP)
     return (probs / 1).argmax(0).to(torch.uint8).numpy()    # the old probs() divided by len(scales)
 
 

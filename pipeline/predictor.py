@@ -80,13 +80,7 @@ class Predictor:
     def probs(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (C, H, W) float32 class probabilities on the CPU."""
         _check(image)
-        if not self._tiled(image):
-            return self._whole(image)
-        out = None
-        for where, block in self._bands(image, self.scales):
-            out = torch.empty(block.shape[0], *image.shape[:2]) if out is None else out
-            out[(slice(None), *where)] = block
-        return out
+        return self._tiled_probs(image, self.scales) if self._tiled(image) else self._whole(image)
 
     @torch.no_grad()
     def mask(self, image: np.ndarray) -> np.ndarray:
@@ -121,10 +115,13 @@ class Predictor:
     def _probs_at_native(self, image: np.ndarray) -> torch.Tensor:
         if not self._tiled(image):
             return self._forward(self._normalise(image))[0]
-        h, w = image.shape[:2]
+        return self._tiled_probs(image, (1.0,))
+
+    def _tiled_probs(self, image: np.ndarray, scales: tuple[float, ...]) -> torch.Tensor:
+        """(C, H, W): the bands of ``_bands`` put together (all of it held, as ``probs`` must)."""
         out = None
-        for where, block in self._bands(image, (1.0,)):
-            out = torch.empty(block.shape[0], h, w) if out is None else out
+        for where, block in self._bands(image, scales):
+            out = torch.empty(block.shape[0], *image.shape[:2]) if out is None else out
             out[(slice(None), *where)] = block
         return out
 

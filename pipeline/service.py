@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -67,14 +65,6 @@ class PixelBudget:
     def give_back(self, pixels: int) -> None:
         with self._lock:
             self.held -= pixels
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        self.take(pixels)
-        try:
-            yield
-        finally:
-            self.give_back(pixels)
 
 
 class Admission:

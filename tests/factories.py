@@ -174,3 +174,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def whole_image_accumulation(model, image: np.ndarray, tile: tuple[int, int], overlap: float):
+    """The reference blend: every window's probabilities summed into a whole-image
+    (C, H, W) tensor in row-major window order and divided by the windows covering each
+    pixel (what pipeline.predictor did before it kept only a band): the reference of
+    tests/test_predictor.py and the baseline of bench/predict_bench.py."""
+    import torch
+
+    from pipeline.inference import to_tensor
+    from pipeline.predictor import window_starts
+
+    x = to_tensor([image], model.meta.mean, model.meta.std)
+    h, w = image.shape[:2]
+    th, tw = min(tile[0], h), min(tile[1], w)
+    total, hits = None, torch.zeros(1, h, w)
+    with torch.no_grad():
+        for y in window_starts(h, th, overlap):
+            for x0 in window_starts(w, tw, overlap):
+                p = model(x[..., y:y + th, x0:x0 + tw])[0].float().softmax(0)
+                total = torch.zeros(p.shape[0], h, w) if total is None else total
+                total[:, y:y + th, x0:x0 + tw] += p
+                hits[:, y:y + th, x0:x0 + tw] += 1
+    return total / hits

@@ -14,7 +14,8 @@ from torch import nn
 
 from pipeline.inference import to_tensor
 from pipeline.models import ModelMeta, SegmentationModel
-from pipeline.predictor import Predictor, window_starts
+from pipeline.predictor import Predictor
+from tests.factories import whole_image_accumulation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,24 +41,6 @@ def pixel_model(classes: int = 5, seed: int = 0) -> SegmentationModel:
 
 def picture(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-@torch.no_grad()
-def full_accumulation(model, image, tile, overlap) -> torch.Tensor:
-    """The reference blend: every window's probabilities summed into a whole-image
-    (C, H, W) tensor in row-major window order and divided by the windows covering each
-    pixel (what pipeline.predictor did before it kept only a band)."""
-    x = to_tensor([image], model.meta.mean, model.meta.std)
-    h, w = image.shape[:2]
-    th, tw = min(tile[0], h), min(tile[1], w)
-    total, hits = None, torch.zeros(1, h, w)
-    for y in window_starts(h, th, overlap):
-        for x0 in window_starts(w, tw, overlap):
-            p = model(x[..., y:y + th, x0:x0 + tw])[0].float().softmax(0)
-            total = torch.zeros(p.shape[0], h, w) if total is None else total
-            total[:, y:y + th, x0:x0 + tw] += p
-            hits[:, y:y + th, x0:x0 + tw] += 1
-    return total / hits
 
 
 @pytest.mark.parametrize("h,w", [(70, 90), (90, 70), (64, 64), (33, 200)])
@@ -88,7 +71,7 @@ def test_band_sweep_blends_like_the_whole_image_accumulation(fitted, h, w):
     model, _ = fitted                            # a real Unet: tiles see different context
     image = picture(h, w, seed=1)
     predictor = Predictor(model, tile_above_pixels=1024, tile_size=(32, 48), tile_overlap=0.25)
-    reference = full_accumulation(model, image, (32, 48), 0.25)
+    reference = whole_image_accumulation(model, image, (32, 48), 0.25)
     torch.testing.assert_close(predictor.probs(image), reference, atol=1e-6, rtol=1e-5)
     np.testing.assert_array_equal(predictor.mask(image), reference.argmax(0).to(torch.uint8).numpy())
 

@@ -446,7 +446,8 @@ def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_thr
     image = picture(50, 100)                                  # 5,000 pixels
     good = encode(image)
     truncated = good[: len(good) // 2]                        # a 400 once decoding starts
-    with service.budget.hold(8_000):                          # other requests in flight
+    with service.admission() as others:                       # other requests in flight
+        others.take(8_000)
         busy = service.handle_predict(good, "image/png")
         also_busy = service.handle_predict(truncated, "image/png")
         assert service.budget.held == 8_000
