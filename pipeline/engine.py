@@ -149,13 +149,12 @@ def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return stats
-    as_tensor = {"dtype": torch.float64, "device": collective_device(dist.get_backend())}
-    sums = torch.tensor([stats["loss"] * stats["loss_images"], stats["loss_images"], stats["images"],
-                         stats["steps"], stats["skipped_steps"]], **as_tensor)
-    slowest = torch.tensor([stats["seconds"]], **as_tensor)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    loss_sum, loss_images, images, steps, skipped = _all_reduce_sums(
+        stats["loss"] * stats["loss_images"], stats["loss_images"], stats["images"], stats["steps"],
+        stats["skipped_steps"])
+    device = collective_device(dist.get_backend())
+    slowest = torch.tensor([stats["seconds"]], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    loss_sum, loss_images, images, steps, skipped = sums.tolist()
     return {"loss": loss_sum / max(1.0, loss_images), "loss_images": int(loss_images), "images": int(images),
             "steps": int(steps), "skipped_steps": int(skipped), "seconds": slowest.item()}
 

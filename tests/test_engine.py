@@ -30,13 +30,26 @@ RANK_STATS = [{"loss": 1.0, "loss_images": 8, "images": 8, "steps": 4, "skipped_
               {"loss": 3.0, "loss_images": 4, "images": 6, "steps": 3, "skipped_steps": 1, "seconds": 5.0}]
 
 
-def _reduce_on_rank(rank: int, store_path: str, results) -> None:
-    store = dist.FileStore(store_path, 2)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+def _in_group(rank: int, work, world: int, store_path: str, results) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        results[rank] = all_reduce_stats(RANK_STATS[rank])
+        results[rank] = work(rank)
     finally:
         dist.destroy_process_group()
+
+
+def on_ranks(work, world: int, tmp_path) -> dict:
+    """``{rank: work(rank)}`` from ``world`` processes in one gloo group. fork, not spawn:
+    no fresh interpreter importing torch again in each child."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_in_group, args=(work, world, str(tmp_path / "store"), results), nprocs=world,
+                           join=True, start_method="fork")
+        return dict(results)
+
+
+def _reduce_stats(rank: int) -> dict:
+    return all_reduce_stats(RANK_STATS[rank])
 
 
 def test_stats_without_a_process_group_are_this_ranks():
@@ -44,11 +57,7 @@ def test_stats_without_a_process_group_are_this_ranks():
 
 
 def test_stats_over_two_ranks_weigh_loss_by_images_and_take_the_slowest_time(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_reduce_on_rank, args=(str(tmp_path / "store"), results), nprocs=2, join=True,
-                           start_method="fork")
-        results = dict(results)
+    results = on_ranks(_reduce_stats, 2, tmp_path)
     expected = {"loss": pytest.approx((1.0 * 8 + 3.0 * 4) / 12), "loss_images": 12, "images": 14,
                 "steps": 7, "skipped_steps": 1, "seconds": 5.0}
     assert results[0] == expected and results[1] == expected
@@ -78,24 +87,14 @@ def val_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _evaluate_on_rank(rank: int, store_path: str, results) -> None:
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 3), rank=rank, world_size=3)
-    try:
-        loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-        cm, loss = evaluate(fixed_model(), val_batches(rank), NUM_CLASSES, IGNORE, torch.device("cpu"),
-                            loss_fn)
-        results[rank] = (cm.mat.tolist(), loss, str(cm.mat.device))
-    finally:
-        dist.destroy_process_group()
+def _evaluate(rank: int) -> tuple:
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    cm, loss = evaluate(fixed_model(), val_batches(rank), NUM_CLASSES, IGNORE, torch.device("cpu"), loss_fn)
+    return cm.mat.tolist(), loss, str(cm.mat.device)
 
 
 def test_validation_over_ranks_reduces_loss_and_counts_even_from_a_rank_without_rows(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        # fork, not spawn: no fresh interpreter importing torch again in each child.
-        mp.start_processes(_evaluate_on_rank, args=(str(tmp_path / "store"), results), nprocs=3, join=True,
-                           start_method="fork")
-        results = dict(results)
+    results = on_ranks(_evaluate, 3, tmp_path)
     # The same split in one process: what every rank must report.
     everything = [b for rank in range(3) for b in val_batches(rank)]
     cm, loss = evaluate(fixed_model(), everything, NUM_CLASSES, IGNORE, torch.device("cpu"),
