@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+# The repository's own params.yaml, wherever the current directory is: the one source of
+# every setting's value, which code and tests needing a whole section read
+# (``Section.defaults``, ``params.default_params``).
+REPO_PARAMS_FILE = Path(__file__).resolve().parents[1] / PARAMS_FILE.name
 
 DATA_DIR = Path("data")
 RAW_DIR = DATA_DIR / "raw"                      # versioned by data.dvc
