@@ -59,7 +59,7 @@ def make_model(quick: bool) -> SegmentationModel:
     if quick:
         return SegmentationModel(PixelNet(CLASSES), ModelMeta(meta.class_names, mean=(0.5,) * 3,
                                                              std=(0.25,) * 3)).eval()
-    cfg = ModelParams(arch="Unet", encoder_name="mobilenet_v2", encoder_weights=None)
+    cfg = ModelParams.defaults(arch="Unet", encoder_name="mobilenet_v2", encoder_weights=None)
     return build_model(cfg, CLASSES, meta).eval()
 
 

@@ -49,7 +49,8 @@ class Sources:
     def from_env(cls) -> Sources:
         root = paths.repo_root().resolve()
         params = root / paths.PARAMS_FILE
-        name = (load_params(RegisterParams, params) if params.is_file() else RegisterParams()).model_name
+        register = load_params(RegisterParams, params) if params.is_file() else RegisterParams.defaults()
+        name = register.model_name
         return cls(root=root, tracking_uri=tracking.tracking_uri(), model_name=name,
                    serve_url=os.environ.get(ENV_SERVE_URL, "http://127.0.0.1:8000").rstrip("/"),
                    mlflow_ui=os.environ.get(ENV_MLFLOW_UI, "http://127.0.0.1:5000").rstrip("/"))

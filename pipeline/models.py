@@ -5,21 +5,18 @@ own keyword names) and wraps the result in ``SegmentationModel``, which takes in
 any height and width and carries what a checkpoint needs to be used on its own (class
 names, palette, normalisation, ignore index).
 
-Pretrained encoders without a model hub: with ``encoder_weights: imagenet`` and
-``$SEG_WEIGHTS_DIR`` set, the encoder's ImageNet weights come from a file in that
-directory named in ``ENCODER_WEIGHT_FILES`` and checked against its sha256. With the
-variable unset, smp downloads them from the Hugging Face hub as usual.
+Pretrained encoders: with ``encoder_weights: imagenet`` and ``$SEG_WEIGHTS_DIR`` set, the
+encoder's ImageNet weights come from a verified file in that directory; with the variable
+unset, smp downloads them from the Hugging Face hub as usual (``pipeline.weights``).
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import huggingface_hub
 import segmentation_models_pytorch as smp
@@ -30,40 +27,17 @@ from torch import nn
 
 from pipeline import paths
 from pipeline.params import ModelParams
+from pipeline.weights import ENCODER_WEIGHT_FILES, IMAGENET, TIMM_PREFIX, read_encoder_weights
 
-IMAGENET = "imagenet"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
-TIMM_PREFIX = "tu-"  # smp's prefix for an encoder taken from timm ("tu-convnext_tiny")
 
 PAD_REFLECT = "reflect"
 PAD_REPLICATE = "replicate"
 
 # Keys of create_model that ModelParams sets itself; model.kwargs must not repeat them.
 _OWN_KEYS = ("arch", "encoder_name", "encoder_weights", "in_channels", "classes")
-
-
-class WeightsFile(NamedTuple):
-    """A pretrained encoder state dict expected in ``$SEG_WEIGHTS_DIR``."""
-
-    name: str
-    sha256: str
-
-
-# encoder_name -> the file that holds its ImageNet weights. These are torchvision's
-# checkpoints (torchvision names them by the first 8 hex digits of the sha256); smp's
-# torchvision-based encoders load them strictly once the classifier keys are dropped.
-ENCODER_WEIGHT_FILES: dict[str, WeightsFile] = {
-    "mobilenet_v2": WeightsFile(
-        "mobilenet_v2-b0353104.pth", "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-    ),
-}
-_DROPPED_PREFIXES = ("classifier.",)  # the ImageNet classification head; the encoder has none
-
-
-class WeightsChecksumError(RuntimeError):
-    """A local weights file whose sha256 is not the one ``ENCODER_WEIGHT_FILES`` expects."""
 
 
 @dataclass(frozen=True)
@@ -219,45 +193,6 @@ def build_model(cfg: ModelParams, num_classes: int, meta: ModelMeta | None = Non
         mean, std = encoder_normalisation(cfg.encoder_name)
         meta = replace(meta, mean=_cycle(mean, cfg.in_channels), std=_cycle(std, cfg.in_channels))
     return SegmentationModel(net, meta)
-
-
-def read_encoder_weights(encoder_name: str, weights_dir: Path) -> dict[str, torch.Tensor]:
-    """The verified encoder state dict for ``encoder_name`` from ``weights_dir``.
-
-    Raises ``ValueError`` for an encoder with no registered file (there is no silent
-    fall-back to random weights), ``FileNotFoundError`` for a missing file, and
-    ``WeightsChecksumError`` naming both digests when the file's sha256 differs. The
-    digest is checked before the file is unpickled.
-    """
-    entry = ENCODER_WEIGHT_FILES.get(encoder_name)
-    if entry is None:
-        raise ValueError(
-            f"model.encoder_name {encoder_name!r}: no local ImageNet weights are registered for it, "
-            f"and {paths.ENV_WEIGHTS_DIR} is set. Registered encoders: {', '.join(ENCODER_WEIGHT_FILES)}. "
-            f"Use one of them, set model.encoder_weights: null, or unset {paths.ENV_WEIGHTS_DIR} "
-            "to let smp download the weights."
-        )
-    path = weights_dir / entry.name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: weights file for encoder {encoder_name!r} not found in {paths.ENV_WEIGHTS_DIR}"
-        )
-    actual = sha256_of(path)
-    if actual != entry.sha256:
-        raise WeightsChecksumError(
-            f"{path}: sha256 mismatch for encoder {encoder_name!r}: expected {entry.sha256}, got {actual}"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if not k.startswith(_DROPPED_PREFIXES)}
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encoder_normalisation(encoder_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

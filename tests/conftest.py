@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import PrepareParams, parse_section
+from pipeline.params import PrepareParams, default_params
 from pipeline.prepare import prepare
 from tests.factories import fit_tiny_model, make_colour_coded_dataset, make_folder_dataset
 from tests.http_server import LoopbackServer
@@ -14,7 +14,7 @@ from tests.http_server import LoopbackServer
 CLASSES = ["background", "road", "car"]
 TINY = {
     "model": {"arch": "Unet", "encoder_name": "resnet18", "encoder_weights": None},
-    "loss": {"terms": {"ce": 0.5, "dice": 0.5}},
+    "loss": {"terms": {"ce": 0.5, "dice": 0.5}, "class_weights": None},
     "train": {"epochs": 3, "batch_size": 2, "val_batch_size": 2, "crop_size": [32, 32],
               "warmup_epochs": 0.2, "num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1},
 }
@@ -24,7 +24,7 @@ TINY = {
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     make_folder_dataset(root / "raw", n=24, num_classes=3, size=(48, 64))
-    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2})
+    cfg = PrepareParams.defaults(classes=CLASSES, workers=1, val_fraction=0.2)
     prepare("folder", root / "raw", root / "prepared", cfg)
     return root / "prepared"
 
@@ -34,8 +34,7 @@ def coded(tmp_path_factory):
     """A prepared dataset whose colours give the classes, with a test split."""
     root = tmp_path_factory.mktemp("coded")
     make_colour_coded_dataset(root / "raw", n=20)
-    cfg = parse_section(PrepareParams, {"classes": CLASSES, "workers": 1, "val_fraction": 0.2,
-                                        "test_fraction": 0.25})
+    cfg = PrepareParams.defaults(classes=CLASSES, workers=1, val_fraction=0.2, test_fraction=0.25)
     prepare("folder", root / "raw", root / "prepared", cfg)
     return root / "prepared"
 
@@ -54,8 +53,8 @@ def env(tmp_path, monkeypatch):
 
 
 def write_params(path: Path, **train_overrides) -> Path:
-    params = {k: dict(v) for k, v in TINY.items()}
-    params["train"] |= train_overrides
+    """The repository's params.yaml with the TINY recipe and ``train_overrides``."""
+    params = default_params({**TINY, "train": TINY["train"] | train_overrides})
     path.write_text(yaml.safe_dump(params))
     return path
 

@@ -97,7 +97,7 @@ def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
 
     torch.manual_seed(seed)
     classes = read_json(prepared / paths.CLASSES_FILE)
-    cfg = ModelParams(arch="Unet", encoder_name="resnet18", encoder_weights=None)
+    cfg = ModelParams.defaults(arch="Unet", encoder_name="resnet18", encoder_weights=None)
     meta = ModelMeta(classes["names"], classes["palette"], ignore_index=classes["ignore_index"])
     model = build_model(cfg, classes["num_classes"], meta)
     samples = list(shards.iter_samples(prepared, "train"))

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import paths, shards
 from pipeline.download import fetch_dataset
-from pipeline.params import PrepareParams, parse_section
+from pipeline.params import PrepareParams
 from pipeline.prepare import prepare
 from pipeline.sources import CAMVID
 
@@ -28,7 +28,7 @@ def test_camvid_from_the_mirror_is_prepared_into_the_segnet_split(mirror, tmp_pa
     _, how_again = fetch_dataset(CAMVID, tmp_path / "raw", mirror)
     assert how_again == "already present and verified"
 
-    card = prepare("camvid", raw, tmp_path / "prepared", parse_section(PrepareParams, {}))
+    card = prepare("camvid", raw, tmp_path / "prepared", PrepareParams.defaults())
     assert {s: d["images"] for s, d in card["splits"].items()} == {"train": 367, "val": 101, "test": 233}
     classes = json.loads((tmp_path / "prepared" / "classes.json").read_text())
     assert classes["num_classes"] == 11 and classes["ignore_index"] == 11

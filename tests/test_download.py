@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import download, fetch, paths
+from pipeline.params import default_params
 from pipeline.sources import Archive, Source
 
 NAME = "tiny"
@@ -285,7 +286,7 @@ def test_fetch_folder_without_masks_names_masks(tmp_path, raw):
 def test_main_end_to_end_writes_receipt(folder, tmp_path, raw, monkeypatch):
     monkeypatch.delenv(paths.ENV_DATA_MIRROR, raising=False)
     params = tmp_path / "params.yaml"
-    params.write_text(f"download:\n  dataset: folder\n  folder: {json.dumps(str(folder))}\n")
+    params.write_text(json.dumps(default_params({"download": {"dataset": "folder", "folder": str(folder)}})))
     receipt_path = tmp_path / "out" / "download.json"
 
     download.main(["--raw", str(raw), "--receipt", str(receipt_path), "--params", str(params)])

@@ -153,7 +153,7 @@ class InfOnce(nn.Module):
 
 
 def tiny_run(steps: int = 4):
-    cfg = TrainParams(epochs=1, warmup_epochs=0, channels_last=False, lr=0.05, grad_clip=1.0)
+    cfg = TrainParams.defaults(epochs=1, warmup_epochs=0, channels_last=False, lr=0.05, grad_clip=1.0)
     model = fixed_model()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
@@ -204,7 +204,7 @@ def test_an_epoch_of_nothing_but_non_finite_losses_fails_with_a_clear_message():
 def test_a_resume_restores_weights_optimiser_and_learning_rate_exactly(tmp_path):
     """A checkpoint saved mid-schedule and loaded into fresh objects gives identical state,
     and the next step from it is the step the uninterrupted run takes."""
-    cfg = TrainParams(epochs=2, warmup_epochs=0.5, channels_last=True, lr=0.05)
+    cfg = TrainParams.defaults(epochs=2, warmup_epochs=0.5, channels_last=True, lr=0.05)
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
     batches = [b for rank in (0, 1) for b in val_batches(rank)]
 

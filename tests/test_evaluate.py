@@ -19,6 +19,7 @@ from pipeline.boundary import BoundaryIoU, boundary_band
 from pipeline.evaluate import EvaluateError, Evaluation, evaluate, report
 from pipeline.metrics import confusion_matrix
 from pipeline.modelio import save_model
+from pipeline.params import default_params
 from pipeline.predictor import Predictor, window_starts
 from tests.conftest import CLASSES
 from tests.factories import tracked_model
@@ -139,8 +140,9 @@ def test_palette_png_keeps_class_indices_and_error_map_colours():
 
 
 def write_eval_params(path, **overrides):
-    section = {"flip_tta": True, "overlays": {"samples": 2, "worst_per_class": 1}} | overrides
-    path.write_text(json.dumps({"evaluate": section}))
+    section = {"flip_tta": True, "scales": [1.0],
+               "overlays": {"samples": 2, "worst_per_class": 1}} | overrides
+    path.write_text(json.dumps(default_params({"evaluate": section})))
     return path
 
 

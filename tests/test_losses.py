@@ -29,9 +29,14 @@ CFG = {"focal_gamma": 2.0, "tversky_alpha": 0.3, "tversky_beta": 0.7, "topk_frac
        "boundary_width": 1}
 
 
+def loss_params(**kw) -> LossParams:
+    """The repository's loss section with plain CE and no class weights, then ``kw``."""
+    return LossParams.defaults(**({"terms": {"ce": 1.0}, "class_weights": None} | kw))
+
+
 def make_loss(name, ignore_index=IGN, num_classes=3, **cfg):
     weights = CLASS_WEIGHTS[:num_classes] if name == "weighted_ce" else None
-    params = LossParams(terms={name: 1.0}, class_weights=weights, **{**CFG, **cfg})
+    params = loss_params(terms={name: 1.0}, class_weights=weights, **{**CFG, **cfg})
     return build_loss(params, num_classes, ignore_index, class_weights=weights)
 
 
@@ -147,7 +152,7 @@ def test_term_matches_hand_computation(name, target_name):
 def test_ce_plus_dice_is_the_weighted_sum_and_components_are_unweighted():
     logits, target = torch.tensor([LOGITS]), torch.tensor([TARGETS["all_classes"]])
     px = pixels(LOGITS, TARGETS["all_classes"])
-    loss = build_loss(LossParams(terms={"ce": 0.5, "dice": 0.5}), 3, IGN)
+    loss = build_loss(loss_params(terms={"ce": 0.5, "dice": 0.5}), 3, IGN)
     assert loss(logits, target).item() == pytest.approx(0.5 * ce_hand(px) + 0.5 * dice_hand(px), abs=1e-5)
     parts = loss.components(logits, target)
     assert parts == pytest.approx({"ce": ce_hand(px), "dice": dice_hand(px)}, abs=1e-5)
@@ -158,7 +163,7 @@ def test_ce_plus_dice_is_the_weighted_sum_and_components_are_unweighted():
 def test_weighted_ce_with_weights_1_3_matches_the_formula():
     logits = torch.tensor([[[[1.0, -0.5], [0.2, 3.0]], [[0.0, 1.5], [-1.0, 0.5]]]])  # (1, 2, 2, 2)
     target = torch.tensor([[[0, 1], [1, IGN]]])
-    params = LossParams(terms={"weighted_ce": 1.0}, class_weights=[1.0, 3.0])
+    params = loss_params(terms={"weighted_ce": 1.0}, class_weights=[1.0, 3.0])
     loss = build_loss(params, 2, IGN, class_weights=[1.0, 3.0])(logits, target)
     px = pixels(logits[0].tolist(), target[0].tolist())
     # sum_p w[y_p] * nll_p / sum_p w[y_p], over the three labelled pixels.
@@ -289,13 +294,13 @@ def test_gradients_flow(name):
 
 def test_half_precision_logits_are_computed_in_float32():
     logits = torch.tensor([LOGITS], dtype=torch.bfloat16)
-    loss = build_loss(LossParams(terms={"ce": 0.5, "dice": 0.5}), 3, IGN)(
+    loss = build_loss(loss_params(terms={"ce": 0.5, "dice": 0.5}), 3, IGN)(
         logits, torch.tensor([TARGETS["all_classes"]]))
     assert loss.dtype == torch.float32
 
 
 def test_terms_expose_weight_and_module():
-    loss = build_loss(LossParams(terms={"ce": 0.7, "boundary": 0.3}, boundary_width=2), 3, IGN)
+    loss = build_loss(loss_params(terms={"ce": 0.7, "boundary": 0.3}, boundary_width=2), 3, IGN)
     (w_ce, ce), (w_b, boundary) = loss.terms["ce"], loss.terms["boundary"]
     assert (w_ce, w_b) == (0.7, 0.3)
     assert isinstance(ce, CrossEntropy) and isinstance(boundary, BoundaryCrossEntropy)
@@ -303,7 +308,7 @@ def test_terms_expose_weight_and_module():
 
 
 def test_wrong_inputs_are_clear_errors():
-    loss = build_loss(LossParams(), 3, IGN)
+    loss = build_loss(loss_params(), 3, IGN)
     with pytest.raises(ValueError, match="target must be"):
         loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="unknown loss term 'nope'"):
@@ -311,17 +316,17 @@ def test_wrong_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="weighted_ce needs class weights"):
         build_loss(LossParams.model_construct(terms={"weighted_ce": 1.0}), 3, IGN)
     with pytest.raises(ValueError, match="loss.class_weights has 2 values, the dataset has 3"):
-        build_loss(LossParams(terms={"weighted_ce": 1.0}, class_weights=[1.0, 2.0]), 3, IGN, [1.0, 2.0])
+        build_loss(loss_params(terms={"weighted_ce": 1.0}, class_weights=[1.0, 2.0]), 3, IGN, [1.0, 2.0])
 
 
 CARD = {"train_statistics": {"weights": {"median_frequency": [0.5, 2.0, 1.25], "enet": [1.5, 10, 3.0]}}}
 
 
 def test_resolve_class_weights_from_the_card_a_list_or_none():
-    assert resolve_class_weights(LossParams(class_weights="median_frequency"), CARD, 3) == [0.5, 2.0, 1.25]
-    assert resolve_class_weights(LossParams(class_weights="enet"), CARD, 3) == [1.5, 10.0, 3.0]
-    assert resolve_class_weights(LossParams(class_weights=[1, 2, 3]), CARD, 3) == [1.0, 2.0, 3.0]
-    assert resolve_class_weights(LossParams(), CARD, 3) is None
+    assert resolve_class_weights(loss_params(class_weights="median_frequency"), CARD, 3) == [0.5, 2.0, 1.25]
+    assert resolve_class_weights(loss_params(class_weights="enet"), CARD, 3) == [1.5, 10.0, 3.0]
+    assert resolve_class_weights(loss_params(class_weights=[1, 2, 3]), CARD, 3) == [1.0, 2.0, 3.0]
+    assert resolve_class_weights(loss_params(), CARD, 3) is None
 
 
 @pytest.mark.parametrize(("given", "card", "message"), [
@@ -332,4 +337,4 @@ def test_resolve_class_weights_from_the_card_a_list_or_none():
 ])
 def test_resolve_class_weights_errors_name_the_key(given, card, message):
     with pytest.raises(ValueError, match=message):
-        resolve_class_weights(LossParams(class_weights=given), card, 3)
+        resolve_class_weights(loss_params(class_weights=given), card, 3)

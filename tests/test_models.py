@@ -7,25 +7,24 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from pipeline import models, paths
+from pipeline import paths, weights
 from pipeline.models import (
-    ENCODER_WEIGHT_FILES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelMeta,
     SegmentationModel,
-    WeightsChecksumError,
     build_model,
     encoder_normalisation,
     pad_input,
 )
 from pipeline.params import ModelParams
+from pipeline.weights import ENCODER_WEIGHT_FILES, WeightsChecksumError
 
 MOBILENET_FILE = ENCODER_WEIGHT_FILES["mobilenet_v2"].name
 
 
 def params(**kw) -> ModelParams:
-    return ModelParams(**({"encoder_weights": None} | kw))
+    return ModelParams.defaults(**({"encoder_weights": None} | kw))
 
 
 @pytest.fixture(autouse=True)
@@ -186,4 +185,4 @@ def test_missing_or_unregistered_weights_are_errors_not_random_weights(monkeypat
 def test_sha256_of_matches_hashlib(tmp_path):
     f = tmp_path / "blob"
     f.write_bytes(os.urandom(3 << 20 | 5))
-    assert models.sha256_of(f, chunk_bytes=1 << 20) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert weights.sha256_of(f, chunk_bytes=1 << 20) == hashlib.sha256(f.read_bytes()).hexdigest()

@@ -8,14 +8,14 @@ from PIL import Image
 from pipeline import shards
 from pipeline.card import class_statistics
 from pipeline.datasets import CAMVID_CLASSES, ClassSpec
-from pipeline.params import PrepareParams, parse_section
+from pipeline.params import PrepareParams
 from pipeline.prepare import PrepareError, prepare
 from tests.factories import blob_mask, displayed, make_folder_dataset, random_image, rotated_jpeg
 
 
 def folder_cfg(**overrides) -> PrepareParams:
     base = {"classes": ["background", "foreground"], "workers": 1}
-    return parse_section(PrepareParams, base | overrides)
+    return PrepareParams.defaults(**(base | overrides))
 
 
 def prepared_masks(out, split):
@@ -168,7 +168,7 @@ def test_pet_trimaps_are_remapped(tmp_path):
     (root / "annotations" / "trainval.txt").write_text("".join(f"{n} 1 1 1\n" for n in names[:6]))
     (root / "annotations" / "test.txt").write_text("".join(f"{n} 1 1 1\n" for n in names[6:]))
     out = tmp_path / "prepared"
-    card = prepare("pet", root, out, parse_section(PrepareParams, {"workers": 1, "val_fraction": 0.3}))
+    card = prepare("pet", root, out, PrepareParams.defaults(workers=1, val_fraction=0.3))
     assert card["splits"]["test"]["images"] == 2
     assert card["splits"]["train"]["images"] + card["splits"]["val"]["images"] == 6
     for _, _, mask in shards.iter_samples(out, "test"):

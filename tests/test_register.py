@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.evaluate import evaluate
 from pipeline.inference import to_tensor
 from pipeline.onnx_export import onnx_logits
+from pipeline.params import default_params
 from pipeline.register import register
 from tests.conftest import CLASSES
 from tests.factories import constant_model, tracked_model
@@ -21,10 +22,10 @@ NAME = "tiny-unet"
 
 
 def write_params(path, flip_tta=True, onnx=False):
-    path.write_text(json.dumps({
-        "evaluate": {"flip_tta": flip_tta, "overlays": {"samples": 1, "worst_per_class": 0}},
+    path.write_text(json.dumps(default_params({
+        "evaluate": {"flip_tta": flip_tta, "scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 0}},
         "register": {"model_name": NAME, "onnx": onnx},
-    }))
+    })))
     return path
 
 

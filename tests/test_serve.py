@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from pipeline.images import decode_image
-from pipeline.params import ServeParams
+from pipeline.params import ServeParams, default_params
 from pipeline.predictor import Predictor
 from pipeline.service import ModelRef, Service, replica_threads
 from tests.conftest import CLASSES
@@ -85,11 +85,11 @@ def server(fitted, tmp_path_factory):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
     port = free_port()
-    (tmp / "params.yaml").write_text(yaml.safe_dump({
+    (tmp / "params.yaml").write_text(yaml.safe_dump(default_params({
         "register": {"model_name": NAME},
         "serve": {"port": port, "max_batch_size": 4, "max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
                   "tile_above_pixels": TILE_ABOVE, "tile_size": [32, 48], "threads": 1},
-    }))
+    })))
     log = tmp / "serve.log"
     with open(log, "w") as out:
         cmd = [sys.executable, "-m", "pipeline.serve", "--params", str(tmp / "params.yaml")]
@@ -141,7 +141,7 @@ def test_health_and_metadata(server):
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
     assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
-                              "max_replica_pixels": ServeParams().max_replica_pixels}
+                              "max_replica_pixels": ServeParams.defaults().max_replica_pixels}
     assert meta["inference"]["max_batch_size"] == 4
 
 
@@ -399,9 +399,9 @@ CLUSTER_SCRIPT = textwrap.dedent("""
 def test_replicas_spread_over_a_two_node_cluster(fitted, env):
     model, cfg = fitted
     registered_model(env / "model", model, cfg, NAME)
-    (env / "params.yaml").write_text(yaml.safe_dump({"serve": {
+    (env / "params.yaml").write_text(yaml.safe_dump(default_params({"serve": {
         "port": free_port(), "replicas": 2, "cpus_per_replica": 0.5, "proxy_location": "HeadOnly",
-        "threads": 1}}))
+        "threads": 1}})))
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(env / "params.yaml"), NAME], cwd=env,
                           capture_output=True, text=True, timeout=300,
                           # Proxies prefer replicas on their own node: off, so /health reaches both.
@@ -434,14 +434,14 @@ def torch_threads():
 
 def test_a_service_of_two_replicas_takes_half_the_cores(fitted, torch_threads):
     model, _ = fitted
-    service = Service(model, ModelRef(uri="models:/m/1"), ServeParams(replicas=2))
+    service = Service(model, ModelRef(uri="models:/m/1"), ServeParams.defaults(replicas=2))
     cores = len(os.sched_getaffinity(0))
     assert service.threads() == max(1, cores // 2)
 
 
 def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_threads):
     model, _ = fitted
-    cfg = ServeParams(max_pixels=10_000, max_replica_pixels=12_000, threads=1)
+    cfg = ServeParams.defaults(max_pixels=10_000, max_replica_pixels=12_000, threads=1)
     service = Service(model, ModelRef(uri="models:/m/1"), cfg)
     image = picture(50, 100)                                  # 5,000 pixels
     good = encode(image)
@@ -464,7 +464,7 @@ def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_thr
 
 
 def test_replica_pixel_budget_must_hold_one_largest_image():
-    from pipeline.params import ParamsError, parse_section
+    from pipeline.params import ParamsError
 
     with pytest.raises(ParamsError, match="max_replica_pixels"):
-        parse_section(ServeParams, {"max_pixels": 2_000_000, "max_replica_pixels": 1_000_000})
+        ServeParams.defaults(max_pixels=2_000_000, max_replica_pixels=1_000_000)
