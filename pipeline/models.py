@@ -83,8 +83,8 @@ class SegmentationModel(nn.Module):
     """An smp network that accepts any input size, plus the model's ``meta``.
 
     ``forward(x)``: x (N, in_channels, H, W) float, normalised with ``meta.mean`` and
-    ``meta.std`` -> logits (N, classes, H, W) float. (With smp's ``aux_params`` the
-    network also returns class logits; they pass through as the tuple's second item.)
+    ``meta.std`` -> logits (N, classes, H, W) float. (smp's ``aux_params``, whose
+    classification head would make it a tuple, is refused by ``ModelParams``.)
 
     An smp encoder downsamples by ``encoder.output_stride`` (32 unless dilated), and the
     architectures reject a height or width that is not a multiple of it (Unet instead
@@ -107,12 +107,9 @@ class SegmentationModel(nn.Module):
         self.meta = meta if meta is not None else ModelMeta()
         self.multiple, self.min_size = input_size_rule(net)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        out = self.net(pad_input(x, self.multiple, self.min_size))
-        if isinstance(out, tuple):
-            return (out[0][..., :h, :w], *out[1:])
-        return out[..., :h, :w]
+        return self.net(pad_input(x, self.multiple, self.min_size))[..., :h, :w]
 
 
 def input_size_rule(net: nn.Module) -> tuple[int, int]:

@@ -25,11 +25,12 @@ import torch
 from pipeline import allocator, paths, run_identity, shards
 from pipeline.ingest import ShardConfig
 from pipeline.io import read_json, write_json_atomic
-from pipeline.losses import resolve_class_weights
+from pipeline.losses import build_loss, resolve_class_weights
 from pipeline.modelio import CONFIG_FILE, WEIGHTS_FILE
-from pipeline.models import encoder_normalisation
-from pipeline.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.models import build_model, encoder_normalisation
+from pipeline.params import LossParams, ModelParams, ParamsError, TrainParams, load_params
 from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
+from pipeline.weights import WeightsUnavailableError, ensure_encoder_weights
 
 log = logging.getLogger("pipeline.train")
 
@@ -65,6 +66,27 @@ def start_afresh_if_finished(run_dir: Path) -> bool:
     log.info("run %s finished before: training afresh", run_dir.name)
     shutil.rmtree(run_dir)
     return True
+
+
+def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
+    """Refuse, on the driver and before MLflow and Ray start, a configuration the workers
+    could not train: inside Ray a worker's exception is a worker failure, which
+    ``train.max_failures`` restarts would repeat and bury in tracebacks.
+
+    Builds the model once without pretrained weights (``model.arch``, ``encoder_name``,
+    ``kwargs``) and the loss with its class weights, raising ``TrainError`` with their
+    message naming the key; then makes sure the encoder's pretrained weights can be had
+    (``WeightsUnavailableError``, ``pipeline.weights``).
+    """
+    classes = read_json(data / paths.CLASSES_FILE)
+    num_classes = classes["num_classes"]
+    try:
+        build_model(model_cfg.model_copy(update={"encoder_weights": None}), num_classes)
+        weights = resolve_class_weights(loss_cfg, read_json(data / paths.CARD_JSON), num_classes)
+        build_loss(loss_cfg, num_classes, classes["ignore_index"], weights)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+    ensure_encoder_weights(model_cfg.encoder_name, model_cfg.encoder_weights)
 
 
 def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> dict:
@@ -145,6 +167,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    preflight(data, model_cfg, loss_cfg)
     config = worker_config(data, cfg, model_cfg, loss_cfg)
     sections = {"train": config["train"], "model": config["model"], "loss": config["loss"]}
     version = data_version(data)
@@ -271,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args.data, args.out, args.metrics, args.params, args.storage)
-    except TrainError as exc:
+    except (TrainError, ParamsError, WeightsUnavailableError) as exc:
+        # Configuration errors, found before Ray starts: the message, not a traceback.
         raise SystemExit(f"train: {exc}") from None
 
 

@@ -143,17 +143,23 @@ def _fetch_from_hub(encoder_name: str, encoder_weights: str) -> None:
             f"model.encoder_weights: smp has no {encoder_weights!r} weights for encoder {encoder_name!r} "
             f"(only {', '.join(settings) or 'none'}); set model.encoder_weights: null or use another encoder"
         )
+    # smp asks timm for a tu- encoder's default pretrained tag with weights=True.
+    weights = True if encoder_name.startswith(TIMM_PREFIX) else encoder_weights
     try:
-        smp.encoders.get_encoder(encoder_name, in_channels=3, depth=5, weights=encoder_weights)
+        smp.encoders.get_encoder(encoder_name, in_channels=3, depth=5, weights=weights)
     except OSError as exc:   # the hub's errors (offline mode, not found, HTTP) and URL errors are OSErrors
         local = ", ".join(ENCODER_WEIGHT_FILES)
         raise WeightsUnavailableError(
             f"encoder {encoder_name!r}: its {encoder_weights} weights cannot be had: {paths.ENV_WEIGHTS_DIR} "
             f"is not set and the hub ({hub_location(encoder_name, encoder_weights)}) did not give them "
-            f"({type(exc).__name__}: {_one_line(exc)}). Set {paths.ENV_WEIGHTS_DIR} to a folder of weight "
-            f"files (registered encoders: {local}), let this machine reach the hub, "
+            f"({type(exc).__name__}: {_first_sentence(exc)}). Set {paths.ENV_WEIGHTS_DIR} to a folder "
+            f"of weight files (registered encoders: {local}), let this machine reach the hub, "
             "or set model.encoder_weights: null"
         ) from exc
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return _one_line(exc).split(". ")[0].rstrip(".")
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
