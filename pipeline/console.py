@@ -11,6 +11,7 @@ The formatting is pure (``epoch_line``, ``format_duration``), so tests check it 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_RAY_LOG_LEVEL = "WARNING"
 # Ray Data reads this in each process it configures logging in (driver, workers, tasks).
 ENV_RAY_DATA_LOG_LEVEL = "RAY_DATA_LOG_LEVEL"
+ENV_RAY_AUTH_MODE = "RAY_AUTH_MODE"
+ENV_PYTHONWARNINGS = "PYTHONWARNINGS"
+# A warning filter (python -W syntax): Ray Train 2.60's dataset manager still passes
+# ExecutionOptions.exclude_resources, which Ray Data deprecates.
+RAY_INTERNAL_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
 # MLflow's "Downloading artifacts" bar, drawn with carriage returns even into a log file.
 ENV_MLFLOW_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
@@ -42,8 +48,40 @@ def ray_log_level(environ: Mapping[str, str] = os.environ) -> str:
 
 def ray_process_env(level: str) -> dict[str, str]:
     """Environment for Ray's processes that holds their library logging at ``level``
-    (Ray Train's level travels in ``RunConfig.logging_config`` instead)."""
-    return {ENV_RAY_DATA_LOG_LEVEL: level}
+    (Ray Train's level travels in ``RunConfig.logging_config`` instead). Above INFO, the
+    deprecation warning Ray Train's own dataset manager triggers in Ray Data is left out too:
+    nothing a user of Ray can act on."""
+    env = {ENV_RAY_DATA_LOG_LEVEL: level}
+    if LOG_LEVELS.index(level) > LOG_LEVELS.index("INFO"):
+        env[ENV_PYTHONWARNINGS] = RAY_INTERNAL_WARNINGS
+    return env
+
+
+def quiet_ray_train_worker(level: str) -> None:
+    """In a Ray Train worker, hold at ``level`` the message it logs for every report (the whole
+    ``TrainingReport``, 60+ metrics, from every rank). Ray names that logger after its file,
+    outside ``ray.train``, so ``RunConfig.logging_config`` does not reach it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+def choose_ray_auth_mode(environ: dict[str, str] = os.environ) -> str:
+    """``$RAY_AUTH_MODE`` for a local cluster this process is about to start: the caller's
+    choice, else Ray's own default, token authentication (the token in ``~/.ray/auth_token``),
+    chosen explicitly because Ray warns at every start when the variable is unset.
+
+    Ray reads the variable into its configuration when imported, and ``ray.init`` re-reads it
+    only when it sets the default itself; this re-reads it the same way, so the cluster's
+    processes and this one agree on the mode.
+    """
+    if ENV_RAY_AUTH_MODE in environ:
+        return environ[ENV_RAY_AUTH_MODE]
+    from ray._raylet import Config
+
+    environ[ENV_RAY_AUTH_MODE] = "token"
+    Config.initialize("")
+    return "token"
 
 
 def interactive(stream: TextIO) -> bool:

@@ -1,7 +1,11 @@
 """The console's formatting and policy (pipeline/console.py), without Ray."""
 
 import io
+import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -51,7 +55,39 @@ def test_ray_log_level_defaults_to_warning_and_names_the_variable_when_wrong():
     assert console.ray_log_level({"SEG_RAY_LOG_LEVEL": ""}) == "WARNING"
     with pytest.raises(ValueError, match=r"SEG_RAY_LOG_LEVEL='loud'.*DEBUG, INFO, WARNING"):
         console.ray_log_level({"SEG_RAY_LOG_LEVEL": "loud"})
-    assert console.ray_process_env("ERROR") == {"RAY_DATA_LOG_LEVEL": "ERROR"}
+    assert console.ray_process_env("INFO") == {"RAY_DATA_LOG_LEVEL": "INFO"}
+    assert console.ray_process_env("ERROR")["RAY_DATA_LOG_LEVEL"] == "ERROR"
+
+
+RAY_DEPRECATION = """
+import warnings
+from ray.util.annotations import RayDeprecationWarning
+warnings.warn("`ExecutionOptions.exclude_resources` is deprecated and will be removed", RayDeprecationWarning)
+warnings.warn("our own deprecation", DeprecationWarning)
+"""
+
+
+def test_quiet_ray_processes_drop_only_rays_internal_deprecation():
+    env = os.environ | console.ray_process_env("WARNING") | {"PYTHONWARNINGS": "default"}
+    loud = subprocess.run([sys.executable, "-c", RAY_DEPRECATION], env=env, capture_output=True, text=True)
+    assert "exclude_resources" in loud.stderr
+    env |= console.ray_process_env("WARNING")
+    quiet = subprocess.run([sys.executable, "-c", RAY_DEPRECATION], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "exclude_resources" not in quiet.stderr and "our own deprecation" in quiet.stderr
+    assert "PYTHONWARNINGS" not in console.ray_process_env("INFO")
+
+
+def test_a_train_worker_holds_rays_per_report_message_at_the_level():
+    from ray.train.v2._internal.execution import context
+
+    reports = logging.getLogger(context.__file__)
+    before = reports.level
+    try:
+        console.quiet_ray_train_worker("WARNING")
+        assert not reports.isEnabledFor(logging.INFO) and reports.isEnabledFor(logging.WARNING)
+    finally:
+        reports.setLevel(before)
 
 
 def test_epoch_console_prints_each_record_once_and_estimates_time_left():
