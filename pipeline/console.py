@@ -161,7 +161,10 @@ class EpochConsole:
             per_epoch = float(record.get("train_seconds", math.nan)) + float(record.get("val_seconds", 0.0))
         line = epoch_line(record, now - self.start, per_epoch * (self.epochs - epoch - 1))
         if self.bar is not None:
-            self.bar.write(line, file=self.out)
+            # Only this bar steps aside for the line (tqdm.write would redraw every bar of the
+            # process, Ray Data's finished ones included).
+            self.bar.clear()
+            print(line, file=self.out, flush=True)
             self.bar.n = epoch + 1
             self.bar.refresh()
         else:
