@@ -30,6 +30,7 @@ EVAL_METRICS = METRICS_DIR / "evaluate.json"    # ... its DVC metrics
 PLOTS_DIR = METRICS_DIR / "plots"               # ... and its DVC plots data
 REGISTER_OUT = MODELS_DIR / "registry.json"     # output of the register stage: the champion decision
 RAY_RESULTS = Path("ray_results")               # Ray Train storage: checkpoints, resume state
+PROGRESS_FILE = "progress.jsonl"                # in a Ray run's folder: one JSON line per epoch, by rank 0
 MLFLOW_DB = Path("mlflow.db")                   # embedded MLflow store (sqlite) ...
 MLFLOW_ARTIFACTS = Path("mlruns")               # ... and its artifact folder
 
@@ -44,6 +45,8 @@ SPLITS = ("train", "val", "test")
 ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
 # Pretrained encoder weight files, looked at instead of the model hub (see pipeline.models).
 ENV_WEIGHTS_DIR = "SEG_WEIGHTS_DIR"
+# Level of Ray's own console logging (Ray Core, Train, Data) in the stages; WARNING when unset.
+ENV_RAY_LOG_LEVEL = "SEG_RAY_LOG_LEVEL"
 
 
 def repo_root() -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pipeline import api, tracking
+from pipeline import api, console, tracking
 from pipeline.client import ServerError, Unreachable, get_json
 from pipeline.params import PARAMS_FILE, RegisterParams, ServeParams, load_params, parse_section
 from pipeline.service import ModelRef, Service, error_answer, load_segmentation_model, resolve_model
@@ -233,14 +234,19 @@ def init_ray(log_to_driver: bool = True) -> None:
         return
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        console.choose_ray_auth_mode()
+    level = console.ray_log_level()
+    ray.init(include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
+    logging.getLogger("ray.serve").setLevel(level)    # Serve's own handler: ray.init's level misses it
 
 
 def start(cfg: ServeParams, ref: ModelRef, tracking_uri: str, timeout_s: float = 300.0) -> str:
     """Deploy on the Ray cluster (``$RAY_ADDRESS`` or a new local one); returns the base URL
     once /health answers."""
     init_ray()
-    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
+    # Serve's controller and proxies at $SEG_RAY_LOG_LEVEL; the replicas keep their access log.
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"log_level": console.ray_log_level()})
     serve.run(application(cfg, ref, tracking_uri, gpus_per_replica(cfg)), name=APP_NAME,
               route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host

@@ -16,19 +16,19 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import allocator, paths, run_identity, shards
+from pipeline import allocator, console, paths, run_identity, shards
 from pipeline.ingest import ShardConfig
 from pipeline.io import read_json, write_json_atomic
 from pipeline.losses import build_loss, resolve_class_weights
 from pipeline.modelio import CONFIG_FILE, WEIGHTS_FILE
 from pipeline.models import build_model, encoder_normalisation
 from pipeline.params import LossParams, ModelParams, ParamsError, TrainParams, load_params
+from pipeline.progress import ProgressFollower
 from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
 from pipeline.weights import WeightsUnavailableError, ensure_encoder_weights
 
@@ -140,22 +140,31 @@ LOCAL_CLUSTER_ENV = {
 LOCAL_CLUSTER_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}   # idle worker processes exit after 1 s
 
 
-def init_ray() -> None:
-    """Join ``$RAY_ADDRESS`` if set, else start a local cluster bound to 127.0.0.1."""
+def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
+    """Join ``$RAY_ADDRESS`` if set, else start a local cluster bound to 127.0.0.1; Ray's
+    own logging, here and in its processes, at ``level`` (``console.ray_log_level``)."""
     import ray
     from ray.data import DataContext
 
+    process_env = console.ray_process_env(level)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
+            ray.init(log_to_driver=True, logging_level=level, runtime_env={"env_vars": process_env})
         else:
-            for name, value in LOCAL_CLUSTER_ENV.items():
+            # A local cluster's processes inherit this process's environment.
+            for name, value in (LOCAL_CLUSTER_ENV | process_env).items():
                 os.environ.setdefault(name, value)
+            console.choose_ray_auth_mode()
             # The dashboard stays on (loopback only): without it Train V2 logs a failed
             # controller-state query in a loop.
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                     _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
-    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+                     logging_level=level, _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
+    # Ray Data configured this process's logger when it was imported, before the above.
+    logging.getLogger("ray.data").setLevel(level)
+    # Ray Data draws bars where its process has a terminal (this driver on one) and
+    # elsewhere logs its progress at INFO, hidden unless asked for; ray_tqdm would draw the
+    # workers' bars through this driver's console, terminal or not.
+    DataContext.get_current().use_ray_tqdm = False
 
 
 def fit(
@@ -164,7 +173,7 @@ def fit(
 ):
     """Run the training; returns (Ray Result, MLflow run id or None, run name)."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     preflight(data, model_cfg, loss_cfg)
@@ -174,6 +183,11 @@ def fit(
     name = run_name(sections, version)
     storage = Path(storage).resolve()
     start_afresh_if_finished(storage / name)
+    level = console.ray_log_level()
+    # Rank 0 appends one record per epoch; this driver prints each once (pipeline.progress).
+    progress_file = storage / name / paths.PROGRESS_FILE
+    config["progress_file"] = str(progress_file)
+    config["ray_log_level"] = level
     run_id = None
     if track:
         from mlflow.tracking import MlflowClient
@@ -189,7 +203,7 @@ def fit(
         tracking.log_params(client, run_id, sections)
         config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
 
-    init_ray()
+    init_ray(level)
     datasets = {
         split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
         .select_columns(["image", "mask"])
@@ -211,6 +225,8 @@ def fit(
             # The best checkpoint by validation mIoU, plus the latest (kept for resume).
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
                                                checkpoint_score_order="max"),
+            # Ray Train's own messages (worker group set-up, every report) in its controller and workers.
+            logging_config=LoggingConfig(log_level=level),
         ),
         datasets=datasets,
         # Validation is not split: each worker evaluates every world-th row of it.
@@ -218,7 +234,13 @@ def fit(
     )
     log.info("training %s on %d worker(s), %d epochs (Ray run %s)", model_cfg.arch, cfg.num_workers,
              cfg.epochs, name)
-    return trainer.fit(), run_id, name
+    epochs = console.EpochConsole(cfg.epochs)
+    try:
+        with ProgressFollower(progress_file, epochs.show):
+            result = trainer.fit()
+    finally:
+        epochs.close()
+    return result, run_id, name
 
 
 def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console.quiet_mlflow_progress()
     args = parse_args(argv)
     try:
         train(args.data, args.out, args.metrics, args.params, args.storage)

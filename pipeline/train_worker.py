@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipeline import console
 from pipeline.augment import collate, train_transform
 from pipeline.engine import (
     all_reduce_stats,
@@ -40,6 +41,7 @@ from pipeline.metrics import segmentation_metrics
 from pipeline.modelio import CONFIG_FILE
 from pipeline.models import ModelMeta, build_model
 from pipeline.params import LossParams, ModelParams, TrainParams
+from pipeline.progress import append_record, epoch_record
 
 STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, scaler, epoch
 META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
@@ -57,6 +59,7 @@ def epoch_metrics(cm_metrics: dict, class_names: list[str], prefix: str = "val_"
 def train_worker(config: dict[str, Any]) -> None:
     # The driver's settings (absolute paths), whatever environment Ray started us in.
     os.environ.update(config.get("env", {}))
+    console.quiet_ray_train_worker(config.get("ray_log_level", console.DEFAULT_RAY_LOG_LEVEL))
     cfg = TrainParams.model_validate(config["train"])
     model_cfg = ModelParams.model_validate(config["model"])
     loss_cfg = LossParams.model_validate(config["loss"])
@@ -130,7 +133,6 @@ def train_worker(config: dict[str, Any]) -> None:
             **epoch_metrics(val, names),
         }
         if rank == 0:
-            _print_progress(epoch, cfg.epochs, metrics)
             if client is not None:
                 from pipeline.tracking import log_epoch
                 log_epoch(client, run_id, metrics, step=epoch)
@@ -143,6 +145,9 @@ def train_worker(config: dict[str, Any]) -> None:
                     "params": {"train": config["train"], "loss": config["loss"]},
                 })
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            if config.get("progress_file"):
+                # Once the checkpoint is safe: the driver prints this epoch as done.
+                append_record(Path(config["progress_file"]), epoch_record(metrics, cfg.epochs))
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -193,13 +198,3 @@ def _mlflow(config: dict):
     from mlflow.tracking import MlflowClient
     return MlflowClient(spec["tracking_uri"]), spec["run_id"]
 
-
-def _print_progress(epoch: int, epochs: int, m: dict) -> None:
-    per_epoch = m["train_seconds"] + m["val_seconds"]
-    left = per_epoch * (epochs - epoch - 1)
-    print(
-        f"epoch {epoch + 1}/{epochs}  loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}  "
-        f"val mIoU {m['val_miou']:.4f}  {m['train_images_per_s']:.1f} img/s  "
-        f"{per_epoch:.0f} s/epoch  {left / 60:.1f} min left",
-        flush=True,
-    )

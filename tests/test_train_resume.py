@@ -1,6 +1,7 @@
 """A train stage killed mid-run (driver, workers and all) resumes when it is run again."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,4 +58,7 @@ def test_stage_killed_mid_run_resumes_from_its_checkpoint_and_mlflow_run(prepare
     starts = [m.value for m in client.get_metric_history(run.info.run_id, "start_epoch")]
     assert starts[0] == 0 and starts[-1] >= 1
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_miou")}) == [0, 1, 2, 3]
+    # The resumed stage prints the epochs it trains, each once, and not the earlier ones again.
+    printed = re.findall(r"^epoch (\d+)/4  ", out, re.MULTILINE)
+    assert printed == [str(e + 1) for e in range(int(starts[-1]), 4)], out[-3000:]
     assert (env / "metrics.json").is_file() and (env / "model" / "model.pt").is_file()
