@@ -150,19 +150,22 @@ def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> 
 
 
 def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion",
-                     test_miou: float = 0.9) -> str:
-    """``model`` logged to a new run of the current tracking store (with a ``test_miou``
-    metric), registered as a version of ``name`` holding ``alias``; returns the version."""
+                     test_miou: float = 0.9, eval_key: str = "0123456789ab") -> str:
+    """``model`` logged to a new run of the current tracking store, registered as a version
+    of ``name`` holding ``alias`` and tagged, as the register stage tags it, with a recorded
+    evaluation (``test_miou`` under ``eval_key``); returns the version."""
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
+    from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
     from pipeline.register import model_version
 
     run_id = tracked_model(folder, model, cfg)
     client = MlflowClient(tracking.tracking_uri())
-    client.log_metric(run_id, "test_miou", test_miou)
     uri = client.get_run(run_id).data.tags["model_uri"]
     version = model_version(client, name, run_id, uri)
+    client.set_model_version_tag(name, version.version, SCORE_TAG, f"{test_miou:.6f}")
+    client.set_model_version_tag(name, version.version, EVAL_KEY_TAG, eval_key)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
@@ -198,3 +201,15 @@ def whole_image_accumulation(model, image: np.ndarray, tile: tuple[int, int], ov
                 total[:, y:y + th, x0:x0 + tw] += p
                 hits[:, y:y + th, x0:x0 + tw] += 1
     return total / hits
+
+
+def repo_params(path: Path, **sections: dict) -> Path:
+    """The repository's params.yaml written to ``path`` with each given section's keys
+    replaced by those given (every other key keeps the repository's value)."""
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name] = params[name] | values
+    path.write_text(yaml.safe_dump(params))
+    return path
