@@ -223,6 +223,24 @@ def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def write_summary(best: dict[str, Any], images_per_s: float, metrics_path: Path,
+                  plots_dir: Path) -> dict[str, Any]:
+    """The DVC metrics of a training, from the best epoch's reported ``best`` metrics: the
+    headline to ``metrics_path`` (returned), the per-class validation IoU to ``plots_dir``.
+    The headline is short because ``dvc metrics show`` puts the columns of every metrics
+    file in one table, which must fit a 200-column terminal (the epochs are a param)."""
+    summary = {
+        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
+        "val_pixel_accuracy": best["val_pixel_accuracy"], "val_mean_dice": best["val_mean_dice"],
+        "train_images_per_s": images_per_s,
+    }
+    val_iou = [{"class": k.removeprefix("val_iou_"), "iou": v}
+               for k, v in best.items() if k.startswith("val_iou_")]
+    write_json_atomic(Path(plots_dir) / VAL_IOU_PLOT, val_iou)
+    write_json_atomic(metrics_path, summary)
+    return summary
+
+
 def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS_FILE,
           storage: Path = paths.RAY_RESULTS, track: bool = True,
           plots_dir: Path = paths.PLOTS_DIR) -> dict[str, Any]:
@@ -235,16 +253,8 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     extra = {"data_version": data_version(data), "mlflow_run_id": run_id, "ray_run_name": name,
              "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
     best = export_best(result, out, extra)
-    summary = {
-        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
-        "epochs": cfg.epochs, "val_pixel_accuracy": best["val_pixel_accuracy"],
-        # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
-        "train_images_per_s": float(result.metrics["train_images_per_s"]),
-    }
-    val_iou = [{"class": k.removeprefix("val_iou_"), "iou": v}
-               for k, v in best.items() if k.startswith("val_iou_")]
-    write_json_atomic(Path(plots_dir) / VAL_IOU_PLOT, val_iou)
-    write_json_atomic(metrics_path, summary)
+    # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
+    summary = write_summary(best, float(result.metrics["train_images_per_s"]), metrics_path, plots_dir)
     if run_id is not None:
         _finish_mlflow(run_id, out, metrics_path, summary)
     run_identity.mark_complete(Path(storage).resolve() / name, {"mlflow_run_id": run_id, "out": str(out)})

@@ -85,12 +85,11 @@ def make_colour_coded_dataset(root: Path, n: int = 16, num_classes: int = 3,
             Image.fromarray(array).save(root / folder / f"img_{i:03d}.png")
 
 
-def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
-    """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
+def tiny_model(prepared: Path, seed: int = 0):
+    """A small untrained Unet for ``prepared``'s classes, and its ``ModelParams``."""
     import torch
 
-    from pipeline import paths, shards
-    from pipeline.inference import to_tensor
+    from pipeline import paths
     from pipeline.io import read_json
     from pipeline.models import ModelMeta, build_model
     from pipeline.params import ModelParams
@@ -99,7 +98,19 @@ def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
     classes = read_json(prepared / paths.CLASSES_FILE)
     cfg = ModelParams(arch="Unet", encoder_name="resnet18", encoder_weights=None)
     meta = ModelMeta(classes["names"], classes["palette"], ignore_index=classes["ignore_index"])
-    model = build_model(cfg, classes["num_classes"], meta)
+    return build_model(cfg, classes["num_classes"], meta), cfg
+
+
+def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
+    """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
+    import torch
+
+    from pipeline import paths, shards
+    from pipeline.inference import to_tensor
+    from pipeline.io import read_json
+
+    model, cfg = tiny_model(prepared, seed)
+    classes = read_json(prepared / paths.CLASSES_FILE)
     samples = list(shards.iter_samples(prepared, "train"))
     x = to_tensor([image for _, image, _ in samples], model.meta.mean, model.meta.std)
     y = torch.from_numpy(np.stack([mask for _, _, mask in samples])).long()
