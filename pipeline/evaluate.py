@@ -10,8 +10,8 @@ from both truth and prediction is NaN (``null`` in the JSON files) and left out 
 means. Outputs:
 
 - ``--metrics``: DVC metrics, the headline only (``headline``): the evaluation key, pixel
-  accuracy, mIoU, mean Dice, frequency-weighted IoU, boundary mIoU, images (and per second),
-  so that ``dvc metrics show`` and ``dvc metrics diff`` stay narrow.
+  accuracy, mIoU, mean Dice, frequency-weighted IoU, boundary mIoU, so that
+  ``dvc metrics show`` and ``dvc metrics diff`` fit a 200-column terminal.
 - ``--plots``: DVC plots data: ``per_class.json`` (one row per class: IoU, Dice, precision,
   recall, boundary IoU, pixel share) and ``confusion.json`` (the row-normalised confusion
   matrix, one row per truth/prediction pair).
