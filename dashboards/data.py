@@ -5,10 +5,12 @@ them. Where things are:
 
 - the MLflow store: ``$MLFLOW_TRACKING_URI``, else the repository's embedded store
   (``pipeline.tracking.tracking_uri``); the registered model is ``register.model_name``;
-- an evaluated run's results: its MLflow artifacts ``evaluation/evaluate.json`` (scores),
-  ``evaluation/overlays/`` (index.json, confusion.json, pictures); for the run the
-  workspace's evaluate stage scored, the same files are read from ``evaluation/`` and
-  ``metrics/evaluate.json`` without a download;
+- an evaluation: a record of a run keyed by its evaluation key (``pipeline.records``): the
+  run's metrics ``<split>/<key>/...``, its artifacts ``evaluations/<key>/evaluate.json``
+  (the whole report) and ``evaluations/<key>/overlays/`` (index.json, confusion.json,
+  pictures); for the run and key the workspace's evaluate stage scored, the same files are
+  read from ``evaluation/`` without a download. A registered version's evaluation is the
+  record its tags name (``eval_key``, ``test_miou``: what the registry gate compared);
 - the dataset card: ``data/prepared/card.json``;
 - the model server: ``$SEG_SERVE_URL`` (default http://127.0.0.1:8000);
 - the MLflow UI for links: ``$MLFLOW_UI_URL`` (default http://127.0.0.1:5000).
@@ -26,14 +28,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import paths, tracking
+from pipeline import paths, records, tracking
 from pipeline.io import read_json
 from pipeline.params import RegisterParams, load_params
 
 ENV_SERVE_URL = "SEG_SERVE_URL"
 ENV_MLFLOW_UI = "MLFLOW_UI_URL"
-EVAL_ARTIFACT = "evaluation/evaluate.json"
-OVERLAYS_ARTIFACT = "evaluation/overlays"
 CURVES = ("val_miou", "train_loss", "val_loss", "lr")
 
 
@@ -67,13 +67,19 @@ class Champion:
     version: str
     alias: str
     run_id: str
-    metrics: dict[str, float]
+    evaluation: dict[str, Any] | None      # the version's recorded evaluation (records.version_evaluation)
+    run_metrics: dict[str, float]
     params: dict[str, str]
     tags: dict[str, str]
 
+    @property
+    def eval_key(self) -> str | None:
+        return self.evaluation["eval_key"] if self.evaluation else None
+
 
 def champion(src: Sources, alias: str = "champion") -> Champion | None:
-    """The model version holding ``alias``, with its run's metrics and params; None if none."""
+    """The model version holding ``alias``, with its recorded evaluation and its run's
+    params; None if none."""
     from mlflow.exceptions import MlflowException
 
     client = src.client()
@@ -82,8 +88,8 @@ def champion(src: Sources, alias: str = "champion") -> Champion | None:
     except MlflowException:
         return None
     run = client.get_run(mv.run_id)
-    return Champion(src.model_name, str(mv.version), alias, mv.run_id, dict(run.data.metrics),
-                    dict(run.data.params), dict(mv.tags))
+    return Champion(src.model_name, str(mv.version), alias, mv.run_id, records.version_evaluation(client, mv),
+                    dict(run.data.metrics), dict(run.data.params), dict(mv.tags))
 
 
 def versions(src: Sources) -> dict[str, str]:
@@ -103,6 +109,17 @@ def versions(src: Sources) -> dict[str, str]:
     return out
 
 
+def registered_scores(src: Sources) -> dict[str, float]:
+    """run id -> the recorded test mIoU of its registered version (what the gate compared)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = src.client().search_model_versions(f"name = '{src.model_name}'")
+    except MlflowException:
+        return {}
+    return {mv.run_id: float(mv.tags[records.SCORE_TAG]) for mv in found if records.SCORE_TAG in mv.tags}
+
+
 def runs(src: Sources) -> pd.DataFrame:
     """Every MLflow run of every experiment: ids, name, status, start, params.*, metrics.*."""
     import mlflow
@@ -116,18 +133,45 @@ def runs(src: Sources) -> pd.DataFrame:
     return table if isinstance(table, pd.DataFrame) else pd.DataFrame()
 
 
-def evaluated_runs(src: Sources) -> pd.DataFrame:
-    """Runs with a test evaluation (``test_miou``), newest first."""
+def _prefixed(row: pd.Series, prefix: str, kind: type) -> dict[str, Any]:
+    """The ``prefix`` columns of a runs-table row holding a ``kind`` value (not NaN), unprefixed."""
+    return {c.removeprefix(prefix): v for c, v in row.items() if c.startswith(prefix) and isinstance(v, kind)
+            and not (isinstance(v, float) and np.isnan(v))}
+
+
+def evaluations(src: Sources) -> pd.DataFrame:
+    """One row per evaluation record of every run, newest run first: run_id, key, split,
+    run_name, the headline scores, settings (dict)."""
     table = runs(src)
-    if table.empty or "metrics.test_miou" not in table:
-        return pd.DataFrame()
-    return table[table["metrics.test_miou"].notna()].reset_index(drop=True)
+    columns = ["run_id", "key", "split", "run_name", *records.HEADLINE, "settings"]
+    rows = []
+    for _, row in table.iterrows():
+        tags = _prefixed(row, "tags.", str)
+        for key, rec in records.run_records(_prefixed(row, "metrics.", float), tags).items():
+            rows.append({"run_id": row["run_id"], "key": key, "split": rec["split"],
+                         "run_name": tags.get("mlflow.runName") or row["run_id"][:8],
+                         **{k: rec.get(k) for k in records.HEADLINE}, "settings": rec.get("settings") or {}})
+    return pd.DataFrame(rows, columns=columns)
 
 
-def run_label(row: pd.Series, labels: dict[str, str]) -> str:
-    name = row.get("tags.mlflow.runName") or row["run_id"][:8]
+def settings_label(settings: dict[str, Any]) -> str:
+    """``flip, scales 0.75/1/1.25, tiles 512x512`` for a record's settings."""
+    if not settings:
+        return "settings unknown"
+    parts = ["flip" if settings.get("flip_tta") else "no flip"]
+    scales = settings.get("scales") or [1.0]
+    if list(scales) != [1.0]:
+        parts.append("scales " + "/".join(f"{s:g}" for s in scales))
+    if settings.get("tile_size"):
+        parts.append("tiles {}x{}".format(*settings["tile_size"]))
+    return ", ".join(parts)
+
+
+def record_label(row: pd.Series, labels: dict[str, str]) -> str:
     version = labels.get(row["run_id"], "")
-    return f"{name} {version} · test mIoU {row['metrics.test_miou']:.3f}".replace("  ", " ")
+    return " ".join(part for part in (
+        row["run_name"], version, f"· {row['split']} mIoU {row['miou']:.3f}",
+        f"({settings_label(row['settings'])}; key {row['key']})") if part)
 
 
 def local_evaluation(src: Sources) -> dict[str, Any] | None:
@@ -136,40 +180,43 @@ def local_evaluation(src: Sources) -> dict[str, Any] | None:
     return read_json(index) if index.is_file() else None
 
 
-def eval_file(src: Sources, run_id: str, relative: str, cache: Path | None = None) -> Path:
-    """A local path to one file of a run's evaluate outputs (``index.json``,
-    ``confusion.json``, ``images/x.jpg`` ...): in the workspace's ``evaluation/`` when it
-    belongs to this run, else downloaded from the run's MLflow artifacts into ``cache``."""
+def _is_local(src: Sources, run_id: str, key: str) -> bool:
     local = local_evaluation(src)
-    if local is not None and local.get("mlflow_run_id") == run_id:
+    return local is not None and local.get("mlflow_run_id") == run_id and local.get("eval_key") == key
+
+
+def eval_file(src: Sources, run_id: str, key: str, relative: str, cache: Path | None = None) -> Path:
+    """A local path to one file of a record's overlays (``index.json``, ``confusion.json``,
+    ``images/x.jpg`` ...): in the workspace's ``evaluation/`` when it holds this run's
+    evaluation of this key, else downloaded from the run's MLflow artifacts into ``cache``
+    under the run and key (a record's files never change under its key)."""
+    if _is_local(src, run_id, key):
         return src.root / paths.EVAL_OUT / relative
     import mlflow
 
-    target = Path(cache or Path(tempfile.gettempdir()) / "segmentation-dashboard") / run_id
-    path = target / OVERLAYS_ARTIFACT / relative
+    artifact = records.artifact_dir(key, records.OVERLAYS)
+    target = Path(cache or Path(tempfile.gettempdir()) / "segmentation-dashboard") / run_id / key
+    path = target / artifact / relative
     if not path.is_file():               # MLflow writes one file into dst_path under its own name
         path.parent.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{OVERLAYS_ARTIFACT}/{relative}",
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{artifact}/{relative}",
                                             dst_path=str(path.parent), tracking_uri=src.tracking_uri)
     return path
 
 
-def index(src: Sources, run_id: str) -> dict[str, Any]:
-    """The run's evaluation index: classes and colours, per-image scores, samples, worst."""
-    return read_json(eval_file(src, run_id, "index.json"))
+def index(src: Sources, run_id: str, key: str) -> dict[str, Any]:
+    """A record's evaluation index: classes and colours, per-image scores, samples, worst."""
+    return read_json(eval_file(src, run_id, key, "index.json"))
 
 
-def scores(src: Sources, run_id: str) -> dict[str, Any]:
-    """The evaluate stage's metrics of a run (the content of metrics/evaluate.json)."""
-    local = src.root / paths.EVAL_METRICS
-    if local.is_file():
-        data = read_json(local)
-        if data.get("mlflow_run_id") == run_id:
-            return data
+def scores(src: Sources, run_id: str, key: str) -> dict[str, Any]:
+    """A record's whole report (``pipeline.evaluate.full_report``: headline and per class)."""
+    if _is_local(src, run_id, key):
+        return read_json(src.root / paths.EVAL_REPORT)
     import mlflow
 
     mlflow.set_tracking_uri(src.tracking_uri)
-    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{EVAL_ARTIFACT}")
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{records.artifact_dir(key)}/{records.REPORT_FILE}")
 
 
 def class_table(metrics: dict[str, Any], colours: dict[str, list[int]]) -> pd.DataFrame:
@@ -187,9 +234,9 @@ def rgb_hex(rgb) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
 
 
-def confusion(src: Sources, run_id: str) -> tuple[list[str], np.ndarray]:
-    """Class names and the (C, C) pixel counts of a run's test split, rows = truth."""
-    data = read_json(eval_file(src, run_id, "confusion.json"))
+def confusion(src: Sources, run_id: str, key: str) -> tuple[list[str], np.ndarray]:
+    """Class names and the (C, C) pixel counts of a record's split, rows = truth."""
+    data = read_json(eval_file(src, run_id, key, "confusion.json"))
     return list(data["classes"]), np.asarray(data["counts"], dtype=np.int64)
 
 
@@ -210,11 +257,21 @@ def curves(src: Sources, run_ids: list[str], keys=CURVES) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
 
 
-def per_class_iou(table: pd.DataFrame, prefix: str = "metrics.test_iou_") -> pd.DataFrame:
-    """Long table (run_id, class, IoU) from the runs table's ``test_iou_<class>`` metrics."""
-    cols = [c for c in table.columns if c.startswith(prefix)]
+def per_class_iou(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table (run_id, key, class, IoU) of every evaluation record in a runs table."""
+    rows = []
+    for _, row in table.iterrows():
+        for key, rec in records.run_records(_prefixed(row, "metrics.", float), {}).items():
+            for cls, iou in rec["per_class"].get("iou", {}).items():
+                rows.append({"run_id": row["run_id"], "key": key, "class": cls, "IoU": iou})
+    return pd.DataFrame(rows, columns=["run_id", "key", "class", "IoU"])
+
+
+def val_iou(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table (run_id, class, IoU) of the last validation's per-class IoU."""
+    cols = [c for c in table.columns if c.startswith("metrics.val_iou_")]
     long = table.melt(id_vars=["run_id"], value_vars=cols, var_name="class", value_name="IoU")
-    long["class"] = long["class"].str.removeprefix(prefix)
+    long["class"] = long["class"].str.removeprefix("metrics.val_iou_")
     return long.dropna(subset=["IoU"])
 
 
@@ -227,7 +284,7 @@ def card(src: Sources) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def picture(src: Sources, run_id: str, relative: str) -> np.ndarray:
+def picture(src: Sources, run_id: str, key: str, relative: str) -> np.ndarray:
     """An RGB picture, or a class-index mask (palette PNG) as a 2-D array."""
-    with Image.open(eval_file(src, run_id, relative)) as im:
+    with Image.open(eval_file(src, run_id, key, relative)) as im:
         return np.asarray(im if im.mode in ("P", "L") else im.convert("RGB"))

@@ -8,7 +8,9 @@ import streamlit as st
 
 from dashboards import data
 
-TTL_S = 30          # MLflow tables are re-read at most this often; artifacts are cached for good
+TTL_S = 30          # MLflow tables are re-read at most this often
+# A record's files are cached under its run id and evaluation key, which fix them: a new
+# evaluation is a new key, never a stale hit.
 
 
 def sources() -> data.Sources:
@@ -26,8 +28,8 @@ def runs(src: data.Sources) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def evaluated_runs(src: data.Sources) -> pd.DataFrame:
-    return data.evaluated_runs(src)
+def evaluations(src: data.Sources) -> pd.DataFrame:
+    return data.evaluations(src)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -35,24 +37,29 @@ def versions(src: data.Sources) -> dict[str, str]:
     return data.versions(src)
 
 
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def registered_scores(src: data.Sources) -> dict[str, float]:
+    return data.registered_scores(src)
+
+
 @st.cache_data(show_spinner="Reading the evaluation ...")
-def scores(src: data.Sources, run_id: str) -> dict:
-    return data.scores(src, run_id)
+def scores(src: data.Sources, run_id: str, key: str) -> dict:
+    return data.scores(src, run_id, key)
 
 
 @st.cache_data(show_spinner="Reading the evaluation index ...")
-def index(src: data.Sources, run_id: str) -> dict:
-    return data.index(src, run_id)
+def index(src: data.Sources, run_id: str, key: str) -> dict:
+    return data.index(src, run_id, key)
 
 
 @st.cache_data(show_spinner=False)
-def confusion(src: data.Sources, run_id: str):
-    return data.confusion(src, run_id)
+def confusion(src: data.Sources, run_id: str, key: str):
+    return data.confusion(src, run_id, key)
 
 
 @st.cache_data(show_spinner=False, max_entries=200)
-def picture(src: data.Sources, run_id: str, relative: str):
-    return data.picture(src, run_id, relative)
+def picture(src: data.Sources, run_id: str, key: str, relative: str):
+    return data.picture(src, run_id, key, relative)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -66,23 +73,24 @@ def no_results(src: data.Sources) -> None:
     st.stop()
 
 
-def pick_run(src: data.Sources, key: str) -> str:
-    """A select box of the evaluated runs, the champion's first; returns the run id."""
-    table = evaluated_runs(src)
+def pick_record(src: data.Sources, key: str) -> tuple[str, str]:
+    """A select box of the evaluation records, the champion's recorded one first; returns
+    (run id, evaluation key)."""
+    table = evaluations(src)
     if table.empty:
         no_results(src)
     labels = versions(src)
     champ = champion(src)
-    ids = list(table["run_id"])
-    if champ is not None and champ.run_id in ids:
-        ids.remove(champ.run_id)
-        ids.insert(0, champ.run_id)
-    names = {row["run_id"]: data.run_label(row, labels) for _, row in table.iterrows()}
-    return st.selectbox("Run", ids, format_func=names.get, key=key)
+    ids = list(zip(table["run_id"], table["key"], strict=True))
+    if champ is not None and (champ.run_id, champ.eval_key) in ids:
+        ids.remove((champ.run_id, champ.eval_key))
+        ids.insert(0, (champ.run_id, champ.eval_key))
+    names = {(row["run_id"], row["key"]): data.record_label(row, labels) for _, row in table.iterrows()}
+    return st.selectbox("Evaluation", ids, format_func=names.get, key=key)
 
 
-def class_colours(src: data.Sources, run_id: str) -> dict[str, list[int]]:
-    return {c["name"]: c["color"] for c in index(src, run_id)["classes"]}
+def class_colours(src: data.Sources, run_id: str, key: str) -> dict[str, list[int]]:
+    return {c["name"]: c["color"] for c in index(src, run_id, key)["classes"]}
 
 
 def iou_bars(table: pd.DataFrame, value: str = "IoU") -> go.Figure:

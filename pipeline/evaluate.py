@@ -9,26 +9,33 @@ gives the scores (``pipeline.metrics``): the ignore label is left out, and a cla
 from both truth and prediction is NaN (``null`` in the JSON files) and left out of the
 means. Outputs:
 
-- ``--metrics``: DVC metrics: pixel accuracy, mIoU, mean Dice, frequency-weighted IoU,
-  boundary mIoU, and per class IoU, Dice, precision, recall, boundary IoU, pixel share.
-- ``--plots``: DVC plots data: ``per_class_iou.json`` and ``confusion.json`` (the
-  row-normalised confusion matrix, one row per truth/prediction pair).
-- ``--out``: ``index.json`` (per-image scores; the sample and worst-per-class images; the
+- ``--metrics``: DVC metrics, the headline only (``headline``): the evaluation key, pixel
+  accuracy, mIoU, mean Dice, frequency-weighted IoU, boundary mIoU, so that
+  ``dvc metrics show`` and ``dvc metrics diff`` fit a 200-column terminal.
+- ``--plots``: DVC plots data: ``per_class.json`` (one row per class: IoU, Dice, precision,
+  recall, boundary IoU, pixel share) and ``confusion.json`` (the row-normalised confusion
+  matrix, one row per truth/prediction pair).
+- ``--out``: ``evaluate.json`` (the whole report, ``full_report``: what was scored, how, and
+  every score), ``index.json`` (per-image scores; the sample and worst-per-class images; the
   files of each), ``confusion.json`` (raw counts), a palette PNG of every prediction, and
   image / truth / error / panel pictures of the selected images (``pipeline.overlays``).
 
-All of it is also logged to the training's MLflow run, with ``test_*`` metrics.
+All of it is also logged to the training's MLflow run as one record keyed by the evaluation
+key (``eval_key``, ``log_record``, ``pipeline.records``): evaluating again with other
+settings or on another test set adds a record and never overwrites one.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import overlays, paths, shards
+from pipeline import overlays, paths, records, shards
 from pipeline.boundary import BoundaryIoU
 from pipeline.io import read_json, write_json_atomic
 from pipeline.metrics import confusion_matrix, segmentation_metrics
@@ -50,8 +57,11 @@ log = logging.getLogger("pipeline.evaluate")
 
 INDEX_FILE = "index.json"
 COUNTS_FILE = "confusion.json"
-IOU_PLOT = "per_class_iou.json"
+REPORT_FILE = records.REPORT_FILE
+PER_CLASS_PLOT = "per_class.json"
 CONFUSION_PLOT = "confusion.json"
+# Settings that cannot change a score: left out of the evaluation key.
+UNSCORED_SETTINGS = {"overlays", "threads"}
 VIEWS = {"image": ("images", ".jpg"), "truth": ("truth", ".png"), "prediction": ("predictions", ".png"),
          "error": ("errors", ".png"), "panel": ("panels", ".jpg")}
 
@@ -82,6 +92,18 @@ def split_version(data: Path, split: str) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def settings(cfg: EvaluateParams) -> dict[str, Any]:
+    """The evaluation settings that change a score (all but ``UNSCORED_SETTINGS``)."""
+    return cfg.model_dump(mode="json", exclude=UNSCORED_SETTINGS)
+
+
+def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
+    """Scores with equal keys are comparable: the same test set (``metrics["split_version"]``)
+    scored with the same settings. 12 hex digits."""
+    blob = json.dumps({"split_version": metrics["split_version"], "settings": settings(cfg)}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def predictor_for(model: SegmentationModel, cfg: EvaluateParams) -> Predictor:
@@ -148,6 +170,24 @@ def report(ev: Evaluation) -> dict[str, Any]:
     }
 
 
+def full_report(ev: Evaluation, data: Path, cfg: EvaluateParams, run_id: str | None = None,
+                data_version: str | None = None) -> dict[str, Any]:
+    """Everything one evaluation found, as one JSON-able dict: what was scored (split, its
+    data version, the run and its training data version), how (``settings``), under which
+    key (``eval_key``), and the scores of ``report``. What ``log_record`` records."""
+    header = {"split": cfg.split, "split_version": split_version(data, cfg.split)}
+    header["eval_key"] = eval_key(header, cfg)
+    header |= {"settings": settings(cfg), "mlflow_run_id": run_id, "data_version": data_version}
+    return header | report(ev)
+
+
+def headline(full: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file: the key and the headline scores of a ``full_report``, no tables.
+    Short, because ``dvc metrics show`` puts the columns of every metrics file in one table,
+    which must fit a 200-column terminal (the image count and rate stay in the report)."""
+    return {k: full[k] for k in ("eval_key", *records.HEADLINE)}
+
+
 def image_scores(cm: np.ndarray) -> dict[str, Any]:
     """Pixel accuracy, mIoU and per-class IoU (NaN for classes in neither mask) of one image."""
     tp = np.diag(cm).astype(float)
@@ -176,8 +216,8 @@ def file_stem(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", image_id)
 
 
-def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, header: dict[str, Any]) -> None:
-    """The overlay folder, written whole beside ``out`` and renamed into place."""
+def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, full: dict[str, Any]) -> None:
+    """The overlay folder with the whole report, written beside ``out`` and renamed into place."""
     out = Path(out)
     staging = out.with_name(f".{out.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -204,6 +244,9 @@ def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, he
             _write_views(staging, rel, image_id, image, truth, pred, ev)
     write_json_atomic(staging / COUNTS_FILE, {"classes": ev.class_names, "rows": "truth",
                                               "columns": "prediction", "counts": ev.confusion.tolist()})
+    header = {k: full[k] for k in ("split", "split_version", "eval_key", "settings", "mlflow_run_id",
+                                   "data_version")}
+    write_json_atomic(staging / REPORT_FILE, full)
     write_json_atomic(staging / INDEX_FILE, header | {
         "classes": [{"index": c, "name": n, "color": list(rgb)}
                     for c, (n, rgb) in enumerate(zip(ev.class_names, ev.palette, strict=True))],
@@ -227,8 +270,9 @@ def _write_views(staging: Path, rel: dict, image_id: str, image: np.ndarray, tru
 
 
 def plot_rows(ev: Evaluation, metrics: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """DVC plots data: IoU bars, and the row-normalised confusion matrix as long rows."""
-    bars = [{"class": name, "iou": metrics["per_class"][name]["iou"]} for name in ev.class_names]
+    """DVC plots data: one row of scores per class, and the row-normalised confusion matrix
+    as long rows."""
+    bars = [{"class": name} | metrics["per_class"][name] for name in ev.class_names]
     rows = []
     for t, truth_name in enumerate(ev.class_names):
         total = ev.confusion[t].sum()
@@ -240,56 +284,57 @@ def plot_rows(ev: Evaluation, metrics: dict[str, Any]) -> tuple[list[dict], list
 
 def evaluate(model_dir: Path, data: Path, out: Path, metrics_path: Path, plots_dir: Path,
              params: Path = paths.PARAMS_FILE, track: bool = True) -> dict[str, Any]:
+    """Score the model of ``model_dir`` on ``data``, write the outputs, record it on the
+    model's MLflow run (``track``); returns the ``full_report``."""
     cfg = load_params(EvaluateParams, params)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = read_config(model_dir)
     model = load_model(model_dir)
     ev = evaluate_split(model, data, cfg)
-    metrics = report(ev)
-    header = {"split": cfg.split, "split_version": split_version(data, cfg.split),
-              "data_version": config.get("data_version"), "mlflow_run_id": config.get("mlflow_run_id"),
-              "flip_tta": cfg.flip_tta, "scales": list(cfg.scales)}
-    metrics = header | metrics
-    write_outputs(ev, data, cfg, out, header)
-    bars, rows = plot_rows(ev, metrics)
-    write_json_atomic(Path(plots_dir) / IOU_PLOT, bars)
+    full = full_report(ev, data, cfg, config.get("mlflow_run_id"), config.get("data_version"))
+    write_outputs(ev, data, cfg, out, full)
+    bars, rows = plot_rows(ev, full)
+    write_json_atomic(Path(plots_dir) / PER_CLASS_PLOT, bars)
     write_json_atomic(Path(plots_dir) / CONFUSION_PLOT, rows)
-    write_json_atomic(metrics_path, metrics)
-    log.info("%s mIoU %.4f, pixel accuracy %.4f, mean Dice %.4f over %d images (%.1f images/s)",
-             cfg.split, metrics["miou"], metrics["pixel_accuracy"], metrics["mean_dice"], len(ev.ids),
-             metrics["images_per_s"] or 0)
+    write_json_atomic(metrics_path, headline(full))
+    log.info("%s mIoU %.4f, pixel accuracy %.4f, mean Dice %.4f over %d images (%.1f images/s; key %s)",
+             cfg.split, full["miou"], full["pixel_accuracy"], full["mean_dice"], len(ev.ids),
+             full["images_per_s"] or 0, full["eval_key"])
     if track:
-        log_to_run(config.get("mlflow_run_id"), metrics, metrics_path, Path(plots_dir), Path(out))
-    return metrics
+        if full["mlflow_run_id"]:
+            log_record(full["mlflow_run_id"], full, overlays_dir=Path(out),
+                       plot_files=[Path(plots_dir) / PER_CLASS_PLOT, Path(plots_dir) / CONFUSION_PLOT])
+        else:
+            log.warning("the model has no MLflow run (trained with tracking off): not recorded in MLflow")
+    return full
 
 
-def flat_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    """``test_miou``, ``test_iou_Road``, ... for MLflow (null values left out)."""
-    flat = {f"{prefix}_{k}": v for k, v in metrics.items()
-            if k in ("pixel_accuracy", "miou", "mean_dice", "fw_iou", "boundary_miou") and v is not None}
-    for name, scores in metrics["per_class"].items():
-        for key in ("iou", "dice", "boundary_iou"):
-            if scores[key] is not None:
-                flat[f"{prefix}_{key}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"] = scores[key]
-    return flat
-
-
-def log_to_run(run_id: str | None, metrics: dict, metrics_path: Path, plots_dir: Path, out: Path) -> None:
-    if not run_id:
-        log.warning("the model has no MLflow run (trained with tracking off): results not logged to MLflow")
-        return
-    import mlflow
+def log_record(run_id: str, report: dict[str, Any], overlays_dir: Path | None = None,
+               plot_files: Sequence[Path] = ()) -> None:
+    """Record one evaluation (a ``full_report``) on MLflow run ``run_id`` under its key:
+    metrics ``<split>/<key>/...``, the tag ``evaluation/<key>``, and under
+    ``evaluations/<key>/`` the report (``evaluate.json``), ``plot_files`` (in ``plots/``)
+    and the ``overlays_dir`` folder (as ``overlays/``) (``pipeline.records``). Records of
+    other keys are left as they are."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(flat_metrics(metrics, metrics["split"]))
-        mlflow.log_artifact(str(metrics_path), "evaluation")
-        mlflow.log_artifacts(str(plots_dir), "evaluation/plots")
-        mlflow.log_artifacts(str(out), "evaluation/overlays")
-    log.info("logged to MLflow run %s", run_id)
+    key = report["eval_key"]
+    client = MlflowClient(tracking.tracking_uri())
+    now = int(time.time() * 1000)
+    tag, about = records.record_tag(report)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
+                                      for k, v in records.flat_metrics(report).items()])
+    client.set_tag(run_id, tag, about)
+    client.log_dict(run_id, report, f"{records.artifact_dir(key)}/{REPORT_FILE}")
+    for path in plot_files:
+        client.log_artifact(run_id, str(path), records.artifact_dir(key, records.PLOTS))
+    if overlays_dir is not None:
+        client.log_artifacts(run_id, str(overlays_dir), records.artifact_dir(key, records.OVERLAYS))
+    log.info("recorded on MLflow run %s as evaluation %s", run_id, key)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

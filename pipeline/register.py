@@ -1,6 +1,6 @@
 """Stage ``register``: the evaluated model into the MLflow Model Registry, behind a gate.
 
-    python -m pipeline.register --model models/train --metrics metrics/evaluate.json \\
+    python -m pipeline.register --model models/train --metrics evaluation/evaluate.json \\
         --data data/prepared --out models/registry.json
 
 1. The model the training logged (its run's ``model_uri`` tag) becomes a version of
@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
+from pipeline.evaluate import eval_key
 from pipeline.io import read_json, write_json_atomic
 from pipeline.modelio import read_config
 from pipeline.params import EvaluateParams, RegisterParams, load_params
+from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
 
 log = logging.getLogger("pipeline.register")
 
 SOURCE_RUN_TAG = "mlflow_run_id"
-EVAL_KEY_TAG = "eval_key"
-SCORE_TAG = "test_miou"
 
 
 class RegisterError(RuntimeError):
@@ -55,13 +55,6 @@ class Decision:
     previous_champion: str | None = None
     previous_champion_test_miou: float | None = None
     onnx_uri: str | None = None
-
-
-def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
-    """Scores with equal keys are comparable: same test set, same evaluation settings."""
-    settings = cfg.model_dump(mode="json", exclude={"overlays", "threads"})
-    blob = json.dumps({"split_version": metrics["split_version"], "settings": settings}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
 def params_hash(config: dict[str, Any]) -> str:
@@ -198,7 +191,8 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=paths.TRAIN_OUT)
-    parser.add_argument("--metrics", type=Path, default=paths.EVAL_METRICS)
+    parser.add_argument("--metrics", type=Path, default=paths.EVAL_REPORT,
+                        help="the evaluate stage's whole report")
     parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
     parser.add_argument("--out", type=Path, default=paths.REGISTER_OUT)
     parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import api
+from pipeline import api, records
 from pipeline.images import ImageError, ImageLimits, decode_image
 from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
@@ -108,7 +108,9 @@ class ModelRef:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
-    test_metrics: dict[str, float] = field(default_factory=dict)
+    # The version's recorded evaluation (pipeline.records.version_evaluation): the score and
+    # key the registry gate used, never whatever the run was evaluated with last.
+    evaluation: dict[str, Any] | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,8 +128,8 @@ def resolve_model(spec: str, name: str, tracking_uri: str) -> ModelRef:
 
     client = MlflowClient(tracking_uri)
     if spec.startswith("runs:/"):
-        run_id = spec.split("/")[1]
-        return ModelRef(uri=spec, run_id=run_id, test_metrics=_test_metrics(client, run_id))
+        # A run is no registered version: it has no recorded evaluation of its own.
+        return ModelRef(uri=spec, run_id=spec.split("/")[1])
     alias = None
     if spec.startswith("models:/"):
         rest = spec[len("models:/"):]
@@ -149,7 +151,7 @@ def resolve_model(spec: str, name: str, tracking_uri: str) -> ModelRef:
         raise LookupError(f"model {name!r} has no {what} in the MLflow store {tracking_uri} ({there}); "
                           "run the pipeline (dvc repro) or pick serve.model") from None
     return ModelRef(uri=f"models:/{name}/{mv.version}", name=name, version=str(mv.version), alias=alias,
-                    run_id=mv.run_id, test_metrics=_test_metrics(client, mv.run_id), tags=dict(mv.tags))
+                    run_id=mv.run_id, evaluation=records.version_evaluation(client, mv), tags=dict(mv.tags))
 
 
 def _versions(client, name: str) -> list:
@@ -159,13 +161,6 @@ def _versions(client, name: str) -> list:
         return client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []
-
-
-def _test_metrics(client, run_id: str | None) -> dict[str, float]:
-    if not run_id:
-        return {}
-    metrics = client.get_run(run_id).data.metrics
-    return {k: v for k, v in sorted(metrics.items()) if k.startswith("test_")}
 
 
 def load_segmentation_model(uri: str, tracking_uri: str | None = None):

@@ -1,7 +1,11 @@
 """Stage ``train``: Ray Train (TorchTrainer + Ray Data) around the plain loop in
 ``pipeline.engine``, one MLflow run per training, the best checkpoint as output.
 
-    python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json
+    python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json \\
+        --plots metrics/plots
+
+``--metrics`` holds the headline (best validation mIoU and pixel accuracy, best epoch, ...);
+the best epoch's per-class validation IoU goes to ``--plots``/``val_iou.json``.
 
 Same code on one CPU, one GPU or a cluster: with ``RAY_ADDRESS`` set it joins that
 cluster, otherwise it starts a local one. A re-run with the same params, data and
@@ -33,6 +37,8 @@ from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
 from pipeline.weights import WeightsUnavailableError, ensure_encoder_weights
 
 log = logging.getLogger("pipeline.train")
+
+VAL_IOU_PLOT = "val_iou.json"       # DVC plots data: the best epoch's validation IoU per class
 
 
 class TrainError(RuntimeError):
@@ -262,8 +268,29 @@ def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def write_summary(best: dict[str, Any], images_per_s: float, metrics_path: Path,
+                  plots_dir: Path) -> dict[str, Any]:
+    """The DVC metrics of a training, from the best epoch's reported ``best`` metrics: the
+    headline to ``metrics_path`` (returned), the per-class validation IoU to ``plots_dir``.
+    The headline is short because ``dvc metrics show`` puts the columns of every metrics
+    file in one table, which must fit a 200-column terminal (the epochs are a param)."""
+    summary = {
+        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
+        "val_pixel_accuracy": best["val_pixel_accuracy"], "val_mean_dice": best["val_mean_dice"],
+        "train_images_per_s": images_per_s,
+    }
+    val_iou = [{"class": k.removeprefix("val_iou_"), "iou": v}
+               for k, v in best.items() if k.startswith("val_iou_")]
+    write_json_atomic(Path(plots_dir) / VAL_IOU_PLOT, val_iou)
+    write_json_atomic(metrics_path, summary)
+    return summary
+
+
 def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS_FILE,
-          storage: Path = paths.RAY_RESULTS, track: bool = True) -> dict[str, Any]:
+          storage: Path = paths.RAY_RESULTS, track: bool = True,
+          plots_dir: Path = paths.PLOTS_DIR) -> dict[str, Any]:
+    """Train, export the best model to ``out``; returns the summary written to
+    ``metrics_path`` (and the best epoch's per-class IoU to ``plots_dir``)."""
     cfg = load_params(TrainParams, params)
     model_cfg = load_params(ModelParams, params)
     loss_cfg = load_params(LossParams, params)
@@ -271,14 +298,8 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     extra = {"data_version": data_version(data), "mlflow_run_id": run_id, "ray_run_name": name,
              "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
     best = export_best(result, out, extra)
-    summary = {
-        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
-        "epochs": cfg.epochs, "val_pixel_accuracy": best["val_pixel_accuracy"],
-        "val_iou": {k.removeprefix("val_iou_"): v for k, v in best.items() if k.startswith("val_iou_")},
-        # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
-        "train_images_per_s": float(result.metrics["train_images_per_s"]),
-    }
-    write_json_atomic(metrics_path, summary)
+    # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
+    summary = write_summary(best, float(result.metrics["train_images_per_s"]), metrics_path, plots_dir)
     if run_id is not None:
         _finish_mlflow(run_id, out, metrics_path, summary)
     run_identity.mark_complete(Path(storage).resolve() / name, {"mlflow_run_id": run_id, "out": str(out)})
@@ -305,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
     parser.add_argument("--out", type=Path, default=paths.TRAIN_OUT)
-    parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "train.json")
+    parser.add_argument("--metrics", type=Path, default=paths.TRAIN_METRICS)
+    parser.add_argument("--plots", type=Path, default=paths.PLOTS_DIR)
     parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
     parser.add_argument("--storage", type=Path, default=paths.RAY_RESULTS)
     return parser.parse_args(argv)
@@ -316,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     console.quiet_mlflow_progress()
     args = parse_args(argv)
     try:
-        train(args.data, args.out, args.metrics, args.params, args.storage)
+        train(args.data, args.out, args.metrics, args.params, args.storage, plots_dir=args.plots)
     except (TrainError, ParamsError, WeightsUnavailableError) as exc:
         # Configuration errors, found before Ray starts: the message, not a traceback.
         raise SystemExit(f"train: {exc}") from None

@@ -85,12 +85,11 @@ def make_colour_coded_dataset(root: Path, n: int = 16, num_classes: int = 3,
             Image.fromarray(array).save(root / folder / f"img_{i:03d}.png")
 
 
-def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
-    """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
+def tiny_model(prepared: Path, seed: int = 0):
+    """A small untrained Unet for ``prepared``'s classes, and its ``ModelParams``."""
     import torch
 
-    from pipeline import paths, shards
-    from pipeline.inference import to_tensor
+    from pipeline import paths
     from pipeline.io import read_json
     from pipeline.models import ModelMeta, build_model
     from pipeline.params import ModelParams
@@ -99,7 +98,19 @@ def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
     classes = read_json(prepared / paths.CLASSES_FILE)
     cfg = ModelParams.defaults(arch="Unet", encoder_name="resnet18", encoder_weights=None)
     meta = ModelMeta(classes["names"], classes["palette"], ignore_index=classes["ignore_index"])
-    model = build_model(cfg, classes["num_classes"], meta)
+    return build_model(cfg, classes["num_classes"], meta), cfg
+
+
+def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
+    """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
+    import torch
+
+    from pipeline import paths, shards
+    from pipeline.inference import to_tensor
+    from pipeline.io import read_json
+
+    model, cfg = tiny_model(prepared, seed)
+    classes = read_json(prepared / paths.CLASSES_FILE)
     samples = list(shards.iter_samples(prepared, "train"))
     x = to_tensor([image for _, image, _ in samples], model.meta.mean, model.meta.std)
     y = torch.from_numpy(np.stack([mask for _, _, mask in samples])).long()
@@ -150,19 +161,22 @@ def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> 
 
 
 def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion",
-                     test_miou: float = 0.9) -> str:
-    """``model`` logged to a new run of the current tracking store (with a ``test_miou``
-    metric), registered as a version of ``name`` holding ``alias``; returns the version."""
+                     test_miou: float = 0.9, eval_key: str = "0123456789ab") -> str:
+    """``model`` logged to a new run of the current tracking store, registered as a version
+    of ``name`` holding ``alias`` and tagged, as the register stage tags it, with a recorded
+    evaluation (``test_miou`` under ``eval_key``); returns the version."""
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
+    from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
     from pipeline.register import model_version
 
     run_id = tracked_model(folder, model, cfg)
     client = MlflowClient(tracking.tracking_uri())
-    client.log_metric(run_id, "test_miou", test_miou)
     uri = client.get_run(run_id).data.tags["model_uri"]
     version = model_version(client, name, run_id, uri)
+    client.set_model_version_tag(name, version.version, SCORE_TAG, f"{test_miou:.6f}")
+    client.set_model_version_tag(name, version.version, EVAL_KEY_TAG, eval_key)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
@@ -198,3 +212,14 @@ def whole_image_accumulation(model, image: np.ndarray, tile: tuple[int, int], ov
                 total[:, y:y + th, x0:x0 + tw] += p
                 hits[:, y:y + th, x0:x0 + tw] += 1
     return total / hits
+
+
+def repo_params(path: Path, **sections: dict) -> Path:
+    """The repository's params.yaml written to ``path`` with each given section's keys
+    replaced by those given (every other key keeps the repository's value)."""
+    import yaml
+
+    from pipeline.params import default_params
+
+    path.write_text(yaml.safe_dump(default_params(sections)))
+    return path

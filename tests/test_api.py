@@ -13,7 +13,7 @@ from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
 from pipeline.service import ModelRef, Service, resolve_model
 from tests.conftest import CLASSES
-from tests.factories import registered_model
+from tests.factories import registered_model, repo_params, tracked_model
 
 
 def test_options():
@@ -99,12 +99,12 @@ def test_resolve_model(fitted, env):
     assert registered_model(env / "m2", model, cfg, "net", alias="challenger", test_miou=0.6) == "2"
     champion = resolve_model("champion", "net", uri)
     assert (champion.uri, champion.version, champion.alias) == ("models:/net/1", "1", "champion")
-    assert champion.test_metrics == {"test_miou": 0.5}
+    assert champion.evaluation == {"test_miou": 0.5, "eval_key": "0123456789ab", "split_version": None}
     assert resolve_model("2", "net", uri).uri == "models:/net/2"
     assert resolve_model("models:/net@challenger", "other", uri).version == "2"
     assert resolve_model("models:/net/1", "other", uri).version == "1"
     runs = resolve_model(f"runs:/{champion.run_id}/model", "net", uri)
-    assert runs.run_id == champion.run_id and runs.test_metrics == {"test_miou": 0.5}
+    assert runs.run_id == champion.run_id and runs.evaluation is None     # a run is no registered version
     with pytest.raises(LookupError, match=r"no version '7'.*versions 1, 2"):
         resolve_model("7", "net", uri)
     with pytest.raises(LookupError, match="no alias 'gold'"):
@@ -135,3 +135,36 @@ def test_replica_reports_a_model_that_fails_to_load(env):
         asyncio.run(replica._ready())
     assert err.value.status == 503
     assert not ray.is_initialized(), "constructing the replica class outside Serve started Ray"
+
+
+def test_metadata_shows_the_versions_recorded_score_after_a_later_evaluation(coded, fitted, env):
+    """/metadata reports what the register stage recorded for the version (its test mIoU and
+    evaluation key), not the scores of whatever evaluation of the run came last."""
+    import yaml
+
+    from pipeline.evaluate import evaluate
+    from pipeline.params import parse_section
+    from pipeline.register import register
+
+    model, cfg = fitted
+    tracked_model(env / "model", model, cfg)
+    small = {"scales": [1.0], "overlays": {"samples": 0, "worst_per_class": 0}}
+    params = repo_params(env / "params.yaml", evaluate=small | {"flip_tta": True},
+                         register={"model_name": "meta-unet", "onnx": False})
+    first = evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params)
+    register(env / "model", env / "evaluation" / "evaluate.json", coded, env / "registry.json", params)
+    # Evaluated again with other settings (a new record on the same run), not registered.
+    later = repo_params(env / "later.yaml", evaluate=small | {"flip_tta": False, "scales": [0.5]})
+    second = evaluate(env / "model", coded, env / "later", env / "later.json", env / "later-plots", later)
+    assert second["eval_key"] != first["eval_key"]
+    assert second["miou"] != pytest.approx(first["miou"], abs=1e-6)
+
+    ref = resolve_model("champion", "meta-unet", f"sqlite:///{env / 'mlflow.db'}")
+    serve = parse_section(ServeParams, yaml.safe_load(params.read_text())["serve"] | {"threads": 1})
+    shown = Service(model, ref, serve).metadata()["model"]["evaluation"]
+    assert shown["eval_key"] == first["eval_key"]
+    assert shown["test_miou"] == pytest.approx(first["miou"], abs=1e-6)
+    assert shown["metrics"]["miou"] == pytest.approx(first["miou"])
+    assert shown["metrics"]["mean_dice"] == pytest.approx(first["mean_dice"])
+    assert shown["settings"]["flip_tta"] is True and shown["split_version"] == first["split_version"]
+    json.dumps(shown)                                              # the /metadata answer is JSON

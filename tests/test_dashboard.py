@@ -9,15 +9,14 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-import yaml
 from streamlit.testing.v1 import AppTest
 
 from pipeline import paths
 from pipeline.evaluate import evaluate
-from pipeline.params import ServeParams, default_params
+from pipeline.params import ServeParams
 from pipeline.register import register
 from pipeline.service import ModelRef, Service
-from tests.factories import constant_model, free_port, tracked_model
+from tests.factories import constant_model, free_port, repo_params, tracked_model
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboards" / "app.py")
@@ -38,8 +37,8 @@ def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[floa
         client.log_metric(run_id, "train_loss", 1.0 - value, step=step)
     metrics = evaluate(folder / "model", data, folder / paths.EVAL_OUT, folder / paths.EVAL_METRICS,
                        folder / paths.PLOTS_DIR, root / "params.yaml")
-    register(folder / "model", folder / paths.EVAL_METRICS, data, folder / "registry.json",
-             root / "params.yaml")
+    params = root / "params.yaml"
+    register(folder / "model", folder / paths.EVAL_REPORT, data, folder / "registry.json", params)
     return metrics | {"run_id": run_id}
 
 
@@ -54,10 +53,8 @@ def workspace(coded, fitted, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DVC_ROOT", str(root))
         mp.chdir(root)
-        (root / "params.yaml").write_text(yaml.safe_dump(default_params({
-            "evaluate": {"flip_tta": False, "scales": [1.0],
-                         "overlays": {"samples": 2, "worst_per_class": 1}},
-            "register": {"model_name": NAME, "onnx": False}})))
+        repo_params(root / "params.yaml", register={"model_name": NAME, "onnx": False}, evaluate={
+            "flip_tta": False, "scales": [1.0], "overlays": {"samples": 2, "worst_per_class": 1}})
         bad = evaluated(root, root / "old", constant_model(model, 0), cfg, coded, [0.2, 0.3])
         good = evaluated(root, root, model, cfg, coded, [0.4, 0.7, 0.8])
     (root / paths.PREPARED_DIR).mkdir(parents=True)
@@ -105,12 +102,13 @@ def test_per_class_for_any_evaluated_run(app, workspace):
         assert table.loc[name, "IoU"] == pytest.approx(scores["iou"], nan_ok=True)
         assert table.loc[name, "recall"] == pytest.approx(scores["recall"], nan_ok=True)
     picker = app.selectbox(key="per-class-run")
-    assert picker.value == good["run_id"]
-    # Labels: the champion first, each with its version and test mIoU.
+    assert picker.value == (good["run_id"], good["eval_key"])
+    # Labels: the champion's recorded evaluation first, each with its version, test mIoU and key.
     assert len(picker.options) == 2
     assert "v2 @champion" in picker.options[0] and f"{good['miou']:.3f}" in picker.options[0]
+    assert good["eval_key"] in picker.options[0]
     assert "v1" in picker.options[1] and f"{bad['miou']:.3f}" in picker.options[1]
-    picker.select(bad["run_id"]).run()          # read from the run's MLflow artifacts
+    picker.select((bad["run_id"], bad["eval_key"])).run()          # read from the run's MLflow artifacts
     assert not app.exception
     table = app.dataframe[0].value.set_index("class")
     for name, scores in bad["per_class"].items():
@@ -156,13 +154,74 @@ def test_runs_table_and_comparison(app, workspace):
     page(app, "runs")
     table = app.dataframe[0].value
     assert len(table) == 2
-    assert sorted(table["metrics.test_miou"]) == pytest.approx(sorted([workspace["bad"]["miou"],
-                                                                       workspace["good"]["miou"]]))
+    scores = sorted([workspace["bad"]["miou"], workspace["good"]["miou"]])
+    assert sorted(table["registered test mIoU"]) == pytest.approx(scores, abs=1e-6)
+    assert list(table["evaluations"]) == [1, 1]
     iou = chart(app, "compare-iou")
     assert len(iou["data"]) == 2                     # one bar series per run
     curves = chart(app, "compare-curves")
     assert {t["name"] for t in curves["data"]} == set(table["label"])
     assert "#/experiments/" in app.markdown[-1].value
+
+
+def test_a_later_evaluation_adds_a_record_and_is_never_shown_stale(coded, fitted, tmp_path, monkeypatch):
+    """The champion page shows the registered version's recorded evaluation; evaluating the
+    run again with other settings adds a record the pages show fresh (the artifact caches are
+    keyed by run id and evaluation key), and registering it again moves the recorded score."""
+    from dashboards import ui
+
+    model, cfg = fitted
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path)
+    small = {"scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 0}}
+    repo_params(tmp_path / "params.yaml", register={"model_name": NAME, "onnx": False},
+                evaluate=small | {"flip_tta": True})
+    first = evaluated(tmp_path, tmp_path, model, cfg, coded, [0.5])
+
+    def shown(name: str, **select) -> AppTest:
+        for cached in (ui.champion, ui.runs, ui.evaluations, ui.versions, ui.registered_scores):
+            cached.clear()          # MLflow tables may lag TTL_S; a record's files may never be stale
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        page(at, name)
+        for key, value in select.items():
+            at.selectbox(key=key).select(value).run()
+            assert not at.exception, [e.message for e in at.exception]
+        return at
+
+    def per_class(at: AppTest) -> dict:
+        return at.dataframe[0].value.set_index("class")["IoU"].to_dict()
+
+    at = shown("overview")
+    assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{first['miou']:.3f}"
+    at = shown("per_class")
+    assert per_class(at) == pytest.approx({n: s["iou"] for n, s in first["per_class"].items()}, nan_ok=True)
+
+    # The same run evaluated again in the workspace with other settings: a second record.
+    repo_params(tmp_path / "params.yaml", register={"model_name": NAME, "onnx": False},
+                evaluate=small | {"flip_tta": False, "scales": [0.5]})
+    second = evaluate(tmp_path / "model", coded, tmp_path / paths.EVAL_OUT, tmp_path / paths.EVAL_METRICS,
+                      tmp_path / paths.PLOTS_DIR, tmp_path / "params.yaml")
+    assert second["eval_key"] != first["eval_key"] and f"{second['miou']:.3f}" != f"{first['miou']:.3f}"
+    at = shown("overview")                          # still the score the version was registered with
+    assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{first['miou']:.3f}"
+    at = shown("per_class")
+    picker = at.selectbox(key="per-class-run")
+    assert picker.value == (first["run_id"], first["eval_key"]) and len(picker.options) == 2
+    assert per_class(at) == pytest.approx({n: s["iou"] for n, s in first["per_class"].items()}, nan_ok=True)
+    at = shown("per_class", **{"per-class-run": (first["run_id"], second["eval_key"])})
+    assert per_class(at) == pytest.approx({n: s["iou"] for n, s in second["per_class"].items()}, nan_ok=True)
+    assert {m.label: m.value for m in at.metric}["mIoU"] == f"{second['miou']:.3f}"
+
+    # Registered again with the new settings: the version now records the second evaluation.
+    register(tmp_path / "model", tmp_path / paths.EVAL_REPORT, coded, tmp_path / "registry.json",
+             tmp_path / "params.yaml")
+    at = shown("overview")
+    assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{second['miou']:.3f}"
+    at = shown("overlays")
+    assert at.selectbox(key="overlays-run").value == (first["run_id"], second["eval_key"])
 
 
 class StandIn(BaseHTTPRequestHandler):

@@ -5,26 +5,31 @@ import copy
 import io
 import json
 import os
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from pipeline import overlays, shards
+from pipeline import evaluate as stage
+from pipeline import overlays, records, shards
 from pipeline.boundary import BoundaryIoU, boundary_band
 from pipeline.evaluate import EvaluateError, Evaluation, evaluate, report
 from pipeline.metrics import confusion_matrix
 from pipeline.modelio import save_model
-from pipeline.params import default_params
+from pipeline.params import EvaluateParams, default_params, load_params
 from pipeline.predictor import Predictor, window_starts
 from tests.conftest import CLASSES
-from tests.factories import tracked_model
+from tests.factories import repo_params, tracked_model
 
 C, IGNORE = 5, 255
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_masks(seed: int = 0, shape=(3, 40, 50)):
@@ -153,7 +158,10 @@ def test_stage_per_class_iou_agrees_with_scikit_learn_on_its_predictions(coded, 
     metrics = evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params)
 
     assert metrics["miou"] > 0.8                       # the colour-coded data is learnt
-    assert json.loads((env / "metrics.json").read_text()) == metrics
+    assert json.loads((env / "evaluation" / "evaluate.json").read_text()) == metrics     # the whole report
+    assert json.loads((env / "metrics.json").read_text()) == stage.headline(metrics)    # DVC's: no tables
+    assert set(stage.headline(metrics)) == {"eval_key", "miou", "pixel_accuracy", "mean_dice", "fw_iou",
+                                            "boundary_miou"}
     index = json.loads((env / "evaluation" / "index.json").read_text())
     truths, preds = [], []
     for image_id, _, truth in shards.iter_samples(coded, "test"):
@@ -181,21 +189,22 @@ def test_stage_per_class_iou_agrees_with_scikit_learn_on_its_predictions(coded, 
         assert all((env / "evaluation" / f).stat().st_size > 0 for f in files.values())
     assert [c["name"] for c in index["classes"]] == CLASSES
 
-    # DVC plots data: IoU bars, and confusion rows that sum to 1 over each truth class.
-    bars = json.loads((env / "plots" / "per_class_iou.json").read_text())
-    assert [b["class"] for b in bars] == CLASSES
+    # DVC plots data: the per-class table, and confusion rows that sum to 1 over each truth class.
+    bars = json.loads((env / "plots" / "per_class.json").read_text())
+    assert bars == [{"class": n} | metrics["per_class"][n] for n in CLASSES]
     rows = json.loads((env / "plots" / "confusion.json").read_text())
     assert len(rows) == 9
     for name in CLASSES:
         assert sum(r["fraction"] for r in rows if r["truth"] == name) == pytest.approx(1.0, abs=1e-5)
 
-    # Everything is on the training's MLflow run.
+    # Everything is on the training's MLflow run, as the record of this evaluation's key.
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_id)
-    assert run.data.metrics["test_miou"] == pytest.approx(metrics["miou"])
-    assert run.data.metrics["test_iou_car"] == pytest.approx(metrics["per_class"]["car"]["iou"])
-    listed = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/plots", "evaluation/overlays"} <= listed
+    key = metrics["eval_key"]
+    assert run.data.metrics[f"test/{key}/miou"] == pytest.approx(metrics["miou"])
+    assert run.data.metrics[f"test/{key}/iou/car"] == pytest.approx(metrics["per_class"]["car"]["iou"])
+    listed = {a.path for a in client.list_artifacts(run_id, f"evaluations/{key}/plots")}
+    assert listed == {f"evaluations/{key}/plots/{f}" for f in ("per_class.json", "confusion.json")}
 
 
 def test_a_model_for_other_classes_is_refused_and_nothing_written(coded, fitted, env, tmp_path):
@@ -208,3 +217,64 @@ def test_a_model_for_other_classes_is_refused_and_nothing_written(coded, fitted,
         evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params,
                  track=False)
     assert not (env / "evaluation").exists() and not (env / "metrics.json").exists()
+
+
+SMALL = {"scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 1}, "threads": None}
+
+
+def test_the_evaluation_key_changes_with_what_changes_a_score_only():
+    from pipeline.params import EvaluateParams, parse_section
+
+    def key(split_version="sha256:a", **settings):
+        cfg = parse_section(EvaluateParams, base | settings)
+        return stage.eval_key({"split_version": split_version}, cfg)
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]
+    first = key()
+    assert len(first) == 12 and first == key()
+    assert key(threads=2) == first and key(overlays={"samples": 0, "worst_per_class": 0}) == first
+    for changed in ({"split_version": "sha256:b"}, {"flip_tta": not base["flip_tta"]}, {"scales": [1.0]},
+                    {"tile_size": [256, 256]}, {"tile_overlap": 0.5}, {"tile_above_pixels": 4096},
+                    {"boundary_width": 0.05}, {"split": "val"}):
+        assert key(**changed) != first, changed
+
+
+def test_two_evaluations_with_other_settings_are_two_records_on_the_run(coded, fitted, env):
+    """Each evaluation is recorded under its key (metrics, tag, artifacts); a second one with
+    other settings adds a record and leaves the first as it was."""
+    model, cfg = fitted
+    run_id = tracked_model(env / "model", model, cfg)
+    done = []
+    for name, settings in (("a", {"flip_tta": True}), ("b", {"flip_tta": False, "scales": [0.5]})):
+        params = repo_params(env / f"{name}.yaml", evaluate=SMALL | settings)
+        done.append(evaluate(env / "model", coded, env / name / "evaluation", env / name / "metrics.json",
+                             env / name / "plots", params))
+    a, b = done
+    assert a["eval_key"] != b["eval_key"] and a["miou"] != pytest.approx(b["miou"], abs=1e-6)
+    assert (a["mlflow_run_id"], a["split"], a["settings"]["flip_tta"]) == (run_id, "test", True)
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert not [k for k in run.data.metrics if k.startswith("test_")]      # no score without its key
+    found = records.run_records(run.data.metrics, run.data.tags)
+    assert set(found) == {a["eval_key"], b["eval_key"]}
+    for done_ in (a, b):
+        key = done_["eval_key"]
+        assert run.data.metrics[f"test/{key}/miou"] == pytest.approx(done_["miou"])
+        assert run.data.metrics[f"test/{key}/iou/car"] == pytest.approx(done_["per_class"]["car"]["iou"])
+        assert found[key]["settings"] == done_["settings"]
+        assert found[key]["miou"] == pytest.approx(done_["miou"])
+        assert mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluations/{key}/evaluate.json") == done_
+        listed = {x.path for x in client.list_artifacts(run_id, f"evaluations/{key}")}
+        assert listed == {f"evaluations/{key}/{p}" for p in ("evaluate.json", "plots", "overlays")}
+        overlays_index = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluations/{key}/overlays/index.json")
+        assert overlays_index["eval_key"] == key
+
+    # The helpers the register stage re-scores with: a report of the same settings has the same key.
+    params = load_params(EvaluateParams, env / "a.yaml")
+    again = stage.full_report(stage.evaluate_split(model, coded, params), coded, params, run_id)
+    assert again["eval_key"] == a["eval_key"] and again["miou"] == pytest.approx(a["miou"], abs=1e-9)
+    stage.log_record(run_id, again)
+    run = client.get_run(run_id)
+    assert set(records.run_records(run.data.metrics, run.data.tags)) == {a["eval_key"], b["eval_key"]}
+    assert run.data.metrics[f"test/{b['eval_key']}/miou"] == pytest.approx(b["miou"])

@@ -34,7 +34,8 @@ def train_evaluate_register(env, tag, model, cfg, data, params):
     tracked_model(folder / "model", model, cfg)
     metrics = evaluate(folder / "model", data, folder / "evaluation", folder / "metrics.json",
                        folder / "plots", params)
-    decision = register(folder / "model", folder / "metrics.json", data, folder / "registry.json", params)
+    report = folder / "evaluation" / "evaluate.json"
+    decision = register(folder / "model", report, data, folder / "registry.json", params)
     assert json.loads((folder / "registry.json").read_text())["promoted"] == decision.promoted
     return metrics, decision
 
@@ -49,6 +50,7 @@ def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == "1"
     assert float(champion.tags["test_miou"]) == pytest.approx(good["miou"], abs=1e-6)
+    assert champion.tags["eval_key"] == good["eval_key"]            # the record the score comes from
     assert {"data_version", "params_hash", "git_commit", "split_version", "onnx_uri"} <= set(champion.tags)
 
     params = write_params(env / "params.yaml")
@@ -60,7 +62,8 @@ def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
 
     # Registering the same run again reuses its version.
-    again = register(env / "bad" / "model", env / "bad" / "metrics.json", coded, env / "again.json", params)
+    again = register(env / "bad" / "model", env / "bad" / "evaluation" / "evaluate.json", coded,
+                     env / "again.json", params)
     assert again.version == "2" and not again.promoted
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
 

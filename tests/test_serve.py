@@ -137,7 +137,8 @@ def test_health_and_metadata(server):
     assert status == 200
     model = meta["model"]
     assert (model["name"], model["version"], model["alias"]) == (NAME, "1", "champion")
-    assert model["test_metrics"] == {"test_miou": pytest.approx(0.87)}
+    assert model["evaluation"] == {"test_miou": pytest.approx(0.87), "eval_key": "0123456789ab",
+                                   "split_version": None}
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
     assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,

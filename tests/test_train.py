@@ -1,5 +1,6 @@
 """Training on a real local Ray cluster with tiny generated data, tracked in a real MLflow store."""
 
+import json
 import os
 import signal
 import threading
@@ -31,9 +32,12 @@ def local_ray():
 
 def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local_ray):
     params = write_params(env / "params.yaml")
-    summary = train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results")
+    summary = train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results",
+                                plots_dir=env / "plots")
 
-    assert 0 <= summary["best_val_miou"] <= 1 and set(summary["val_iou"]) == set(CLASSES)
+    assert 0 <= summary["best_val_miou"] <= 1 and json.loads((env / "metrics.json").read_text()) == summary
+    val_iou = json.loads((env / "plots" / train_stage.VAL_IOU_PLOT).read_text())     # DVC plots data
+    assert [row["class"] for row in val_iou] == CLASSES
     model = load_model(env / "model")
     assert list(model.meta.class_names) == CLASSES
     mask = predict_mask(model, np.zeros((37, 53, 3), np.uint8))       # any size
@@ -102,7 +106,7 @@ def test_killed_worker_resumes_from_its_checkpoint(prepared, env, local_ray):
     assert starts[0] == 0 and max(starts) >= 1                          # resumed, not restarted
     epochs = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_miou")})
     assert epochs == [0, 1, 2, 3]
-    assert summary["epochs"] == 4
+    assert run.data.params["train.epochs"] == "4" and 1 <= summary["best_epoch"] <= 4
 
 
 def test_too_many_cpus_per_worker_is_refused_before_it_hangs(prepared, env, local_ray):

@@ -1,4 +1,4 @@
-"""The confusion matrix of a run's test split, row-normalised, with counts on hover."""
+"""The confusion matrix of an evaluation record's split, row-normalised, with counts on hover."""
 
 import numpy as np
 import plotly.graph_objects as go
@@ -8,8 +8,8 @@ from dashboards import data, ui
 
 src = ui.sources()
 st.title("Confusion matrix")
-run_id = ui.pick_run(src, key="confusion-run")
-names, counts = ui.confusion(src, run_id)
+run_id, eval_key = ui.pick_record(src, key="confusion-run")
+names, counts = ui.confusion(src, run_id, eval_key)
 share = data.row_normalised(counts)
 fig = go.Figure(go.Heatmap(
     z=[[None if np.isnan(v) else float(v) for v in row] for row in share], x=names, y=names,

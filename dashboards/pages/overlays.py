@@ -8,8 +8,8 @@ from pipeline import overlays
 
 src = ui.sources()
 st.title("Overlays")
-run_id = ui.pick_run(src, key="overlays-run")
-index = ui.index(src, run_id)
+run_id, eval_key = ui.pick_record(src, key="overlays-run")
+index = ui.index(src, run_id, eval_key)
 names = [c["name"] for c in index["classes"]]
 palette = [c["color"] for c in index["classes"]]
 by_id = {im["id"]: im for im in index["images"] if "image" in im.get("files", {})}
@@ -31,13 +31,13 @@ with left:
     shown = st.multiselect("Classes shown", names, default=names, key="classes-shown")
 
 entry = by_id[image_id]
-image = ui.picture(src, run_id, entry["files"]["image"])
+image = ui.picture(src, run_id, eval_key, entry["files"]["image"])
 if view == "image":
     picture = image
 elif view == "errors":
-    picture = overlays.blend(image, ui.picture(src, run_id, entry["files"]["error"]), alpha)
+    picture = overlays.blend(image, ui.picture(src, run_id, eval_key, entry["files"]["error"]), alpha)
 else:
-    mask = ui.picture(src, run_id, entry["files"][view])
+    mask = ui.picture(src, run_id, eval_key, entry["files"][view])
     colours = overlays.colorize(mask, palette)
     keep = np.isin(mask, [names.index(n) for n in shown])
     blended = overlays.blend(image, colours, alpha)

@@ -15,15 +15,24 @@ if champ is None:
     st.stop()
 
 st.subheader(f"{champ.name} · version {champ.version} · @{champ.alias}")
-m = champ.metrics
-cols = st.columns(4)
-for col, (label, key) in zip(cols, [("test mIoU", "test_miou"), ("pixel accuracy", "test_pixel_accuracy"),
-                                    ("mean Dice", "test_mean_dice"), ("boundary mIoU", "test_boundary_miou")],
-                             strict=True):
-    col.metric(label, f"{m[key]:.3f}" if key in m else "—")
+# The version's recorded evaluation: the score the registry gate compared, and the other
+# scores of the same record (not whichever evaluation of the run came last).
+evaluation = champ.evaluation or {}
+scores = {"test mIoU": evaluation.get("test_miou")} | {
+    label: evaluation.get("metrics", {}).get(key)
+    for label, key in (("pixel accuracy", "pixel_accuracy"), ("mean Dice", "mean_dice"),
+                       ("boundary mIoU", "boundary_miou"))}
+for col, (label, value) in zip(st.columns(4), scores.items(), strict=True):
+    col.metric(label, "—" if value is None else f"{value:.3f}")
+if champ.evaluation is None:
+    st.caption("This version has no recorded evaluation (tags `test_miou`, `eval_key`): register it with "
+               "the pipeline's register stage.")
+else:
+    st.caption(f"evaluation `{champ.eval_key}` ({data.settings_label(evaluation.get('settings') or {})}) · "
+               f"test set `{evaluation.get('split_version') or '?'}`")
 st.caption(f"run `{champ.run_id}` · data `{champ.tags.get('data_version', '?')}` · commit "
            f"`{champ.tags.get('git_commit', '?')[:12]}` · best validation mIoU "
-           f"{m.get('best_val_miou', float('nan')):.3f}")
+           f"{champ.run_metrics.get('best_val_miou', float('nan')):.3f}")
 
 card = data.card(src)
 left, right = st.columns([2, 3])

@@ -1,4 +1,4 @@
-"""Per-class scores of any evaluated run: a bar chart in the class colours and a table."""
+"""Per-class scores of any evaluation record: a bar chart in the class colours and a table."""
 
 import streamlit as st
 
@@ -6,9 +6,9 @@ from dashboards import data, ui
 
 src = ui.sources()
 st.title("Per-class IoU")
-run_id = ui.pick_run(src, key="per-class-run")
-metrics = ui.scores(src, run_id)
-table = data.class_table(metrics, ui.class_colours(src, run_id))
+run_id, eval_key = ui.pick_record(src, key="per-class-run")
+metrics = ui.scores(src, run_id, eval_key)
+table = data.class_table(metrics, ui.class_colours(src, run_id, eval_key))
 c1, c2, c3 = st.columns(3)
 c1.metric("mIoU", f"{metrics['miou']:.3f}")
 c2.metric("mean Dice", f"{metrics['mean_dice']:.3f}")

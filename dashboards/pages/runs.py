@@ -1,4 +1,5 @@
-"""All MLflow runs; compare two or more: per-class IoU side by side and training curves."""
+"""All MLflow runs; compare two or more: per-class IoU of their evaluations side by side and
+training curves."""
 
 import plotly.express as px
 import streamlit as st
@@ -14,10 +15,14 @@ labels = ui.versions(src)
 names = [r.get("tags.mlflow.runName") or r["run_id"][:8] for _, r in table.iterrows()]
 table = table.assign(label=[f"{n} {labels.get(i, '')}".strip()
                             for n, i in zip(names, table["run_id"], strict=True)])
-columns = ["label", "status", "start_time"] + [c for c in (
-    "metrics.test_miou", "metrics.best_val_miou", "metrics.test_mean_dice", "metrics.test_pixel_accuracy",
-    "params.model.arch", "params.model.encoder_name", "params.train.epochs", "params.train.lr",
-    "params.loss.terms") if c in table]
+# A run's score is its registered version's recorded one; each evaluation is a record of its own.
+counts = ui.evaluations(src)["run_id"].value_counts()
+scores = ui.registered_scores(src)
+table = table.assign(**{"registered test mIoU": [scores.get(i) for i in table["run_id"]],
+                        "evaluations": [int(counts.get(i, 0)) for i in table["run_id"]]})
+columns = ["label", "status", "start_time", "registered test mIoU", "evaluations"] + [c for c in (
+    "metrics.best_val_miou", "params.model.arch", "params.model.encoder_name", "params.train.epochs",
+    "params.train.lr", "params.loss.terms") if c in table]
 st.dataframe(table[columns], hide_index=True, key="runs-table")
 
 chosen = st.multiselect("Compare runs", list(table["run_id"]), default=list(table["run_id"][:2]),
@@ -29,11 +34,13 @@ if len(chosen) < 2:
 picked = table[table["run_id"].isin(chosen)]
 names = dict(zip(picked["run_id"], picked["label"], strict=True))
 ious = data.per_class_iou(picked)
-source = "test"
 if ious.empty:
-    ious, source = data.per_class_iou(picked, "metrics.val_iou_"), "last validation"
-if not ious.empty:
+    ious, source = data.val_iou(picked), "last validation"
     ious["run"] = ious["run_id"].map(names)
+else:
+    source = "test evaluations"
+    ious["run"] = ious["run_id"].map(names) + " · " + ious["key"]       # one series per record
+if not ious.empty:
     fig = px.bar(ious, x="class", y="IoU", color="run", barmode="group", title=f"Per-class IoU ({source})")
     fig.update_layout(yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key="compare-iou")

@@ -32,15 +32,15 @@ if source == "upload":
         payload, name = upload.getvalue(), upload.name
 else:
     champ = ui.champion(src)
-    run_id = champ.run_id if champ is not None else None
-    if run_id is None:
-        st.info("No champion yet, so no test images to pick from.")
+    if champ is None or champ.eval_key is None:
+        st.info("No champion with a recorded evaluation yet, so no test images to pick from.")
     else:
-        index = ui.index(src, run_id)
+        run_id, eval_key = champ.run_id, champ.eval_key
+        index = ui.index(src, run_id, eval_key)
         ids = [im["id"] for im in index["images"] if "image" in im.get("files", {})]
         picked = st.selectbox("Test image", ids, key="test-image")
         entry = next(im for im in index["images"] if im["id"] == picked)
-        path = data.eval_file(src, run_id, entry["files"]["image"])
+        path = data.eval_file(src, run_id, eval_key, entry["files"]["image"])
         payload, name = path.read_bytes(), path.name
 
 if payload is not None and st.button("Segment", type="primary", key="segment"):
