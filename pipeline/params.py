@@ -232,6 +232,9 @@ class RegisterParams(Section):
     alias: str = Field(default="champion", min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     onnx: bool = Field(default=True, description="also log an ONNX export with dynamic batch, height, width")
     onnx_opset: int = Field(default=18, ge=13, le=23)
+    min_improvement: float = Field(..., ge=0, le=1, description=(
+        "test mIoU a candidate must gain over the champion to take the alias (runs of one "
+        "recipe differ by about 0.01)"))
 
 
 class ServeParams(Section):

@@ -32,12 +32,17 @@ from pipeline import paths
 from pipeline.io import read_json, write_json_atomic
 from pipeline.modelio import read_config
 from pipeline.params import EvaluateParams, RegisterParams, load_params
+from pipeline.registry_lock import registry_lock
 
 log = logging.getLogger("pipeline.register")
 
 SOURCE_RUN_TAG = "mlflow_run_id"
 EVAL_KEY_TAG = "eval_key"
 SCORE_TAG = "test_miou"
+SCORE_PREFIX = "score."          # score.<eval_key>: a test mIoU under another evaluation key
+INFERENCE_TAG = "inference"      # the inference settings baked into the version's model
+INFERENCE_FIELDS = ("flip_tta", "scales", "tile_above_pixels", "tile_size", "tile_overlap")
+MAX_ROUNDS = 5                   # re-score a holder that moved meanwhile at most this often
 
 
 class RegisterError(RuntimeError):
@@ -55,6 +60,7 @@ class Decision:
     previous_champion: str | None = None
     previous_champion_test_miou: float | None = None
     onnx_uri: str | None = None
+    min_improvement: float = 0.0
 
 
 def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
@@ -62,6 +68,11 @@ def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
     settings = cfg.model_dump(mode="json", exclude={"overlays", "threads"})
     blob = json.dumps({"split_version": metrics["split_version"], "settings": settings}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def inference_tag(cfg: EvaluateParams) -> str:
+    """The settings ``cfg`` predicts with (``pipeline.predictor``), as canonical JSON."""
+    return json.dumps(cfg.model_dump(mode="json", include=set(INFERENCE_FIELDS)), sort_keys=True)
 
 
 def params_hash(config: dict[str, Any]) -> str:
@@ -93,7 +104,8 @@ def current_champion(client, name: str, alias: str):
 
 
 def rescore(name: str, version: str, data: Path, cfg: EvaluateParams) -> float:
-    """Test mIoU of a registered version, evaluated here with ``cfg`` on ``data``."""
+    """Test mIoU of a registered version, evaluated here with ``cfg`` on ``data``.
+    Raises ``EvaluateError`` when the model and data cannot be evaluated together."""
     import mlflow.pyfunc
 
     from pipeline.evaluate import evaluate_split, report
@@ -102,29 +114,81 @@ def rescore(name: str, version: str, data: Path, cfg: EvaluateParams) -> float:
     return report(evaluate_split(model, data, cfg))["miou"]
 
 
+def recorded_score(version, key: str) -> float | None:
+    """The test mIoU recorded on a registry ``version`` under evaluation key ``key``, if any."""
+    tags = version.tags
+    if tags.get(EVAL_KEY_TAG) == key and SCORE_TAG in tags:
+        return float(tags[SCORE_TAG])
+    return float(tags[SCORE_PREFIX + key]) if SCORE_PREFIX + key in tags else None
+
+
+def record_score(client, name: str, version, key: str, score: float, split: str, settings: str) -> None:
+    """Keep a re-score on the version, so that later gates on this test set reuse it.
+
+    ``score.<key>`` always; the headline ``test_miou`` / ``eval_key`` / ``split_version``
+    tags move to it only when it was predicted with the version's own inference settings
+    (its ``inference`` tag), so the headline stays a score its pyfunc reproduces."""
+    client.set_model_version_tag(name, version.version, SCORE_PREFIX + key, repr(score))
+    if version.tags.get(INFERENCE_TAG) == settings:
+        for tag, value in ((SCORE_TAG, repr(score)), (EVAL_KEY_TAG, key), ("split_version", split)):
+            client.set_model_version_tag(name, version.version, tag, value)
+
+
 def decide(client, name: str, alias: str, candidate, score: float, key: str, data: Path,
-           cfg: EvaluateParams) -> Decision:
-    """Give ``candidate`` the alias if it beats the holder; say why either way."""
-    decision = Decision(name, str(candidate.version), alias, False, "", score)
-    champion = current_champion(client, name, alias)
+           cfg: EvaluateParams, min_improvement: float, split: str) -> Decision:
+    """Give ``candidate`` the alias if it beats the holder by ``min_improvement``; say why.
+
+    The holder is read, compared and the alias set inside the registry lock
+    (``pipeline.registry_lock``), so concurrent registers promote one at a time. A holder
+    with no score for this test set and these settings is re-evaluated outside the lock
+    (minutes on a real test set), the score recorded on it, and the gate tried again."""
+    from pipeline.evaluate import EvaluateError
+
+    decision = Decision(name, str(candidate.version), alias, False, "", score,
+                        min_improvement=min_improvement)
+    rescored: set[str] = set()
+    for _ in range(MAX_ROUNDS):
+        with registry_lock(client, name):
+            champion = current_champion(client, name, alias)
+            held = None if champion is None else recorded_score(champion, key)
+            if champion is None or str(champion.version) == str(candidate.version) or held is not None:
+                _compare(decision, champion, held, min_improvement,
+                         "re-evaluated on this test set," if champion is not None
+                         and str(champion.version) in rescored else "its recorded")
+                if decision.promoted:
+                    client.set_registered_model_alias(name, alias, candidate.version)
+                return decision
+        try:
+            held = rescore(name, champion.version, data, cfg)
+        except EvaluateError as exc:
+            # Not comparable on this test set (e.g. other classes): no evidence the candidate
+            # is better, so the holder keeps the alias until a person moves it.
+            decision.previous_champion = str(champion.version)
+            decision.reason = (f"{alias} version {champion.version} could not be re-evaluated on this "
+                               f"test set ({exc}), so the two cannot be compared; version "
+                               f"{candidate.version} is registered without @{alias} (set the alias by hand, "
+                               f"or use another register.model_name for another dataset)")
+            return decision
+        record_score(client, name, champion, key, held, split, inference_tag(cfg))
+        rescored.add(str(champion.version))
+    raise RegisterError(f"@{alias} of {name} moved {MAX_ROUNDS} times while this register ran")
+
+
+def _compare(decision: Decision, champion, held: float | None, min_improvement: float, how: str) -> None:
+    alias, score = decision.alias, decision.test_miou
     if champion is None:
         decision.promoted, decision.reason = True, f"no {alias} yet"
-    elif str(champion.version) == str(candidate.version):
+        return
+    if str(champion.version) == decision.version:
         decision.promoted, decision.reason = True, f"already the {alias}"
-    else:
-        decision.previous_champion = str(champion.version)
-        if champion.tags.get(EVAL_KEY_TAG) == key:
-            held, how = float(champion.tags[SCORE_TAG]), "its recorded"
-        else:
-            held, how = rescore(name, champion.version, data, cfg), "re-evaluated on this test set,"
-        decision.previous_champion_test_miou = held
-        decision.promoted = score > held
-        verb = "beats" if decision.promoted else "does not beat"
-        decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} "
-                           f"({how} test mIoU {held:.4f})")
-    if decision.promoted:
-        client.set_registered_model_alias(name, alias, candidate.version)
-    return decision
+        return
+    decision.previous_champion, decision.previous_champion_test_miou = str(champion.version), held
+    # A margin below float rounding of the two recorded scores counts as met.
+    decision.promoted = score - held >= min_improvement - 1e-9
+    verb = "beats" if decision.promoted else "does not beat"
+    decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} ({how} test mIoU "
+                       f"{held:.4f}) by at least register.min_improvement {min_improvement:.4f} "
+                       f"(difference {score - held:+.4f})")
 
 
 def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, split: str) -> str:
@@ -180,14 +244,15 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
     score, key = float(metrics["miou"]), eval_key(metrics, eval_cfg)
     version = model_version(client, cfg.model_name, run_id, model_uri)
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
-            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: f"{score:.6f}",
-            EVAL_KEY_TAG: key, "split_version": metrics["split_version"],
+            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: repr(score),
+            EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), "split_version": metrics["split_version"],
             "dvc_exp": run.data.tags.get("dvc_exp", "")}
     if cfg.onnx and "onnx_uri" not in version.tags:
         tags["onnx_uri"] = log_onnx(run_id, model_dir, data, cfg, eval_cfg.split)
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version.version, k, str(v))
-    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg)
+    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg,
+                      cfg.min_improvement, metrics["split_version"])
     decision.onnx_uri = tags.get("onnx_uri", version.tags.get("onnx_uri"))
     write_json_atomic(out, asdict(decision))
     log.info("%s version %s: %s; %s", cfg.model_name, version.version,

@@ -1,29 +1,40 @@
 """The register stage against a real MLflow store: the champion gate, idempotent
 registration, re-scoring a champion evaluated otherwise, loading by alias, ONNX."""
 
+import copy
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import register as register_module
 from pipeline.evaluate import evaluate
 from pipeline.inference import to_tensor
 from pipeline.onnx_export import onnx_logits
-from pipeline.register import register
+from pipeline.register import model_version, register
 from tests.conftest import CLASSES
 from tests.factories import constant_model, tracked_model
 
 NAME = "tiny-unet"
 
 
-def write_params(path, flip_tta=True, onnx=False):
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def write_params(path, flip_tta=True, onnx=False, min_improvement=0.01):
+    """The repository's evaluate and register sections, with a few tiny-data changes."""
+    repo = yaml.safe_load(REPO_PARAMS.read_text())
     path.write_text(json.dumps({
-        "evaluate": {"flip_tta": flip_tta, "overlays": {"samples": 1, "worst_per_class": 0}},
-        "register": {"model_name": NAME, "onnx": onnx},
+        "evaluate": repo["evaluate"] | {"flip_tta": flip_tta, "scales": [1.0],
+                                        "overlays": {"samples": 1, "worst_per_class": 0}},
+        "register": repo["register"] | {"model_name": NAME, "onnx": onnx, "min_improvement": min_improvement},
     }))
     return path
 
@@ -92,3 +103,60 @@ def test_a_champion_scored_otherwise_is_rescored_on_this_test_set(coded, fitted,
     _, decision = train_evaluate_register(env, "bad", constant_model(model, 1), cfg, coded, params)
     assert not decision.promoted and "re-evaluated" in decision.reason
     assert decision.previous_champion_test_miou == pytest.approx(redo["miou"], abs=1e-9)
+
+
+def test_a_candidate_must_beat_the_champion_by_min_improvement(coded, fitted, env):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    params = write_params(env / "params.yaml", min_improvement=0.01)
+    good, _ = train_evaluate_register(env, "good", model, cfg, coded, params)
+    # The champion's recorded score a little under the next candidate's: within the spread of
+    # one recipe's runs, so the alias stays; then clearly under it, so the alias moves.
+    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.005))
+    _, close = train_evaluate_register(env, "close", model, cfg, coded, params)
+    assert not close.promoted and close.version == "2", close.reason
+    assert "does not beat" in close.reason and "min_improvement" in close.reason
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.02))
+    _, clear = train_evaluate_register(env, "clear", model, cfg, coded, params)
+    assert clear.promoted and clear.version == "3", clear.reason
+    assert clear.previous_champion_test_miou == pytest.approx(good["miou"] - 0.02)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+
+
+def test_a_rescore_is_recorded_on_the_champion_and_reused(coded, fitted, env, monkeypatch):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    train_evaluate_register(env, "good", model, cfg, coded, write_params(env / "params.yaml"))
+    calls = []
+    real = register_module.rescore
+    monkeypatch.setattr(register_module, "rescore", lambda *a: calls.append(a) or real(*a))
+    params = write_params(env / "params.yaml", flip_tta=False)       # a new evaluation key
+    _, first = train_evaluate_register(env, "bad1", constant_model(model, 1), cfg, coded, params)
+    assert len(calls) == 1 and "re-evaluated" in first.reason
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    key = client.get_model_version(NAME, first.version).tags["eval_key"]
+    assert float(champion.tags[f"score.{key}"]) == first.previous_champion_test_miou
+    # The next register on this test set with these settings reuses the recorded re-score.
+    _, second = train_evaluate_register(env, "bad2", constant_model(model, 2), cfg, coded, params)
+    assert len(calls) == 1, "the champion was evaluated again"
+    assert not second.promoted and "its recorded" in second.reason
+    assert second.previous_champion_test_miou == first.previous_champion_test_miou
+
+
+def test_a_champion_that_cannot_be_rescored_gives_a_decision_not_a_traceback(coded, fitted, env):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    other = copy.deepcopy(model)           # a champion of another dataset: other classes
+    other.meta = dataclasses.replace(model.meta, class_names=("sky", "sea", "boat"))
+    run_id = tracked_model(env / "other", other, cfg)
+    uri = client.get_run(run_id).data.tags["model_uri"]
+    client.set_registered_model_alias(NAME, "champion", model_version(client, NAME, run_id, uri).version)
+
+    params = write_params(env / "params.yaml")
+    _, decision = train_evaluate_register(env, "new", model, cfg, coded, params)
+    assert not decision.promoted and decision.previous_champion == "1"
+    assert "could not be re-evaluated" in decision.reason and "sky" in decision.reason
+    written = json.loads((env / "new" / "registry.json").read_text())
+    assert written["reason"] == decision.reason and not written["promoted"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
