@@ -91,7 +91,10 @@ def model_version(client, name: str, run_id: str, model_uri: str):
     for mv in client.search_model_versions(f"name = '{name}'"):
         if mv.tags.get(SOURCE_RUN_TAG) == run_id:
             return mv
-    return client.create_model_version(name, model_uri, run_id=run_id, tags={SOURCE_RUN_TAG: run_id})
+    # A logged model's URI (models:/m-<id>) names it by id; a tracking server wants that id too.
+    model_id = model_uri.split("/")[1] if model_uri.startswith("models:/m-") else None
+    return client.create_model_version(name, model_uri, run_id=run_id, tags={SOURCE_RUN_TAG: run_id},
+                                       model_id=model_id)
 
 
 def current_champion(client, name: str, alias: str):

@@ -5,6 +5,8 @@ import copy
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -20,12 +22,14 @@ from pipeline.inference import to_tensor
 from pipeline.onnx_export import onnx_logits
 from pipeline.register import model_version, register
 from tests.conftest import CLASSES
-from tests.factories import constant_model, tracked_model
+from tests.factories import constant_model, registered_model, tracked_model
+from tests.mlflow_server import MlflowServer
 
 NAME = "tiny-unet"
 
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO / "params.yaml"
 
 
 def write_params(path, flip_tta=True, onnx=False, min_improvement=0.01):
@@ -160,3 +164,38 @@ def test_a_champion_that_cannot_be_rescored_gives_a_decision_not_a_traceback(cod
     written = json.loads((env / "new" / "registry.json").read_text())
     assert written["reason"] == decision.reason and not written["promoted"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+@pytest.mark.slow
+def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp_path, monkeypatch):
+    """Two equal candidates, registered by two processes at once against one ``mlflow server``,
+    both beating a champion that each must first re-evaluate (seconds between reading the
+    champion and setting the alias): the first promoted, the second compared with it."""
+    model, cfg = fitted
+    monkeypatch.chdir(tmp_path)
+    with MlflowServer(tmp_path / "server") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        params = write_params(tmp_path / "params.yaml")
+        registered_model(tmp_path / "old", constant_model(model, 0), cfg, NAME)   # no recorded score
+        for tag in ("a", "b"):
+            tracked_model(tmp_path / tag / "model", model, cfg)
+            folder = tmp_path / tag
+            evaluate(folder / "model", coded, folder / "evaluation", folder / "m.json", folder / "plots",
+                     params)
+        env = os.environ | {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": server.uri}
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "pipeline.register", "--model", str(tmp_path / tag / "model"),
+             "--metrics", str(tmp_path / tag / "m.json"), "--data", str(coded),
+             "--out", str(tmp_path / tag / "registry.json"), "--params", str(params)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for tag in ("a", "b")]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        decisions = [json.loads((tmp_path / tag / "registry.json").read_text()) for tag in ("a", "b")]
+        assert sum(d["promoted"] for d in decisions) == 1, decisions
+        winner = next(d for d in decisions if d["promoted"])
+        loser = next(d for d in decisions if not d["promoted"])
+        assert winner["previous_champion"] == "1"
+        assert loser["previous_champion"] == winner["version"] and "does not beat" in loser["reason"]
+        champion = MlflowClient(server.uri).get_model_version_by_alias(NAME, "champion")
+        assert str(champion.version) == winner["version"]
+        assert not any(m.name.endswith(".lock") for m in MlflowClient(server.uri).search_registered_models())
