@@ -265,16 +265,21 @@ class ServeParams(Section):
     max_replica_pixels: int = Field(
         default=120_000_000, ge=1024,
         description="decoded pixels a replica holds at once (queued + in flight); 503 beyond")
-    tile_above_pixels: int = Field(default=1_048_576, ge=1024, description="sliding-window tiles above this")
-    tile_size: tuple[int, int] = (512, 512)
-    tile_overlap: float = Field(default=0.25, ge=0, lt=1)
-    flip_tta: bool = False
+    # Inference settings: null = the model's own (those its registered score was computed with).
+    tile_above_pixels: int | None = Field(default=None, ge=1024, description="tiles above this many pixels")
+    tile_size: tuple[int, int] | None = None
+    tile_overlap: float | None = Field(default=None, ge=0, lt=1)
+    flip_tta: bool | None = None
+    scales: tuple[float, ...] | None = Field(..., min_length=1, max_length=8,
+                                             description="multi-scale TTA factors; null: the model's own")
     overlay_alpha: float = Field(default=0.5, ge=0, le=1, description="default opacity of ?format=overlay")
 
     @model_validator(mode="after")
     def _sizes(self) -> ServeParams:
-        if min(self.tile_size) < 32:
+        if self.tile_size is not None and min(self.tile_size) < 32:
             raise ValueError("tile_size: [height, width], each at least 32")
+        if self.scales is not None and any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError("scales: resize factors between 0.25 and 4")
         if self.max_replica_pixels < self.max_pixels:
             raise ValueError("max_replica_pixels must be at least max_pixels, or large images never fit")
         if self.max_ongoing_requests < self.max_batch_size:

@@ -3,18 +3,21 @@
     python -m pipeline.register --model models/train --metrics metrics/evaluate.json \\
         --data data/prepared --out models/registry.json
 
-1. The model the training logged (its run's ``model_uri`` tag) becomes a version of
-   ``register.model_name``, tagged with the dataset version, params hash, git commit,
-   test mIoU and the evaluation key (test split version + evaluation settings). Running
-   the stage again for the same run reuses that version rather than adding another.
+1. The trained model, with the inference settings it was scored with (flip / multi-scale
+   TTA, tiles: ``evaluate``'s) in its meta, is logged to its training's run and becomes a
+   version of ``register.model_name``, tagged with the dataset version, params hash, git
+   commit, test mIoU, the evaluation key (test split version + evaluation settings) and
+   those settings (``inference``). Its pyfunc predicts with them, so it reproduces its
+   recorded score. Running the stage again for the same run and settings reuses that version.
 2. With ``register.onnx`` an ONNX export (dynamic batch, height, width) is checked against
    PyTorch on a test image and logged to the same run; the version's ``onnx_uri`` tag
    points at it.
 3. The gate: the version gets the alias (``champion``) when there is no champion yet, or
-   when its test mIoU beats the champion's. Scores are only compared on the same test set
-   with the same evaluation settings: when the champion was scored otherwise, it is
-   evaluated again here on this test set first. A worse model stays registered without
-   the alias. The decision and its reason go to ``--out``.
+   when its test mIoU is at least the champion's plus ``register.min_improvement``, decided
+   inside the registry lock (``pipeline.registry_lock``). Scores are only compared on the
+   same test set with the same evaluation settings: when the champion was scored otherwise,
+   it is evaluated again here on this test set first and that score recorded on it. A worse
+   model stays registered without the alias. The decision and its reason go to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.io import read_json, write_json_atomic
 from pipeline.modelio import read_config
+from pipeline.models import InferenceSettings
 from pipeline.params import EvaluateParams, RegisterParams, load_params
 from pipeline.registry_lock import registry_lock
 
@@ -70,9 +76,14 @@ def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def inference_settings(cfg: EvaluateParams) -> InferenceSettings:
+    """The settings ``cfg`` predicts with (``pipeline.evaluate.predictor_for``)."""
+    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_FIELDS)))
+
+
 def inference_tag(cfg: EvaluateParams) -> str:
-    """The settings ``cfg`` predicts with (``pipeline.predictor``), as canonical JSON."""
-    return json.dumps(cfg.model_dump(mode="json", include=set(INFERENCE_FIELDS)), sort_keys=True)
+    """``inference_settings`` as canonical JSON."""
+    return json.dumps(asdict(inference_settings(cfg)), sort_keys=True)
 
 
 def params_hash(config: dict[str, Any]) -> str:
@@ -80,8 +91,11 @@ def params_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def model_version(client, name: str, run_id: str, model_uri: str):
-    """This run's version of ``name``: the existing one, else a new one."""
+def model_version(client, name: str, run_id: str, model_uri: str | Callable[[], str],
+                  inference: str | None = None):
+    """This run's version of ``name`` with these inference settings (``inference_tag``): the
+    existing one, else a new one of ``model_uri`` (or of the URI it returns, when a function
+    that logs the model: called only then)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -89,12 +103,31 @@ def model_version(client, name: str, run_id: str, model_uri: str):
     except MlflowException:
         client.create_registered_model(name, description="Segmentation models trained by the pipeline")
     for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get(SOURCE_RUN_TAG) == run_id:
+        if mv.tags.get(SOURCE_RUN_TAG) == run_id and mv.tags.get(INFERENCE_TAG) == inference:
             return mv
+    uri = model_uri() if callable(model_uri) else model_uri
+    tags = {SOURCE_RUN_TAG: run_id} | ({INFERENCE_TAG: inference} if inference is not None else {})
     # A logged model's URI (models:/m-<id>) names it by id; a tracking server wants that id too.
-    model_id = model_uri.split("/")[1] if model_uri.startswith("models:/m-") else None
-    return client.create_model_version(name, model_uri, run_id=run_id, tags={SOURCE_RUN_TAG: run_id},
-                                       model_id=model_id)
+    model_id = uri.split("/")[1] if uri.startswith("models:/m-") else None
+    return client.create_model_version(name, uri, run_id=run_id, tags=tags, model_id=model_id)
+
+
+def log_with_settings(run_id: str, model_dir: Path, cfg: EvaluateParams) -> str:
+    """Log ``model_dir`` to ``run_id`` as a pyfunc whose meta records the inference settings
+    ``cfg`` scores with, so that the registered model predicts as it was scored; its URI."""
+    import mlflow
+
+    from pipeline import mlflow_model
+    from pipeline.modelio import CONFIG_FILE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        shutil.copytree(model_dir, folder)
+        config = read_config(folder)
+        config["meta"]["inference"] = asdict(inference_settings(cfg))
+        write_json_atomic(folder / CONFIG_FILE, config)
+        with mlflow.start_run(run_id=run_id):
+            return mlflow_model.log_model(folder, name="registered")
 
 
 def current_champion(client, name: str, alias: str):
@@ -245,7 +278,8 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
     if metrics.get("mlflow_run_id") != run_id:
         raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
     score, key = float(metrics["miou"]), eval_key(metrics, eval_cfg)
-    version = model_version(client, cfg.model_name, run_id, model_uri)
+    version = model_version(client, cfg.model_name, run_id,
+                            lambda: log_with_settings(run_id, model_dir, eval_cfg), inference_tag(eval_cfg))
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
             "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: repr(score),
             EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), "split_version": metrics["split_version"],

@@ -78,7 +78,8 @@ def test_batch_of_mixed_sizes_matches_one_at_a_time(fitted):
 
 def test_service_answers_in_process(fitted):
     model, _ = fitted
-    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"), ServeParams(max_pixels=2000))
+    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"),
+                      ServeParams(max_pixels=2000, scales=None))
     buf = io.BytesIO()
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(buf, format="PNG")
     reply = service.handle_predict(buf.getvalue(), "image/png", [("format", "json")])
@@ -122,7 +123,8 @@ def test_replica_reports_a_model_that_fails_to_load(env):
     from pipeline.serve import Segmenter
 
     replica = Segmenter.func_or_class(ModelRef(uri="models:/missing/1").to_dict(),
-                                      ServeParams().model_dump(mode="json"), f"sqlite:///{env / 'mlflow.db'}")
+                                      ServeParams(scales=None).model_dump(mode="json"),
+                                      f"sqlite:///{env / 'mlflow.db'}")
     assert replica.loaded.wait(60)
     reply = replica._health()
     assert reply.status == 503 and json.loads(reply.body)["status"] == "failed"

@@ -56,7 +56,7 @@ def workspace(coded, fitted, tmp_path_factory):
         mp.chdir(root)
         (root / "params.yaml").write_text(yaml.safe_dump({
             "evaluate": {"flip_tta": False, "overlays": {"samples": 2, "worst_per_class": 1}},
-            "register": {"model_name": NAME, "onnx": False}}))
+            "register": {"model_name": NAME, "onnx": False, "min_improvement": 0.01}}))
         bad = evaluated(root, root / "old", constant_model(model, 0), cfg, coded, [0.2, 0.3])
         good = evaluated(root, root, model, cfg, coded, [0.4, 0.7, 0.8])
     (root / paths.PREPARED_DIR).mkdir(parents=True)
@@ -197,7 +197,7 @@ def test_try_it_with_the_server_down_then_up(app, workspace):
     assert not app.exception and "does not answer" in app.error[0].value
 
     StandIn.service = Service(workspace["model"], ModelRef(uri=f"models:/{NAME}/2", name=NAME, version="2"),
-                              ServeParams(threads=1))
+                              ServeParams(threads=1, scales=None))
     server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -199,3 +199,41 @@ def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp
         champion = MlflowClient(server.uri).get_model_version_by_alias(NAME, "champion")
         assert str(champion.version) == winner["version"]
         assert not any(m.name.endswith(".lock") for m in MlflowClient(server.uri).search_registered_models())
+
+
+REPRODUCE = """
+import json, sys
+import mlflow, numpy as np, torch
+from pipeline import shards
+from pipeline.metrics import confusion_matrix, segmentation_metrics
+name, data = sys.argv[1], sys.argv[2]
+model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+classes = json.load(open(f"{data}/classes.json"))
+cm = torch.zeros(classes["num_classes"], classes["num_classes"], dtype=torch.int64)
+for _, image, truth in shards.iter_samples(data, "test"):
+    mask = model.predict([image])[0]
+    cm += confusion_matrix(torch.from_numpy(mask), torch.from_numpy(np.array(truth)), classes["num_classes"],
+                           classes["ignore_index"])
+print(json.dumps({"miou": float(segmentation_metrics(cm)["miou"])}))
+"""
+
+
+@pytest.mark.slow
+def test_the_champion_reproduces_its_recorded_score_in_a_fresh_process(coded, fitted, env):
+    """Evaluated with flip and multi-scale TTA over tiles, registered; then a new Python
+    process loads ``models:/<name>@champion`` and scores the test split with its pyfunc."""
+    model, cfg = fitted
+    params = write_params(env / "params.yaml")
+    settings = json.loads(params.read_text())
+    settings["evaluate"] |= {"flip_tta": True, "scales": [0.75, 1.0, 1.25], "tile_above_pixels": 1024,
+                             "tile_size": [32, 32], "tile_overlap": 0.25}
+    params.write_text(json.dumps(settings))
+    metrics, decision = train_evaluate_register(env, "good", model, cfg, coded, params)
+    assert decision.promoted
+    recorded = float(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
+        NAME, "champion").tags["test_miou"])
+    assert recorded == metrics["miou"]
+    out = subprocess.run([sys.executable, "-c", REPRODUCE, NAME, str(coded)], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["miou"] == recorded

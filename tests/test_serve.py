@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from pipeline.images import decode_image
+from pipeline.models import InferenceSettings
 from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
 from pipeline.service import ModelRef, Service, replica_threads
@@ -86,9 +87,9 @@ def server(fitted, tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old
     port = free_port()
     (tmp / "params.yaml").write_text(yaml.safe_dump({
-        "register": {"model_name": NAME},
+        "register": {"model_name": NAME, "min_improvement": 0.01},
         "serve": {"port": port, "max_batch_size": 4, "max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
-                  "tile_above_pixels": TILE_ABOVE, "tile_size": [32, 48], "threads": 1},
+                  "tile_above_pixels": TILE_ABOVE, "tile_size": [32, 48], "threads": 1, "scales": None},
     }))
     log = tmp / "serve.log"
     with open(log, "w") as out:
@@ -141,7 +142,7 @@ def test_health_and_metadata(server):
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
     assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
-                              "max_replica_pixels": ServeParams().max_replica_pixels}
+                              "max_replica_pixels": ServeParams(scales=None).max_replica_pixels}
     assert meta["inference"]["max_batch_size"] == 4
 
 
@@ -401,7 +402,7 @@ def test_replicas_spread_over_a_two_node_cluster(fitted, env):
     registered_model(env / "model", model, cfg, NAME)
     (env / "params.yaml").write_text(yaml.safe_dump({"serve": {
         "port": free_port(), "replicas": 2, "cpus_per_replica": 0.5, "proxy_location": "HeadOnly",
-        "threads": 1}}))
+        "threads": 1, "scales": None}}))
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(env / "params.yaml"), NAME], cwd=env,
                           capture_output=True, text=True, timeout=300,
                           # Proxies prefer replicas on their own node: off, so /health reaches both.
@@ -434,14 +435,39 @@ def torch_threads():
 
 def test_a_service_of_two_replicas_takes_half_the_cores(fitted, torch_threads):
     model, _ = fitted
-    service = Service(model, ModelRef(uri="models:/m/1"), ServeParams(replicas=2))
+    service = Service(model, ModelRef(uri="models:/m/1"), ServeParams(replicas=2, scales=None))
     cores = len(os.sched_getaffinity(0))
     assert service.threads() == max(1, cores // 2)
 
 
+def test_a_replica_predicts_with_the_models_own_inference_settings_unless_serve_sets_them(
+        fitted, torch_threads):
+    import copy
+    import dataclasses
+
+    model, _ = fitted
+    own = InferenceSettings(flip_tta=True, scales=(0.75, 1.0), tile_above_pixels=1024, tile_size=(32, 32),
+                            tile_overlap=0.25)
+    recorded = copy.deepcopy(model)
+    recorded.meta = dataclasses.replace(model.meta, inference=own)
+    service = Service(recorded, ModelRef(uri="models:/m/1"), ServeParams(threads=1, scales=None))
+    assert service.predictor.settings() == own
+    inference = service.metadata()["inference"]
+    assert inference["from_model"] and inference["scales"] == (0.75, 1.0) and inference["flip_tta"]
+    image = picture(48, 64)
+    expected = Predictor(recorded, **dataclasses.asdict(own)).mask(image)
+    np.testing.assert_array_equal(service.predict([image])[0], expected)
+    plain = Predictor(recorded).probs(image)                            # the settings matter here
+    assert (service.predictor.probs(image) - plain).abs().max() > 1e-4
+    told = Service(recorded, ModelRef(uri="models:/m/1"),
+                   ServeParams(threads=1, scales=[1.0], flip_tta=False))
+    assert told.predictor.settings() == dataclasses.replace(own, flip_tta=False, scales=(1.0,))
+    assert not told.metadata()["inference"]["from_model"]
+
+
 def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_threads):
     model, _ = fitted
-    cfg = ServeParams(max_pixels=10_000, max_replica_pixels=12_000, threads=1)
+    cfg = ServeParams(max_pixels=10_000, max_replica_pixels=12_000, threads=1, scales=None)
     service = Service(model, ModelRef(uri="models:/m/1"), cfg)
     image = picture(50, 100)                                  # 5,000 pixels
     good = encode(image)
