@@ -41,13 +41,30 @@ _OWN_KEYS = ("arch", "encoder_name", "encoder_weights", "in_channels", "classes"
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    """How a whole image is predicted (``pipeline.predictor.Predictor``'s keywords): flip TTA,
+    multi-scale factors, and overlapping ``tile_size`` windows above ``tile_above_pixels``."""
+
+    flip_tta: bool
+    scales: tuple[float, ...]
+    tile_above_pixels: int
+    tile_size: tuple[int, int]
+    tile_overlap: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "tile_size", tuple(int(t) for t in self.tile_size))
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """What a saved model needs besides its weights; plain values, saved with ``to_dict``.
 
     ``mean`` and ``std`` apply per input channel to images scaled to [0, 1] (None: not
     given; ``build_model`` fills in the encoder's); ``palette`` holds one (r, g, b) in
     0..255 per class; ``ignore_index`` is the mask label that marks pixels without a
-    class (left out of losses and metrics).
+    class (left out of losses and metrics); ``inference`` the settings a registered model was
+    scored with, which its pyfunc and Serve predict with unless told otherwise.
     """
 
     class_names: tuple[str, ...] = ()
@@ -55,8 +72,11 @@ class ModelMeta:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     ignore_index: int = IGNORE_INDEX
+    inference: InferenceSettings | None = None   # what its recorded score used; None: not recorded
 
     def __post_init__(self) -> None:
+        if isinstance(self.inference, dict):
+            object.__setattr__(self, "inference", InferenceSettings(**self.inference))
         # Accept lists (from JSON or YAML) and store tuples, so the object stays hashable.
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "palette", tuple(tuple(int(c) for c in rgb) for rgb in self.palette))

@@ -264,6 +264,9 @@ class RegisterParams(Section):
     alias: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     onnx: bool = Field(..., description="also log an ONNX export with dynamic batch, height, width")
     onnx_opset: int = Field(..., ge=13, le=23)
+    min_improvement: float = Field(..., ge=0, le=1, description=(
+        "test mIoU a candidate must gain over the champion to take the alias (runs of one "
+        "recipe differ by about 0.01)"))
 
 
 class ServeParams(Section):
@@ -293,16 +296,21 @@ class ServeParams(Section):
     max_pixels: int = Field(..., ge=1024, description="413 above this (decompression bombs)")
     max_replica_pixels: int = Field(
         ..., ge=1024, description="decoded pixels a replica holds at once (queued + in flight); 503 beyond")
-    tile_above_pixels: int = Field(..., ge=1024, description="sliding-window tiles above this")
-    tile_size: tuple[int, int] = Field(...)
-    tile_overlap: float = Field(..., ge=0, lt=1)
-    flip_tta: bool = Field(...)
+    # Inference settings: null = the model's own (those its registered score was computed with).
+    tile_above_pixels: int | None = Field(..., ge=1024, description="tiles above this many pixels")
+    tile_size: tuple[int, int] | None = Field(...)
+    tile_overlap: float | None = Field(..., ge=0, lt=1)
+    flip_tta: bool | None = Field(...)
+    scales: tuple[float, ...] | None = Field(..., min_length=1, max_length=8,
+                                             description="multi-scale TTA factors; null: the model's own")
     overlay_alpha: float = Field(..., ge=0, le=1, description="default opacity of ?format=overlay")
 
     @model_validator(mode="after")
     def _sizes(self) -> ServeParams:
-        if min(self.tile_size) < 32:
+        if self.tile_size is not None and min(self.tile_size) < 32:
             raise ValueError("tile_size: [height, width], each at least 32")
+        if self.scales is not None and any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError("scales: resize factors between 0.25 and 4")
         if self.max_replica_pixels < self.max_pixels:
             raise ValueError("max_replica_pixels: must be at least max_pixels, or large images never fit")
         if self.max_ongoing_requests < self.max_batch_size:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import to_tensor
-from pipeline.models import SegmentationModel
+from pipeline.models import InferenceSettings, SegmentationModel
 
 
 def window_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -75,6 +75,20 @@ class Predictor:
     tile_size: tuple[int, int] = (512, 512)
     tile_overlap: float = 0.25
     scales: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def for_model(cls, model: SegmentationModel, **overrides) -> Predictor:
+        """A predictor with the settings the model records (``model.meta.inference``), each
+        replaced by an override that is not None. A model that records none (logged by
+        training, before any evaluation) starts from this class's defaults: plain prediction."""
+        recorded = model.meta.inference
+        settings = {} if recorded is None else asdict(recorded)
+        settings |= {k: v for k, v in overrides.items() if v is not None}
+        return cls(model, **settings)
+
+    def settings(self) -> InferenceSettings:
+        return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
+                                 self.tile_overlap)
 
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> torch.Tensor:

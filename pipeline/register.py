@@ -3,18 +3,21 @@
     python -m pipeline.register --model models/train --metrics evaluation/evaluate.json \\
         --data data/prepared --out models/registry.json
 
-1. The model the training logged (its run's ``model_uri`` tag) becomes a version of
-   ``register.model_name``, tagged with the dataset version, params hash, git commit,
-   test mIoU and the evaluation key (test split version + evaluation settings). Running
-   the stage again for the same run reuses that version rather than adding another.
+1. The trained model, with the inference settings it was scored with (flip / multi-scale
+   TTA, tiles: ``evaluate``'s) in its meta, is logged to its training's run and becomes a
+   version of ``register.model_name``, tagged with the dataset version, params hash, git
+   commit, test mIoU, the evaluation key (test split version + evaluation settings) and
+   those settings (``inference``). Its pyfunc predicts with them, so it reproduces its
+   recorded score. Running the stage again for the same run and settings reuses that version.
 2. With ``register.onnx`` an ONNX export (dynamic batch, height, width) is checked against
    PyTorch on a test image and logged to the same run; the version's ``onnx_uri`` tag
    points at it.
 3. The gate: the version gets the alias (``champion``) when there is no champion yet, or
-   when its test mIoU beats the champion's. Scores are only compared on the same test set
-   with the same evaluation settings: when the champion was scored otherwise, it is
-   evaluated again here on this test set first. A worse model stays registered without
-   the alias. The decision and its reason go to ``--out``.
+   when its test mIoU is at least the champion's plus ``register.min_improvement``, decided
+   inside the registry lock (``pipeline.registry_lock``). Scores are only compared on the
+   same test set with the same evaluation settings: when the champion was scored otherwise,
+   it is evaluated again here on this test set first and that score recorded on it. A worse
+   model stays registered without the alias. The decision and its reason go to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +37,18 @@ from pipeline import paths
 from pipeline.evaluate import eval_key
 from pipeline.io import read_json, write_json_atomic
 from pipeline.modelio import read_config
+from pipeline.models import InferenceSettings
 from pipeline.params import EvaluateParams, RegisterParams, load_params
 from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
+from pipeline.registry_lock import registry_lock
 
 log = logging.getLogger("pipeline.register")
 
 SOURCE_RUN_TAG = "mlflow_run_id"
+SCORE_PREFIX = "score."          # score.<eval_key>: a test mIoU under another evaluation key
+INFERENCE_TAG = "inference"      # the inference settings baked into the version's model
+INFERENCE_FIELDS = ("flip_tta", "scales", "tile_above_pixels", "tile_size", "tile_overlap")
+MAX_ROUNDS = 5                   # re-score a holder that moved meanwhile at most this often
 
 
 class RegisterError(RuntimeError):
@@ -55,6 +66,17 @@ class Decision:
     previous_champion: str | None = None
     previous_champion_test_miou: float | None = None
     onnx_uri: str | None = None
+    min_improvement: float = 0.0
+
+
+def inference_settings(cfg: EvaluateParams) -> InferenceSettings:
+    """The settings ``cfg`` predicts with (``pipeline.evaluate.predictor_for``)."""
+    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_FIELDS)))
+
+
+def inference_tag(cfg: EvaluateParams) -> str:
+    """``inference_settings`` as canonical JSON."""
+    return json.dumps(asdict(inference_settings(cfg)), sort_keys=True)
 
 
 def params_hash(config: dict[str, Any]) -> str:
@@ -62,8 +84,11 @@ def params_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def model_version(client, name: str, run_id: str, model_uri: str):
-    """This run's version of ``name``: the existing one, else a new one."""
+def model_version(client, name: str, run_id: str, model_uri: str | Callable[[], str],
+                  inference: str | None = None):
+    """This run's version of ``name`` with these inference settings (``inference_tag``): the
+    existing one, else a new one of ``model_uri`` (or of the URI it returns, when a function
+    that logs the model: called only then)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -71,9 +96,31 @@ def model_version(client, name: str, run_id: str, model_uri: str):
     except MlflowException:
         client.create_registered_model(name, description="Segmentation models trained by the pipeline")
     for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get(SOURCE_RUN_TAG) == run_id:
+        if mv.tags.get(SOURCE_RUN_TAG) == run_id and mv.tags.get(INFERENCE_TAG) == inference:
             return mv
-    return client.create_model_version(name, model_uri, run_id=run_id, tags={SOURCE_RUN_TAG: run_id})
+    uri = model_uri() if callable(model_uri) else model_uri
+    tags = {SOURCE_RUN_TAG: run_id} | ({INFERENCE_TAG: inference} if inference is not None else {})
+    # A logged model's URI (models:/m-<id>) names it by id; a tracking server wants that id too.
+    model_id = uri.split("/")[1] if uri.startswith("models:/m-") else None
+    return client.create_model_version(name, uri, run_id=run_id, tags=tags, model_id=model_id)
+
+
+def log_with_settings(run_id: str, model_dir: Path, cfg: EvaluateParams) -> str:
+    """Log ``model_dir`` to ``run_id`` as a pyfunc whose meta records the inference settings
+    ``cfg`` scores with, so that the registered model predicts as it was scored; its URI."""
+    import mlflow
+
+    from pipeline import mlflow_model
+    from pipeline.modelio import CONFIG_FILE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        shutil.copytree(model_dir, folder)
+        config = read_config(folder)
+        config["meta"]["inference"] = asdict(inference_settings(cfg))
+        write_json_atomic(folder / CONFIG_FILE, config)
+        with mlflow.start_run(run_id=run_id):
+            return mlflow_model.log_model(folder, name="registered")
 
 
 def current_champion(client, name: str, alias: str):
@@ -85,39 +132,96 @@ def current_champion(client, name: str, alias: str):
         return None
 
 
-def rescore(name: str, version: str, data: Path, cfg: EvaluateParams) -> float:
-    """Test mIoU of a registered version, evaluated here with ``cfg`` on ``data``."""
+def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> float:
+    """Test mIoU of a registered ``version``, evaluated here with ``cfg`` on ``data``; the whole
+    evaluation is recorded on the version's run under its key (``evaluate.log_record``).
+    Raises ``EvaluateError`` when the model and data cannot be evaluated together."""
     import mlflow.pyfunc
 
-    from pipeline.evaluate import evaluate_split, report
+    from pipeline.evaluate import evaluate_split, full_report, log_record
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
-    return report(evaluate_split(model, data, cfg))["miou"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
+    full = full_report(evaluate_split(model, data, cfg), data, cfg, run_id=version.run_id)
+    if version.run_id:
+        log_record(version.run_id, full)
+    return full["miou"]
+
+
+def recorded_score(version, key: str) -> float | None:
+    """The test mIoU recorded on a registry ``version`` under evaluation key ``key``, if any."""
+    tags = version.tags
+    if tags.get(EVAL_KEY_TAG) == key and SCORE_TAG in tags:
+        return float(tags[SCORE_TAG])
+    return float(tags[SCORE_PREFIX + key]) if SCORE_PREFIX + key in tags else None
+
+
+def record_score(client, name: str, version, key: str, score: float, split: str, settings: str) -> None:
+    """Keep a re-score on the version, so that later gates on this test set reuse it.
+
+    ``score.<key>`` always; the headline ``test_miou`` / ``eval_key`` / ``split_version``
+    tags move to it only when it was predicted with the version's own inference settings
+    (its ``inference`` tag), so the headline stays a score its pyfunc reproduces."""
+    client.set_model_version_tag(name, version.version, SCORE_PREFIX + key, repr(score))
+    if version.tags.get(INFERENCE_TAG) == settings:
+        for tag, value in ((SCORE_TAG, repr(score)), (EVAL_KEY_TAG, key), ("split_version", split)):
+            client.set_model_version_tag(name, version.version, tag, value)
 
 
 def decide(client, name: str, alias: str, candidate, score: float, key: str, data: Path,
-           cfg: EvaluateParams) -> Decision:
-    """Give ``candidate`` the alias if it beats the holder; say why either way."""
-    decision = Decision(name, str(candidate.version), alias, False, "", score)
-    champion = current_champion(client, name, alias)
+           cfg: EvaluateParams, min_improvement: float, split: str) -> Decision:
+    """Give ``candidate`` the alias if it beats the holder by ``min_improvement``; say why.
+
+    The holder is read, compared and the alias set inside the registry lock
+    (``pipeline.registry_lock``), so concurrent registers promote one at a time. A holder
+    with no score for this test set and these settings is re-evaluated outside the lock
+    (minutes on a real test set), the score recorded on it, and the gate tried again."""
+    from pipeline.evaluate import EvaluateError
+
+    decision = Decision(name, str(candidate.version), alias, False, "", score,
+                        min_improvement=min_improvement)
+    rescored: set[str] = set()
+    for _ in range(MAX_ROUNDS):
+        with registry_lock(client, name):
+            champion = current_champion(client, name, alias)
+            held = None if champion is None else recorded_score(champion, key)
+            if champion is None or str(champion.version) == str(candidate.version) or held is not None:
+                _compare(decision, champion, held, min_improvement,
+                         "re-evaluated on this test set," if champion is not None
+                         and str(champion.version) in rescored else "its recorded")
+                if decision.promoted:
+                    client.set_registered_model_alias(name, alias, candidate.version)
+                return decision
+        try:
+            held = rescore(name, champion, data, cfg)
+        except EvaluateError as exc:
+            # Not comparable on this test set (e.g. other classes): no evidence the candidate
+            # is better, so the holder keeps the alias until a person moves it.
+            decision.previous_champion = str(champion.version)
+            decision.reason = (f"{alias} version {champion.version} could not be re-evaluated on this "
+                               f"test set ({exc}), so the two cannot be compared; version "
+                               f"{candidate.version} is registered without @{alias} (set the alias by hand, "
+                               f"or use another register.model_name for another dataset)")
+            return decision
+        record_score(client, name, champion, key, held, split, inference_tag(cfg))
+        rescored.add(str(champion.version))
+    raise RegisterError(f"@{alias} of {name} moved {MAX_ROUNDS} times while this register ran")
+
+
+def _compare(decision: Decision, champion, held: float | None, min_improvement: float, how: str) -> None:
+    alias, score = decision.alias, decision.test_miou
     if champion is None:
         decision.promoted, decision.reason = True, f"no {alias} yet"
-    elif str(champion.version) == str(candidate.version):
+        return
+    if str(champion.version) == decision.version:
         decision.promoted, decision.reason = True, f"already the {alias}"
-    else:
-        decision.previous_champion = str(champion.version)
-        if champion.tags.get(EVAL_KEY_TAG) == key:
-            held, how = float(champion.tags[SCORE_TAG]), "its recorded"
-        else:
-            held, how = rescore(name, champion.version, data, cfg), "re-evaluated on this test set,"
-        decision.previous_champion_test_miou = held
-        decision.promoted = score > held
-        verb = "beats" if decision.promoted else "does not beat"
-        decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} "
-                           f"({how} test mIoU {held:.4f})")
-    if decision.promoted:
-        client.set_registered_model_alias(name, alias, candidate.version)
-    return decision
+        return
+    decision.previous_champion, decision.previous_champion_test_miou = str(champion.version), held
+    # A margin below float rounding of the two recorded scores counts as met.
+    decision.promoted = score - held >= min_improvement - 1e-9
+    verb = "beats" if decision.promoted else "does not beat"
+    decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} ({how} test mIoU "
+                       f"{held:.4f}) by at least register.min_improvement {min_improvement:.4f} "
+                       f"(difference {score - held:+.4f})")
 
 
 def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, split: str) -> str:
@@ -171,16 +275,18 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
     if metrics.get("mlflow_run_id") != run_id:
         raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
     score, key = float(metrics["miou"]), eval_key(metrics, eval_cfg)
-    version = model_version(client, cfg.model_name, run_id, model_uri)
+    version = model_version(client, cfg.model_name, run_id,
+                            lambda: log_with_settings(run_id, model_dir, eval_cfg), inference_tag(eval_cfg))
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
-            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: f"{score:.6f}",
-            EVAL_KEY_TAG: key, "split_version": metrics["split_version"],
+            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: repr(score),
+            EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), "split_version": metrics["split_version"],
             "dvc_exp": run.data.tags.get("dvc_exp", "")}
     if cfg.onnx and "onnx_uri" not in version.tags:
         tags["onnx_uri"] = log_onnx(run_id, model_dir, data, cfg, eval_cfg.split)
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version.version, k, str(v))
-    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg)
+    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg,
+                      cfg.min_improvement, metrics["split_version"])
     decision.onnx_uri = tags.get("onnx_uri", version.tags.get("onnx_uri"))
     write_json_atomic(out, asdict(decision))
     log.info("%s version %s: %s; %s", cfg.model_name, version.version,

@@ -31,6 +31,7 @@ from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
 
 RETRY_AFTER_S = 1
+INFERENCE_KEYS = ("flip_tta", "scales", "tile_above_pixels", "tile_size", "tile_overlap")
 
 
 class Busy(api.ApiError):
@@ -186,8 +187,8 @@ class Service:
         self.ref, self.cfg = ref, cfg
         self.limits = ImageLimits(max_bytes=cfg.max_body_bytes, max_pixels=cfg.max_pixels)
         self.budget = PixelBudget(cfg.max_replica_pixels)
-        self.predictor = Predictor(self.model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
-                                   tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+        # The model's own inference settings (its registered score's), unless serve sets one.
+        self.predictor = Predictor.for_model(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
         self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
 
     @staticmethod
@@ -236,9 +237,10 @@ class Service:
             "normalization": {"mean": list(meta.mean), "std": list(meta.std), "scale": "0-255 -> 0-1"},
             "ignore_index": meta.ignore_index,
             "device": self.device,
-            "inference": cfg.model_dump(mode="json", include={
-                "max_batch_size", "batch_wait_timeout_s", "tile_above_pixels", "tile_size", "tile_overlap",
-                "flip_tta"}),
+            "inference": asdict(self.predictor.settings()) | cfg.model_dump(mode="json", include={
+                "max_batch_size", "batch_wait_timeout_s"}) | {
+                "from_model": meta.inference is not None and not any(
+                    getattr(cfg, key) is not None for key in INFERENCE_KEYS)},
             "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
                        "max_replica_pixels": cfg.max_replica_pixels},
             "answers": api.ANSWERS,

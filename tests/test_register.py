@@ -1,8 +1,13 @@
 """The register stage against a real MLflow store: the champion gate, idempotent
 registration, re-scoring a champion evaluated otherwise, loading by alias, ONNX."""
 
+import copy
+import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -10,21 +15,24 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import register as register_module
 from pipeline.evaluate import evaluate
 from pipeline.inference import to_tensor
 from pipeline.onnx_export import onnx_logits
 from pipeline.params import default_params
-from pipeline.register import register
+from pipeline.register import model_version, register
 from tests.conftest import CLASSES
-from tests.factories import constant_model, tracked_model
+from tests.factories import constant_model, registered_model, tracked_model
+from tests.mlflow_server import MlflowServer
 
+REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-unet"
 
 
-def write_params(path, flip_tta=True, onnx=False):
+def write_params(path, flip_tta=True, onnx=False, min_improvement=0.01):
     path.write_text(json.dumps(default_params({
         "evaluate": {"flip_tta": flip_tta, "scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 0}},
-        "register": {"model_name": NAME, "onnx": onnx},
+        "register": {"model_name": NAME, "onnx": onnx, "min_improvement": min_improvement},
     })))
     return path
 
@@ -96,3 +104,133 @@ def test_a_champion_scored_otherwise_is_rescored_on_this_test_set(coded, fitted,
     _, decision = train_evaluate_register(env, "bad", constant_model(model, 1), cfg, coded, params)
     assert not decision.promoted and "re-evaluated" in decision.reason
     assert decision.previous_champion_test_miou == pytest.approx(redo["miou"], abs=1e-9)
+
+
+def test_a_candidate_must_beat_the_champion_by_min_improvement(coded, fitted, env):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    params = write_params(env / "params.yaml", min_improvement=0.01)
+    good, _ = train_evaluate_register(env, "good", model, cfg, coded, params)
+    # The champion's recorded score a little under the next candidate's: within the spread of
+    # one recipe's runs, so the alias stays; then clearly under it, so the alias moves.
+    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.005))
+    _, close = train_evaluate_register(env, "close", model, cfg, coded, params)
+    assert not close.promoted and close.version == "2", close.reason
+    assert "does not beat" in close.reason and "min_improvement" in close.reason
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.02))
+    _, clear = train_evaluate_register(env, "clear", model, cfg, coded, params)
+    assert clear.promoted and clear.version == "3", clear.reason
+    assert clear.previous_champion_test_miou == pytest.approx(good["miou"] - 0.02)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+
+
+def test_a_rescore_is_recorded_on_the_champion_and_reused(coded, fitted, env, monkeypatch):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    train_evaluate_register(env, "good", model, cfg, coded, write_params(env / "params.yaml"))
+    calls = []
+    real = register_module.rescore
+    monkeypatch.setattr(register_module, "rescore", lambda *a: calls.append(a) or real(*a))
+    params = write_params(env / "params.yaml", flip_tta=False)       # a new evaluation key
+    _, first = train_evaluate_register(env, "bad1", constant_model(model, 1), cfg, coded, params)
+    assert len(calls) == 1 and "re-evaluated" in first.reason
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    key = client.get_model_version(NAME, first.version).tags["eval_key"]
+    assert float(champion.tags[f"score.{key}"]) == first.previous_champion_test_miou
+    # The next register on this test set with these settings reuses the recorded re-score.
+    _, second = train_evaluate_register(env, "bad2", constant_model(model, 2), cfg, coded, params)
+    assert len(calls) == 1, "the champion was evaluated again"
+    assert not second.promoted and "its recorded" in second.reason
+    assert second.previous_champion_test_miou == first.previous_champion_test_miou
+
+
+def test_a_champion_that_cannot_be_rescored_gives_a_decision_not_a_traceback(coded, fitted, env):
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    other = copy.deepcopy(model)           # a champion of another dataset: other classes
+    other.meta = dataclasses.replace(model.meta, class_names=("sky", "sea", "boat"))
+    run_id = tracked_model(env / "other", other, cfg)
+    uri = client.get_run(run_id).data.tags["model_uri"]
+    client.set_registered_model_alias(NAME, "champion", model_version(client, NAME, run_id, uri).version)
+
+    params = write_params(env / "params.yaml")
+    _, decision = train_evaluate_register(env, "new", model, cfg, coded, params)
+    assert not decision.promoted and decision.previous_champion == "1"
+    assert "could not be re-evaluated" in decision.reason and "sky" in decision.reason
+    written = json.loads((env / "new" / "registry.json").read_text())
+    assert written["reason"] == decision.reason and not written["promoted"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+@pytest.mark.slow
+def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp_path, monkeypatch):
+    """Two equal candidates, registered by two processes at once against one ``mlflow server``,
+    both beating a champion that each must first re-evaluate (seconds between reading the
+    champion and setting the alias): the first promoted, the second compared with it."""
+    model, cfg = fitted
+    monkeypatch.chdir(tmp_path)
+    with MlflowServer(tmp_path / "server") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        params = write_params(tmp_path / "params.yaml")
+        registered_model(tmp_path / "old", constant_model(model, 0), cfg, NAME)   # no recorded score
+        for tag in ("a", "b"):
+            tracked_model(tmp_path / tag / "model", model, cfg)
+            folder = tmp_path / tag
+            evaluate(folder / "model", coded, folder / "evaluation", folder / "m.json", folder / "plots",
+                     params)
+        env = os.environ | {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": server.uri}
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "pipeline.register", "--model", str(tmp_path / tag / "model"),
+             "--metrics", str(tmp_path / tag / "m.json"), "--data", str(coded),
+             "--out", str(tmp_path / tag / "registry.json"), "--params", str(params)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for tag in ("a", "b")]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        decisions = [json.loads((tmp_path / tag / "registry.json").read_text()) for tag in ("a", "b")]
+        assert sum(d["promoted"] for d in decisions) == 1, decisions
+        winner = next(d for d in decisions if d["promoted"])
+        loser = next(d for d in decisions if not d["promoted"])
+        assert winner["previous_champion"] == "1"
+        assert loser["previous_champion"] == winner["version"] and "does not beat" in loser["reason"]
+        champion = MlflowClient(server.uri).get_model_version_by_alias(NAME, "champion")
+        assert str(champion.version) == winner["version"]
+        assert not any(m.name.endswith(".lock") for m in MlflowClient(server.uri).search_registered_models())
+
+
+REPRODUCE = """
+import json, sys
+import mlflow, numpy as np, torch
+from pipeline import shards
+from pipeline.metrics import confusion_matrix, segmentation_metrics
+name, data = sys.argv[1], sys.argv[2]
+model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+classes = json.load(open(f"{data}/classes.json"))
+cm = torch.zeros(classes["num_classes"], classes["num_classes"], dtype=torch.int64)
+for _, image, truth in shards.iter_samples(data, "test"):
+    mask = model.predict([image])[0]
+    cm += confusion_matrix(torch.from_numpy(mask), torch.from_numpy(np.array(truth)), classes["num_classes"],
+                           classes["ignore_index"])
+print(json.dumps({"miou": float(segmentation_metrics(cm)["miou"])}))
+"""
+
+
+@pytest.mark.slow
+def test_the_champion_reproduces_its_recorded_score_in_a_fresh_process(coded, fitted, env):
+    """Evaluated with flip and multi-scale TTA over tiles, registered; then a new Python
+    process loads ``models:/<name>@champion`` and scores the test split with its pyfunc."""
+    model, cfg = fitted
+    params = write_params(env / "params.yaml")
+    settings = json.loads(params.read_text())
+    settings["evaluate"] |= {"flip_tta": True, "scales": [0.75, 1.0, 1.25], "tile_above_pixels": 1024,
+                             "tile_size": [32, 32], "tile_overlap": 0.25}
+    params.write_text(json.dumps(settings))
+    metrics, decision = train_evaluate_register(env, "good", model, cfg, coded, params)
+    assert decision.promoted
+    recorded = float(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
+        NAME, "champion").tags["test_miou"])
+    assert recorded == metrics["miou"]
+    out = subprocess.run([sys.executable, "-c", REPRODUCE, NAME, str(coded)], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["miou"] == recorded

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from pipeline.images import decode_image
+from pipeline.models import InferenceSettings
 from pipeline.params import ServeParams, default_params
 from pipeline.predictor import Predictor
 from pipeline.service import ModelRef, Service, replica_threads
@@ -438,6 +439,31 @@ def test_a_service_of_two_replicas_takes_half_the_cores(fitted, torch_threads):
     service = Service(model, ModelRef(uri="models:/m/1"), ServeParams.defaults(replicas=2))
     cores = len(os.sched_getaffinity(0))
     assert service.threads() == max(1, cores // 2)
+
+
+def test_a_replica_predicts_with_the_models_own_inference_settings_unless_serve_sets_them(
+        fitted, torch_threads):
+    import copy
+    import dataclasses
+
+    model, _ = fitted
+    own = InferenceSettings(flip_tta=True, scales=(0.75, 1.0), tile_above_pixels=1024, tile_size=(32, 32),
+                            tile_overlap=0.25)
+    recorded = copy.deepcopy(model)
+    recorded.meta = dataclasses.replace(model.meta, inference=own)
+    service = Service(recorded, ModelRef(uri="models:/m/1"), ServeParams(threads=1, scales=None))
+    assert service.predictor.settings() == own
+    inference = service.metadata()["inference"]
+    assert inference["from_model"] and inference["scales"] == (0.75, 1.0) and inference["flip_tta"]
+    image = picture(48, 64)
+    expected = Predictor(recorded, **dataclasses.asdict(own)).mask(image)
+    np.testing.assert_array_equal(service.predict([image])[0], expected)
+    plain = Predictor(recorded).probs(image)                            # the settings matter here
+    assert (service.predictor.probs(image) - plain).abs().max() > 1e-4
+    told = Service(recorded, ModelRef(uri="models:/m/1"),
+                   ServeParams(threads=1, scales=[1.0], flip_tta=False))
+    assert told.predictor.settings() == dataclasses.replace(own, flip_tta=False, scales=(1.0,))
+    assert not told.metadata()["inference"]["from_model"]
 
 
 def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_threads):
