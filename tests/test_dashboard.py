@@ -38,8 +38,8 @@ def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[floa
     metrics = evaluate(folder / "model", data, folder / paths.EVAL_OUT, folder / paths.EVAL_METRICS,
                        folder / paths.PLOTS_DIR, root / "params.yaml")
     params = root / "params.yaml"
-    register(folder / "model", folder / paths.EVAL_REPORT, data, folder / "registry.json", params)
-    return metrics | {"run_id": run_id}
+    decision = register(folder / "model", folder / paths.EVAL_REPORT, data, folder / "registry.json", params)
+    return metrics | {"run_id": run_id, "version": decision.version}
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +215,20 @@ def test_a_later_evaluation_adds_a_record_and_is_never_shown_stale(coded, fitted
     assert per_class(at) == pytest.approx({n: s["iou"] for n, s in second["per_class"].items()}, nan_ok=True)
     assert {m.label: m.value for m in at.metric}["mIoU"] == f"{second['miou']:.3f}"
 
-    # Registered again with the new settings: the version now records the second evaluation.
-    register(tmp_path / "model", tmp_path / paths.EVAL_REPORT, coded, tmp_path / "registry.json",
-             tmp_path / "params.yaml")
+    # Registered again with the new settings: a second version of the run (its pyfunc predicts
+    # with them) records the second evaluation; it does not beat the champion, whose page keeps
+    # the champion's own recorded score.
+    decision = register(tmp_path / "model", tmp_path / paths.EVAL_REPORT, coded, tmp_path / "registry.json",
+                        tmp_path / "params.yaml")
+    assert not decision.promoted and decision.version != first["version"]
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient().get_model_version(NAME, decision.version).tags
+    assert (float(tags["test_miou"]), tags["eval_key"]) == (second["miou"], second["eval_key"])
     at = shown("overview")
-    assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{second['miou']:.3f}"
+    assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{first['miou']:.3f}"
     at = shown("overlays")
-    assert at.selectbox(key="overlays-run").value == (first["run_id"], second["eval_key"])
+    assert at.selectbox(key="overlays-run").value == (first["run_id"], first["eval_key"])
 
 
 class StandIn(BaseHTTPRequestHandler):

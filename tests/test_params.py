@@ -188,7 +188,7 @@ def test_every_field_refuses_a_wrong_type_naming_the_key(key, tmp_path):
 
 
 # A valid item for each list field whose length is bounded, to build too short or too long values.
-ITEMS = {"prepare.classes": "c", "evaluate.scales": 1.0}
+ITEMS = {"prepare.classes": "c", "evaluate.scales": 1.0, "serve.scales": 1.0}
 
 
 def sized(key, n):

@@ -451,7 +451,7 @@ def test_a_replica_predicts_with_the_models_own_inference_settings_unless_serve_
                             tile_overlap=0.25)
     recorded = copy.deepcopy(model)
     recorded.meta = dataclasses.replace(model.meta, inference=own)
-    service = Service(recorded, ModelRef(uri="models:/m/1"), ServeParams(threads=1, scales=None))
+    service = Service(recorded, ModelRef(uri="models:/m/1"), ServeParams.defaults(threads=1))
     assert service.predictor.settings() == own
     inference = service.metadata()["inference"]
     assert inference["from_model"] and inference["scales"] == (0.75, 1.0) and inference["flip_tta"]
@@ -461,7 +461,7 @@ def test_a_replica_predicts_with_the_models_own_inference_settings_unless_serve_
     plain = Predictor(recorded).probs(image)                            # the settings matter here
     assert (service.predictor.probs(image) - plain).abs().max() > 1e-4
     told = Service(recorded, ModelRef(uri="models:/m/1"),
-                   ServeParams(threads=1, scales=[1.0], flip_tta=False))
+                   ServeParams.defaults(threads=1, scales=[1.0], flip_tta=False))
     assert told.predictor.settings() == dataclasses.replace(own, flip_tta=False, scales=(1.0,))
     assert not told.metadata()["inference"]["from_model"]
 
