@@ -59,6 +59,7 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
 
 
+@pytest.mark.slow          # a real Ray Train run killed or repeated: 80-110 s
 def test_a_finished_run_is_trained_afresh_not_restored(prepared, env, local_ray):
     """The same params, data and code again (``dvc repro -f``): Ray must not restore the finished
     run (zero epochs, the old weights), and the new training gets an MLflow run of its own."""
@@ -80,6 +81,7 @@ def worker_pids() -> list[psutil.Process]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
+@pytest.mark.slow          # a real Ray Train run killed or repeated: 80-110 s
 def test_killed_worker_resumes_from_its_checkpoint(prepared, env, local_ray):
     params = write_params(env / "params.yaml", epochs=4, max_failures=2)
     storage = env / "ray_results"

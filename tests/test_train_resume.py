@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import only_run, write_params
 
@@ -33,6 +34,7 @@ def kill_session(proc: subprocess.Popen) -> None:
             pass
 
 
+@pytest.mark.slow          # a real Ray Train run killed or repeated: 80-110 s
 def test_stage_killed_mid_run_resumes_from_its_checkpoint_and_mlflow_run(prepared, env):
     write_params(env / "params.yaml", epochs=4, num_workers=1)
     proc = start_stage(env, prepared)
