@@ -104,7 +104,7 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
     params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
     params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
-    params["loss"] = {"terms": {"ce": 0.5, "dice": 0.5}}
+    params["loss"] |= {"terms": {"ce": 0.5, "dice": 0.5}}
     params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [32, 32], "warmup_epochs": 0.2,
                         "threads_per_worker": 1}
     params["evaluate"]["overlays"] = {"samples": 2, "worst_per_class": 1}

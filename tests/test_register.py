@@ -177,12 +177,12 @@ def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp
         for tag in ("a", "b"):
             tracked_model(tmp_path / tag / "model", model, cfg)
             folder = tmp_path / tag
-            evaluate(folder / "model", coded, folder / "evaluation", folder / "m.json", folder / "plots",
-                     params)
+            evaluate(folder / "model", coded, folder / "evaluation", folder / "metrics.json",
+                     folder / "plots", params)
         env = os.environ | {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": server.uri}
         procs = [subprocess.Popen(
             [sys.executable, "-m", "pipeline.register", "--model", str(tmp_path / tag / "model"),
-             "--metrics", str(tmp_path / tag / "m.json"), "--data", str(coded),
+             "--metrics", str(tmp_path / tag / "evaluation" / "evaluate.json"), "--data", str(coded),
              "--out", str(tmp_path / tag / "registry.json"), "--params", str(params)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for tag in ("a", "b")]
         outputs = [p.communicate(timeout=600)[0] for p in procs]
