@@ -29,7 +29,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from pipeline.io import read_json, write_json_atomic
 from pipeline.modelio import read_config
 from pipeline.models import InferenceSettings
 from pipeline.params import EvaluateParams, RegisterParams, load_params
-from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
+from pipeline.records import EVAL_KEY_TAG, SCORE_TAG, SPLIT_VERSION_TAG
 from pipeline.registry_lock import registry_lock
 
 log = logging.getLogger("pipeline.register")
@@ -47,7 +47,7 @@ log = logging.getLogger("pipeline.register")
 SOURCE_RUN_TAG = "mlflow_run_id"
 SCORE_PREFIX = "score."          # score.<eval_key>: a test mIoU under another evaluation key
 INFERENCE_TAG = "inference"      # the inference settings baked into the version's model
-INFERENCE_FIELDS = ("flip_tta", "scales", "tile_above_pixels", "tile_size", "tile_overlap")
+INFERENCE_KEYS = tuple(f.name for f in fields(InferenceSettings))   # the params keys that set them
 MAX_ROUNDS = 5                   # re-score a holder that moved meanwhile at most this often
 
 
@@ -71,7 +71,7 @@ class Decision:
 
 def inference_settings(cfg: EvaluateParams) -> InferenceSettings:
     """The settings ``cfg`` predicts with (``pipeline.evaluate.predictor_for``)."""
-    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_FIELDS)))
+    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_KEYS)))
 
 
 def inference_tag(cfg: EvaluateParams) -> str:
@@ -163,7 +163,7 @@ def record_score(client, name: str, version, key: str, score: float, split: str,
     (its ``inference`` tag), so the headline stays a score its pyfunc reproduces."""
     client.set_model_version_tag(name, version.version, SCORE_PREFIX + key, repr(score))
     if version.tags.get(INFERENCE_TAG) == settings:
-        for tag, value in ((SCORE_TAG, repr(score)), (EVAL_KEY_TAG, key), ("split_version", split)):
+        for tag, value in ((SCORE_TAG, repr(score)), (EVAL_KEY_TAG, key), (SPLIT_VERSION_TAG, split)):
             client.set_model_version_tag(name, version.version, tag, value)
 
 
@@ -279,7 +279,7 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
                             lambda: log_with_settings(run_id, model_dir, eval_cfg), inference_tag(eval_cfg))
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
             "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: repr(score),
-            EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), "split_version": metrics["split_version"],
+            EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), SPLIT_VERSION_TAG: metrics["split_version"],
             "dvc_exp": run.data.tags.get("dvc_exp", "")}
     if cfg.onnx and "onnx_uri" not in version.tags:
         tags["onnx_uri"] = log_onnx(run_id, model_dir, data, cfg, eval_cfg.split)

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from pipeline import api, records
 from pipeline.images import ImageError, ImageLimits, decode_image
+from pipeline.models import InferenceSettings
 from pipeline.params import ServeParams
 from pipeline.predictor import Predictor
 
 RETRY_AFTER_S = 1
-INFERENCE_KEYS = ("flip_tta", "scales", "tile_above_pixels", "tile_size", "tile_overlap")
+INFERENCE_KEYS = tuple(f.name for f in fields(InferenceSettings))   # serve params that set them
 
 
 class Busy(api.ApiError):
