@@ -40,7 +40,7 @@ from pipeline.modelio import read_config
 from pipeline.models import InferenceSettings
 from pipeline.params import EvaluateParams, RegisterParams, load_params
 from pipeline.records import EVAL_KEY_TAG, SCORE_TAG, SPLIT_VERSION_TAG
-from pipeline.registry_lock import registry_lock
+from pipeline.registry_lock import LockTimeout, registry_lock
 
 log = logging.getLogger("pipeline.register")
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         register(args.model, args.metrics, args.data, args.out, args.params)
-    except (RegisterError, FileNotFoundError) as exc:
+    except (RegisterError, LockTimeout, FileNotFoundError) as exc:
         raise SystemExit(f"register: {exc}") from None
 
 

@@ -234,3 +234,26 @@ def test_the_champion_reproduces_its_recorded_score_in_a_fresh_process(coded, fi
                          env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["miou"] == recorded
+
+
+def test_a_lock_held_by_another_register_is_a_message_not_a_traceback(coded, fitted, env, monkeypatch):
+    import functools
+
+    from pipeline import register as register_module
+    from pipeline.registry_lock import OWNER_TAG, lock_name, registry_lock
+
+    model, cfg = fitted
+    params = write_params(env / "params.yaml")
+    folder = env / "held"
+    tracked_model(folder / "model", model, cfg)
+    evaluate(folder / "model", coded, folder / "evaluation", folder / "metrics.json", folder / "plots",
+             params)
+    MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_registered_model(
+        lock_name(NAME), tags={OWNER_TAG: "other-host:1:abc"})
+    monkeypatch.setattr(register_module, "registry_lock", functools.partial(registry_lock, timeout_s=0.5))
+    with pytest.raises(SystemExit) as exc:
+        register_module.main(["--model", str(folder / "model"), "--metrics",
+                              str(folder / "evaluation" / "evaluate.json"), "--data", str(coded),
+                              "--out", str(folder / "registry.json"), "--params", str(params)])
+    assert str(exc.value).startswith("register: the registry lock") and "other-host:1:abc" in str(exc.value)
+    assert not (folder / "registry.json").exists()
