@@ -52,8 +52,11 @@ def _owner_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-def _exists_error(exc: MlflowException) -> bool:
-    return exc.error_code == "RESOURCE_ALREADY_EXISTS"
+def _lost_race(exc: MlflowException) -> bool:
+    """A create refused because the name is taken. The sqlite store answers a failed insert
+    by reading the winner, which may have released the lock in between: "does not exist"
+    then also means another holder was there, and the caller tries again."""
+    return exc.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
 
 
 def _owner(client, lock: str) -> str | None:
@@ -73,7 +76,7 @@ def _try_create(client, lock: str, token: str) -> bool:
                                        description="registry lock of pipeline.register; delete it "
                                                    "only if no register stage is running")
     except MlflowException as exc:
-        if _exists_error(exc):
+        if _lost_race(exc):
             return False
         raise
     time.sleep(SETTLE_S)

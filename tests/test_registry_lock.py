@@ -73,3 +73,25 @@ def test_concurrent_holders_never_overlap(tmp_path):
     for t in threads:
         t.join()
     assert sorted(entries) == [0, 1, 2, 3] and max(overlaps) == 1
+
+
+def test_a_lock_released_while_its_creation_failed_is_tried_again(tmp_path):
+    """The sqlite store answers a create that lost the race by reading the winner, which may
+    have released the lock in between: "not found" then means "try again", not an error
+    (seen in CI as a register thread dying inside test_concurrent_holders_never_overlap)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real, calls = client.create_registered_model, []
+
+    def lost_then_released(name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:     # what the store raises when the winner is gone before its read
+            raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+        return real(name, *args, **kwargs)
+
+    client.create_registered_model = lost_then_released
+    with registry_lock(client, "m", poll_s=0.01) as token:
+        assert client.get_registered_model("m.lock").tags[OWNER_TAG] == token
+    assert calls == ["m.lock", "m.lock"] and not held(client)
