@@ -1,5 +1,5 @@
 """Peak memory of one tiled prediction of a large image: the band sweep of
-``pipeline.predictor`` against the whole-image accumulation it replaced.
+``pipeline.inference.predictor`` against the whole-image accumulation it replaced.
 
     python bench/predict_bench.py            # 6000 x 6000, 11 classes (CamVid), Unet-mobilenet_v2
     python bench/predict_bench.py --quick    # 6000 x 6000, 11 classes, a 1x1-conv model (seconds)
@@ -30,9 +30,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.models import ModelMeta, SegmentationModel, build_model  # noqa: E402
-from pipeline.params import ModelParams  # noqa: E402
-from pipeline.predictor import Predictor  # noqa: E402
+from pipeline.config.params import ModelParams  # noqa: E402
+from pipeline.inference.predictor import Predictor  # noqa: E402
+from pipeline.models.base import ModelMeta, SegmentationModel  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
 from tests.factories import whole_image_accumulation  # noqa: E402
 
 SIDE = 6000
@@ -64,7 +65,7 @@ def make_model(quick: bool) -> SegmentationModel:
 
 
 def old_mask(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
-    """The whole-image accumulation pipeline.predictor used before the band sweep."""
+    """The whole-image accumulation pipeline.inference.predictor used before the band sweep."""
     probs = whole_image_accumulation(model, image, TILE, OVERLAP)
     return (probs / 1).argmax(0).to(torch.uint8).numpy()    # the old probs() divided by len(scales)
 

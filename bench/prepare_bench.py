@@ -21,12 +21,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import paths  # noqa: E402
-from pipeline.datasets import list_samples  # noqa: E402
+from pipeline.config import paths  # noqa: E402
+from pipeline.config.params import PrepareParams, load_params  # noqa: E402
+from pipeline.data.datasets import list_samples  # noqa: E402
+from pipeline.data.sources import CAMVID  # noqa: E402
 from pipeline.download import fetch_dataset  # noqa: E402
-from pipeline.params import PrepareParams, load_params  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
-from pipeline.sources import CAMVID  # noqa: E402
 
 
 def pillow_decode(samples) -> float:

@@ -41,11 +41,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import paths  # noqa: E402
-from pipeline.io import read_json  # noqa: E402
-from pipeline.models import ModelMeta, build_model  # noqa: E402
-from pipeline.overlays import jpeg  # noqa: E402
-from pipeline.params import ModelParams, ServeParams, load_params  # noqa: E402
+from pipeline.config import paths  # noqa: E402
+from pipeline.config.params import ModelParams, ServeParams, load_params  # noqa: E402
+from pipeline.models.base import ModelMeta  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
+from pipeline.utils.io import read_json  # noqa: E402
+from pipeline.viz.overlays import jpeg  # noqa: E402
 
 NAME = "bench-model"
 
@@ -70,9 +71,9 @@ def register_random_model(tmp: Path, cfg: ModelParams):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.mlflow_model import log_model
-    from pipeline.modelio import save_model
+    from pipeline.artifacts import tracking
+    from pipeline.artifacts.mlflow_model import log_model
+    from pipeline.artifacts.model_dir import save_model
     from pipeline.register import model_version
 
     classes_file = paths.PREPARED_DIR / paths.CLASSES_FILE
@@ -193,7 +194,7 @@ def main() -> None:
     from starlette.responses import Response
 
     from pipeline.serve import APP_NAME, application, init_ray, wait_healthy
-    from pipeline.service import Service, load_segmentation_model, resolve_model
+    from pipeline.serving.service import Service, load_segmentation_model, resolve_model
 
     image = scene(h, w)
     body = jpeg(image, quality=90)
@@ -201,7 +202,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DVC_ROOT"] = tmp                       # the MLflow store lives in tmp
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        model_cfg = load_params(ModelParams).model_copy(update={"encoder_weights": None})
+        model_cfg = load_params(ModelParams).without_pretrained_weights()
         uri = register_random_model(Path(tmp), model_cfg)
         cfg = load_params(ServeParams).model_copy(update={"threads": threads, "port": free_port()})
         ref = resolve_model("champion", NAME, uri)

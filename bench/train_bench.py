@@ -32,15 +32,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import paths, shards  # noqa: E402
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.augment import collate, train_transform  # noqa: E402
-from pipeline.engine import build_optimizer, build_scheduler, memory_format, train_one_epoch  # noqa: E402
-from pipeline.io import read_json, write_json_atomic  # noqa: E402
-from pipeline.losses import build_loss  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.params import LossParams, ModelParams, TrainParams, load_params  # noqa: E402
+from pipeline.config import paths
+from pipeline.config.params import LossParams, ModelParams, TrainParams, load_params  # noqa: E402
+from pipeline.data import shards  # noqa: E402
+from pipeline.data.augment import collate, train_transform  # noqa: E402
+from pipeline.engine.allocator import keep_freed_memory  # noqa: E402
+from pipeline.engine.loop import build_optimizer, build_scheduler, memory_format, train_one_epoch  # noqa: E402
+from pipeline.losses.terms import build_loss  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
 from pipeline.train import fit, worker_config  # noqa: E402
+from pipeline.utils.io import read_json, write_json_atomic  # noqa: E402
 
 
 def subset(data: Path, out: Path, n_train: int, n_val: int) -> Path:
@@ -115,7 +116,7 @@ def main() -> None:
     overrides = {"num_workers": args.workers, "threads_per_worker": args.threads,
                  "batch_size": args.batch_size}
     cfg = TrainParams.model_validate(cfg.model_dump() | {k: v for k, v in overrides.items() if v is not None})
-    model_cfg = load_params(ModelParams).model_copy(update={"encoder_weights": None})
+    model_cfg = load_params(ModelParams).without_pretrained_weights()
     loss_cfg = load_params(LossParams)
     n = 32 if args.quick else 128
     threads = cfg.threads_per_worker or max(1, math.floor(cfg.cpus_per_worker))

@@ -4,8 +4,8 @@ Nothing here computes a metric: the pipeline computed them; this module finds an
 them. Where things are:
 
 - the MLflow store: ``$MLFLOW_TRACKING_URI``, else the repository's embedded store
-  (``pipeline.tracking.tracking_uri``); the registered model is ``register.model_name``;
-- an evaluation: a record of a run keyed by its evaluation key (``pipeline.records``): the
+  (``pipeline.artifacts.tracking.tracking_uri``); the registered model is ``register.model_name``;
+- an evaluation: a record of a run keyed by its evaluation key (``pipeline.artifacts.records``): the
   run's metrics ``<split>/<key>/...``, its artifacts ``evaluations/<key>/evaluate.json``
   (the whole report) and ``evaluations/<key>/overlays/`` (index.json, confusion.json,
   pictures); for the run and key the workspace's evaluate stage scored, the same files are
@@ -28,9 +28,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import paths, records, tracking
-from pipeline.io import read_json
-from pipeline.params import RegisterParams, load_params
+from pipeline.artifacts import records, tracking
+from pipeline.config import paths
+from pipeline.config.params import RegisterParams, load_params
+from pipeline.utils.io import read_json
 
 ENV_SERVE_URL = "SEG_SERVE_URL"
 ENV_MLFLOW_UI = "MLFLOW_UI_URL"

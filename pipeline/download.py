@@ -18,10 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import fetch, paths
-from pipeline.io import write_json_atomic
-from pipeline.params import DownloadParams, load_params
-from pipeline.sources import SOURCES, Source
+from pipeline.config import paths
+from pipeline.config.params import DownloadParams, load_params
+from pipeline.data import fetch
+from pipeline.data.sources import SOURCES, Source
+from pipeline.utils.io import write_json_atomic
 
 log = logging.getLogger("pipeline.download")
 

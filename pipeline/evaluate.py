@@ -4,10 +4,10 @@
         --out evaluation --metrics metrics/evaluate.json --plots metrics/plots
 
 Every image is predicted whole (sliding-window tiles above ``evaluate.tile_above_pixels``,
-optional flip and multi-scale TTA; ``pipeline.predictor``). One confusion matrix summed over the split
-gives the scores (``pipeline.metrics``): the ignore label is left out, and a class absent
-from both truth and prediction is NaN (``null`` in the JSON files) and left out of the
-means. Outputs:
+optional flip and multi-scale TTA; ``pipeline.inference.predictor``). One confusion matrix
+summed over the split gives the scores (``pipeline.metrics.confusion``): the ignore label
+is left out, and a class absent from both truth and prediction is NaN (``null`` in the JSON
+files) and left out of the means. Outputs:
 
 - ``--metrics``: DVC metrics, the headline only (``headline``): the evaluation key, pixel
   accuracy, mIoU, mean Dice, frequency-weighted IoU, boundary mIoU, so that
@@ -18,10 +18,10 @@ means. Outputs:
 - ``--out``: ``evaluate.json`` (the whole report, ``full_report``: what was scored, how, and
   every score), ``index.json`` (per-image scores; the sample and worst-per-class images; the
   files of each), ``confusion.json`` (raw counts), a palette PNG of every prediction, and
-  image / truth / error / panel pictures of the selected images (``pipeline.overlays``).
+  image / truth / error / panel pictures of the selected images (``pipeline.viz.overlays``).
 
 All of it is also logged to the training's MLflow run as one record keyed by the evaluation
-key (``eval_key``, ``log_record``, ``pipeline.records``): evaluating again with other
+key (``eval_key``, ``log_record``, ``pipeline.artifacts.records``): evaluating again with other
 settings or on another test set adds a record and never overwrites one.
 """
 
@@ -44,14 +44,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import overlays, paths, records, shards
-from pipeline.boundary import BoundaryIoU
-from pipeline.io import read_json, write_json_atomic
-from pipeline.metrics import confusion_matrix, segmentation_metrics
-from pipeline.modelio import load_model, read_config
-from pipeline.models import SegmentationModel
-from pipeline.params import EvaluateParams, load_params
-from pipeline.predictor import Predictor
+from pipeline.artifacts import records
+from pipeline.artifacts.model_dir import load_model, read_config
+from pipeline.config import paths
+from pipeline.config.params import EvaluateParams, load_params
+from pipeline.data import shards
+from pipeline.inference.predictor import Predictor
+from pipeline.metrics.boundary import BoundaryIoU
+from pipeline.metrics.confusion import confusion_matrix, segmentation_metrics
+from pipeline.models.base import SegmentationModel
+from pipeline.utils.io import read_json, write_json_atomic
+from pipeline.viz import overlays
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -315,12 +318,12 @@ def log_record(run_id: str, report: dict[str, Any], overlays_dir: Path | None = 
     """Record one evaluation (a ``full_report``) on MLflow run ``run_id`` under its key:
     metrics ``<split>/<key>/...``, the tag ``evaluation/<key>``, and under
     ``evaluations/<key>/`` the report (``evaluate.json``), ``plot_files`` (in ``plots/``)
-    and the ``overlays_dir`` folder (as ``overlays/``) (``pipeline.records``). Records of
+    and the ``overlays_dir`` folder (as ``overlays/``) (``pipeline.artifacts.records``). Records of
     other keys are left as they are."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.artifacts import tracking
 
     key = report["eval_key"]
     client = MlflowClient(tracking.tracking_uri())

@@ -5,7 +5,7 @@ mismatch, labels outside the class list, binary masks saved as 0/255, the same i
 in two splits). Strict mode fails with the whole list; lenient mode skips those files
 and reports them. Output, written to a staging folder and renamed into place:
 
-    <out>/{train,val,test}/part-NNNNN.parquet   encoded image + mask bytes (pipeline.shards)
+    <out>/{train,val,test}/part-NNNNN.parquet   encoded image + mask bytes (pipeline.data.shards)
     <out>/classes.json                           names, palette, ignore_index
     <out>/card.json, card.md                     counts, class frequencies and weights
     <out>/problems.json                          every problem and warning, by file
@@ -24,14 +24,15 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-from pipeline import fetch, paths
-from pipeline.card import class_statistics, render_markdown
-from pipeline.checks import Inspection, convert_sample, inspect_sample, invalid_values
-from pipeline.datasets import ClassSpec, Sample, class_spec, list_samples
-from pipeline.io import read_json, write_json_atomic, write_text_atomic
-from pipeline.params import PrepareParams, Resize, load_params
-from pipeline.shards import shard_name, write_shard
-from pipeline.sources import SOURCES
+from pipeline.config import paths
+from pipeline.config.params import PrepareParams, Resize, load_params
+from pipeline.data import fetch
+from pipeline.data.card import class_statistics, render_markdown
+from pipeline.data.checks import Inspection, convert_sample, inspect_sample, invalid_values
+from pipeline.data.datasets import ClassSpec, Sample, class_spec, list_samples
+from pipeline.data.shards import shard_name, write_shard
+from pipeline.data.sources import SOURCES
+from pipeline.utils.io import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("pipeline.prepare")
 

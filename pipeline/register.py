@@ -14,7 +14,7 @@
    points at it.
 3. The gate: the version gets the alias (``champion``) when there is no champion yet, or
    when its test mIoU is at least the champion's plus ``register.min_improvement``, decided
-   inside the registry lock (``pipeline.registry_lock``). Scores are only compared on the
+   inside the registry lock (``pipeline.artifacts.registry_lock``). Scores are only compared on the
    same test set with the same evaluation settings: when the champion was scored otherwise,
    it is evaluated again here on this test set first and that score recorded on it. A worse
    model stays registered without the alias. The decision and its reason go to ``--out``.
@@ -33,14 +33,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
+from pipeline.artifacts.model_dir import read_config
+from pipeline.artifacts.records import EVAL_KEY_TAG, SCORE_TAG, SPLIT_VERSION_TAG
+from pipeline.artifacts.registry_lock import LockTimeout, registry_lock
+from pipeline.config import paths
+from pipeline.config.params import EvaluateParams, RegisterParams, load_params
 from pipeline.evaluate import eval_key
-from pipeline.io import read_json, write_json_atomic
-from pipeline.modelio import read_config
-from pipeline.models import InferenceSettings
-from pipeline.params import EvaluateParams, RegisterParams, load_params
-from pipeline.records import EVAL_KEY_TAG, SCORE_TAG, SPLIT_VERSION_TAG
-from pipeline.registry_lock import LockTimeout, registry_lock
+from pipeline.models.base import InferenceSettings
+from pipeline.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("pipeline.register")
 
@@ -110,8 +110,8 @@ def log_with_settings(run_id: str, model_dir: Path, cfg: EvaluateParams) -> str:
     ``cfg`` scores with, so that the registered model predicts as it was scored; its URI."""
     import mlflow
 
-    from pipeline import mlflow_model
-    from pipeline.modelio import CONFIG_FILE
+    from pipeline.artifacts import mlflow_model
+    from pipeline.artifacts.model_dir import CONFIG_FILE
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
@@ -172,7 +172,7 @@ def decide(client, name: str, alias: str, candidate, score: float, key: str, dat
     """Give ``candidate`` the alias if it beats the holder by ``min_improvement``; say why.
 
     The holder is read, compared and the alias set inside the registry lock
-    (``pipeline.registry_lock``), so concurrent registers promote one at a time. A holder
+    (``pipeline.artifacts.registry_lock``), so concurrent registers promote one at a time. A holder
     with no score for this test set and these settings is re-evaluated outside the lock
     (minutes on a real test set), the score recorded on it, and the gate tried again."""
     from pipeline.evaluate import EvaluateError
@@ -229,10 +229,10 @@ def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, spli
     import mlflow
     import onnx
 
-    from pipeline import shards
-    from pipeline.inference import to_tensor
-    from pipeline.modelio import load_model
-    from pipeline.onnx_export import export_onnx, max_difference
+    from pipeline.artifacts.model_dir import load_model
+    from pipeline.artifacts.onnx_export import export_onnx, max_difference
+    from pipeline.data import shards
+    from pipeline.inference.tensors import to_tensor
 
     model = load_model(model_dir)
     _, image, _ = next(shards.iter_samples(data, split))
@@ -253,7 +253,7 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.artifacts import tracking
 
     cfg = load_params(RegisterParams, params)
     eval_cfg = load_params(EvaluateParams, params)

@@ -1,10 +1,10 @@
-"""Serve the registered model over HTTP with Ray Serve: a thin shell around ``pipeline.service``.
+"""Serve the registered model over HTTP with Ray Serve: a thin shell around ``pipeline.serving.service``.
 
     python -m pipeline.serve [--model champion|3|models:/...] [--host 127.0.0.1] [--port 8000]
                              [--replicas N] [--gpus-per-replica auto|0|1]
     python -m pipeline.serve --write-config serve_config.yaml   # then: serve run serve_config.yaml
 
-Routes: ``POST /predict`` (see ``pipeline.api``), ``GET /health`` (200 once this replica
+Routes: ``POST /predict`` (see ``pipeline.serving.api``), ``GET /health`` (200 once this replica
 has loaded the model, 503 before), ``GET /metadata`` (model version, classes, palette,
 normalisation, test metrics, limits). Each replica loads the model once, in the
 background, and batches concurrent requests with ``@serve.batch``; decoding and encoding
@@ -31,10 +31,12 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pipeline import api, console, tracking
-from pipeline.client import ServerError, Unreachable, get_json
-from pipeline.params import PARAMS_FILE, RegisterParams, ServeParams, load_params, parse_section
-from pipeline.service import ModelRef, Service, error_answer, load_segmentation_model, resolve_model
+from pipeline.artifacts import tracking
+from pipeline.config.params import PARAMS_FILE, RegisterParams, ServeParams, load_params, parse_section
+from pipeline.serving import api
+from pipeline.serving.client import ServerError, Unreachable, get_json
+from pipeline.serving.service import ModelRef, Service, error_answer, load_segmentation_model, resolve_model
+from pipeline.utils import console
 
 APP_NAME = "segmentation"
 ROUTES = {"/predict": "POST", "/health": "GET", "/metadata": "GET"}
@@ -187,7 +189,7 @@ def write_config(path: Path, cfg: ServeParams, params: Path) -> None:
     """A ``serve run``/``serve deploy`` config for this application (atomic write)."""
     import yaml
 
-    from pipeline.io import write_text_atomic
+    from pipeline.utils.io import write_text_atomic
 
     config = {
         "proxy_location": cfg.proxy_location,

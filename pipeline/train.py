@@ -1,5 +1,5 @@
 """Stage ``train``: Ray Train (TorchTrainer + Ray Data) around the plain loop in
-``pipeline.engine``, one MLflow run per training, the best checkpoint as output.
+``pipeline.engine.loop``, one MLflow run per training, the best checkpoint as output.
 
     python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json \\
         --plots metrics/plots
@@ -9,7 +9,7 @@ the best epoch's per-class validation IoU goes to ``--plots``/``val_iou.json``.
 
 Same code on one CPU, one GPU or a cluster: with ``RAY_ADDRESS`` set it joins that
 cluster, otherwise it starts a local one. A re-run with the same params, data and
-training code (``pipeline.run_identity``) after a crash resumes from the latest checkpoint
+training code (``pipeline.engine.run_identity``) after a crash resumes from the latest checkpoint
 in ``ray_results/<run name>`` and continues the same MLflow run; a run that finished is
 never resumed: running it again (``dvc repro -f``) trains afresh in a new MLflow run.
 """
@@ -25,16 +25,19 @@ from typing import Any
 
 import torch
 
-from pipeline import allocator, console, paths, run_identity, shards
-from pipeline.ingest import ShardConfig
-from pipeline.io import read_json, write_json_atomic
-from pipeline.losses import build_loss, resolve_class_weights
-from pipeline.modelio import CONFIG_FILE, WEIGHTS_FILE
-from pipeline.models import build_model, encoder_normalisation
-from pipeline.params import LossParams, ModelParams, ParamsError, TrainParams, load_params
-from pipeline.progress import ProgressFollower
-from pipeline.train_worker import META_FILE, STATE_FILE, train_worker
-from pipeline.weights import WeightsUnavailableError, ensure_encoder_weights
+from pipeline.artifacts.model_dir import CONFIG_FILE, WEIGHTS_FILE
+from pipeline.config import paths
+from pipeline.config.params import LossParams, ModelParams, ParamsError, TrainParams, load_params
+from pipeline.data import shards
+from pipeline.engine import allocator, run_identity
+from pipeline.engine.ingest import ShardConfig
+from pipeline.engine.progress import ProgressFollower
+from pipeline.engine.worker import META_FILE, STATE_FILE, train_worker
+from pipeline.losses.terms import build_loss, resolve_class_weights
+from pipeline.models import registry as models
+from pipeline.models.weights import WeightsUnavailableError
+from pipeline.utils import console
+from pipeline.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("pipeline.train")
 
@@ -60,7 +63,7 @@ def data_version(data: Path) -> str:
 
 def run_name(sections: dict[str, dict], version: str) -> str:
     """Equal params, data and training code give the same name, which is what lets a re-run
-    after a crash resume (``pipeline.run_identity``)."""
+    after a crash resume (``pipeline.engine.run_identity``)."""
     return run_identity.run_name(sections, version)
 
 
@@ -82,23 +85,23 @@ def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
     Builds the model once without pretrained weights (``model.arch``, ``encoder_name``,
     ``kwargs``) and the loss with its class weights, raising ``TrainError`` with their
     message naming the key; then makes sure the encoder's pretrained weights can be had
-    (``WeightsUnavailableError``, ``pipeline.weights``).
+    (``WeightsUnavailableError``, ``pipeline.models.weights``).
     """
     classes = read_json(data / paths.CLASSES_FILE)
     num_classes = classes["num_classes"]
     try:
-        build_model(model_cfg.model_copy(update={"encoder_weights": None}), num_classes)
+        models.build_model(model_cfg.without_pretrained_weights(), num_classes)
         weights = resolve_class_weights(loss_cfg, read_json(data / paths.CARD_JSON), num_classes)
         build_loss(loss_cfg, num_classes, classes["ignore_index"], weights)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
-    ensure_encoder_weights(model_cfg.encoder_name, model_cfg.encoder_weights)
+    models.ensure_weights(model_cfg)
 
 
 def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> dict:
     classes = read_json(data / paths.CLASSES_FILE)
     card = read_json(data / paths.CARD_JSON)
-    mean, std = encoder_normalisation(model_cfg.encoder_name)
+    mean, std = models.normalisation(model_cfg)
     weights = paths.weights_dir()   # checked here, and handed on absolute: workers run elsewhere
     return {
         "env": {paths.ENV_WEIGHTS_DIR: str(weights)} if weights is not None else {},
@@ -190,7 +193,7 @@ def fit(
     storage = Path(storage).resolve()
     start_afresh_if_finished(storage / name)
     level = console.ray_log_level()
-    # Rank 0 appends one record per epoch; this driver prints each once (pipeline.progress).
+    # Rank 0 appends one record per epoch; this driver prints each once (pipeline.engine.progress).
     progress_file = storage / name / paths.PROGRESS_FILE
     config["progress_file"] = str(progress_file)
     config["ray_log_level"] = level
@@ -198,7 +201,7 @@ def fit(
     if track:
         from mlflow.tracking import MlflowClient
 
-        from pipeline import tracking
+        from pipeline.artifacts import tracking
 
         client = MlflowClient(tracking.tracking_uri())
         tags = {"data_version": version, "git_commit": tracking.git_commit(), "ray_run_name": name,
@@ -225,7 +228,7 @@ def fit(
         scaling_config=scaling(cfg),
         run_config=RunConfig(
             name=name, storage_path=str(storage),
-            # Read by the C library when a worker process starts (pipeline.allocator).
+            # Read by the C library when a worker process starts (pipeline.engine.allocator).
             worker_runtime_env={"env_vars": allocator.worker_env()} if cfg.keep_freed_memory else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # The best checkpoint by validation mIoU, plus the latest (kept for resume).
@@ -250,7 +253,7 @@ def fit(
 
 
 def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the best checkpoint's model as a saved model folder (``pipeline.modelio``)."""
+    """Write the best checkpoint's model as a saved model folder (``pipeline.artifacts.model_dir``)."""
     if not result.best_checkpoints:
         raise TrainError("the training reported no checkpoint")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_miou"])
@@ -311,8 +314,8 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
 def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, summary: dict) -> None:
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.mlflow_model import log_model
+    from pipeline.artifacts import tracking
+    from pipeline.artifacts.mlflow_model import log_model
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run_id):

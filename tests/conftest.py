@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import PrepareParams, default_params
+from pipeline.config.params import PrepareParams, default_params
 from pipeline.prepare import prepare
 from tests.factories import fit_tiny_model, make_colour_coded_dataset, make_folder_dataset
 from tests.http_server import LoopbackServer

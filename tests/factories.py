@@ -89,10 +89,11 @@ def tiny_model(prepared: Path, seed: int = 0):
     """A small untrained Unet for ``prepared``'s classes, and its ``ModelParams``."""
     import torch
 
-    from pipeline import paths
-    from pipeline.io import read_json
-    from pipeline.models import ModelMeta, build_model
-    from pipeline.params import ModelParams
+    from pipeline.config import paths
+    from pipeline.config.params import ModelParams
+    from pipeline.models.base import ModelMeta
+    from pipeline.models.registry import build_model
+    from pipeline.utils.io import read_json
 
     torch.manual_seed(seed)
     classes = read_json(prepared / paths.CLASSES_FILE)
@@ -105,9 +106,10 @@ def fit_tiny_model(prepared: Path, steps: int = 40, seed: int = 0):
     """A small Unet fitted to ``prepared``'s train split with a plain loop (no Ray)."""
     import torch
 
-    from pipeline import paths, shards
-    from pipeline.inference import to_tensor
-    from pipeline.io import read_json
+    from pipeline.config import paths
+    from pipeline.data import shards
+    from pipeline.inference.tensors import to_tensor
+    from pipeline.utils.io import read_json
 
     model, cfg = tiny_model(prepared, seed)
     classes = read_json(prepared / paths.CLASSES_FILE)
@@ -146,9 +148,9 @@ def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.mlflow_model import log_model
-    from pipeline.modelio import save_model
+    from pipeline.artifacts import tracking
+    from pipeline.artifacts.mlflow_model import log_model
+    from pipeline.artifacts.model_dir import save_model
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     experiment = tracking.experiment_id(MlflowClient(tracking.tracking_uri()))
@@ -167,8 +169,8 @@ def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion
     evaluation (``test_miou`` under ``eval_key``); returns the version."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.records import EVAL_KEY_TAG, SCORE_TAG
+    from pipeline.artifacts import tracking
+    from pipeline.artifacts.records import EVAL_KEY_TAG, SCORE_TAG
     from pipeline.register import model_version
 
     run_id = tracked_model(folder, model, cfg)
@@ -193,12 +195,12 @@ def free_port() -> int:
 def whole_image_accumulation(model, image: np.ndarray, tile: tuple[int, int], overlap: float):
     """The reference blend: every window's probabilities summed into a whole-image
     (C, H, W) tensor in row-major window order and divided by the windows covering each
-    pixel (what pipeline.predictor did before it kept only a band): the reference of
+    pixel (what pipeline.inference.predictor did before it kept only a band): the reference of
     tests/test_predictor.py and the baseline of bench/predict_bench.py."""
     import torch
 
-    from pipeline.inference import to_tensor
-    from pipeline.predictor import window_starts
+    from pipeline.inference.predictor import window_starts
+    from pipeline.inference.tensors import to_tensor
 
     x = to_tensor([image], model.meta.mean, model.meta.std)
     h, w = image.shape[:2]
@@ -219,7 +221,7 @@ def repo_params(path: Path, **sections: dict) -> Path:
     replaced by those given (every other key keeps the repository's value)."""
     import yaml
 
-    from pipeline.params import default_params
+    from pipeline.config.params import default_params
 
     path.write_text(yaml.safe_dump(default_params(sections)))
     return path

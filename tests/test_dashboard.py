@@ -11,11 +11,11 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pipeline import paths
+from pipeline.config import paths
+from pipeline.config.params import ServeParams
 from pipeline.evaluate import evaluate
-from pipeline.params import ServeParams
 from pipeline.register import register
-from pipeline.service import ModelRef, Service
+from pipeline.serving.service import ModelRef, Service
 from tests.factories import constant_model, free_port, repo_params, tracked_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[floa
     """Train stand-in (a tracked model with a validation curve), evaluate, register."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.artifacts import tracking
 
     run_id = tracked_model(folder / "model", model, cfg)
     client = MlflowClient(tracking.tracking_uri())

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download, fetch, paths
-from pipeline.params import default_params
-from pipeline.sources import Archive, Source
+from pipeline import download
+from pipeline.config import paths
+from pipeline.config.params import default_params
+from pipeline.data import fetch
+from pipeline.data.sources import Archive, Source
 
 NAME = "tiny"
 SUBDIR = "tiny-main/data"

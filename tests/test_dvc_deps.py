@@ -5,7 +5,7 @@ silently stale (``dvc repro`` skips the stage); one listed but never imported re
 stage for nothing. The imports are read statically from the source, including the ones
 inside functions (lazy imports of tracking, the Ray worker's modules...), and followed
 transitively from the module that the stage's ``cmd`` runs: the same walk
-(``pipeline.run_identity.project_imports``) that gives a training its identity.
+(``pipeline.engine.run_identity.project_imports``) that gives a training its identity.
 """
 
 import ast
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.run_identity import project_imports
+from pipeline.engine.run_identity import project_imports
 
 REPO = Path(__file__).resolve().parents[1]
 CMD_MODULE = re.compile(r"python -m (pipeline(?:\.\w+)+)")
@@ -34,6 +34,18 @@ def imported_files(module: str) -> set[str]:
     return {p.relative_to(REPO).as_posix() for p in project_imports(module, REPO) if not inert(p)}
 
 
+def listed_files(deps: list[str]) -> set[str]:
+    """The project sources that ``deps`` name: a ``.py`` file, or every module (less inert
+    ones) of a listed ``pipeline`` sub-package; data folders are not sources."""
+    files = set()
+    for dep in deps:
+        if dep.endswith(".py"):
+            files.add(dep)
+        elif dep.startswith("pipeline/") and (REPO / dep).is_dir():
+            files |= {p.relative_to(REPO).as_posix() for p in (REPO / dep).rglob("*.py") if not inert(p)}
+    return files
+
+
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
@@ -46,7 +58,7 @@ def stage_module(stage: dict) -> str:
 def test_the_imports_of_a_stage_are_followed_through_functions_and_from_imports():
     # train imports its worker at the top and MLflow tracking inside a function.
     files = imported_files("pipeline.train")
-    assert {"pipeline/train_worker.py", "pipeline/engine.py", "pipeline/tracking.py"} <= files
+    assert {"pipeline/engine/worker.py", "pipeline/engine/loop.py", "pipeline/artifacts/tracking.py"} <= files
     assert "pipeline/serve.py" not in files and "pipeline/__init__.py" not in files
 
 
@@ -54,9 +66,16 @@ def test_the_imports_of_a_stage_are_followed_through_functions_and_from_imports(
 def test_stage_deps_list_exactly_the_modules_it_runs(name):
     stage = STAGES[name]
     imported = imported_files(stage_module(stage))
-    listed = {dep for dep in stage.get("deps", []) if dep.endswith(".py")}
+    listed = listed_files(stage.get("deps", []))
     missing, unused = sorted(imported - listed), sorted(listed - imported)
     assert not missing and not unused, (
         f"dvc.yaml stage {name!r}: add to deps {missing} (imported by {stage_module(stage)}, so an edit "
-        f"to them must re-run the stage); remove {unused} (not imported)"
+        f"to them must re-run the stage); remove {unused} (not imported; a sub-package is listed whole "
+        f"only when the stage imports all of its modules)"
     )
+
+
+def test_a_listed_sub_package_stands_for_all_of_its_modules():
+    assert {"pipeline/engine/loop.py", "pipeline/engine/worker.py"} <= listed_files(["pipeline/engine"])
+    assert "pipeline/engine/__init__.py" not in listed_files(["pipeline/engine"])  # inert
+    assert listed_files(["data/prepared", "pipeline/train.py"]) == {"pipeline/train.py"}

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import records
+from pipeline.artifacts import records
 from tests.factories import make_colour_coded_dataset, make_folder_dataset, repo_params, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     # An edit to code the training runs re-runs train, and it trains afresh: a new Ray run and
     # MLflow run, not the finished one restored with its old weights.
     (first,) = runs()
-    with (repo / "pipeline/losses.py").open("a") as f:
+    with (repo / "pipeline/losses/terms.py").open("a") as f:
         f.write("# an edit that dvc.yaml sees\n")
     dvc(repo, "repro", env=env)
     (second,) = [r for r in runs() if r.info.run_id != first.info.run_id]
@@ -163,9 +163,9 @@ CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "
 @pytest.mark.slow
 def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
     """The metrics files the train and evaluate stages write, shown and diffed by DVC."""
-    from pipeline import paths
+    from pipeline.artifacts.model_dir import save_model
+    from pipeline.config import paths
     from pipeline.evaluate import evaluate
-    from pipeline.modelio import save_model
     from pipeline.train import write_summary
 
     repo, env = scratch_repo(tmp_path)

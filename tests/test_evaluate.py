@@ -18,13 +18,15 @@ from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_s
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from pipeline import evaluate as stage
-from pipeline import overlays, records, shards
-from pipeline.boundary import BoundaryIoU, boundary_band
+from pipeline.artifacts import records
+from pipeline.artifacts.model_dir import save_model
+from pipeline.config.params import EvaluateParams, default_params, load_params
+from pipeline.data import shards
 from pipeline.evaluate import EvaluateError, Evaluation, evaluate, report
-from pipeline.metrics import confusion_matrix
-from pipeline.modelio import save_model
-from pipeline.params import EvaluateParams, default_params, load_params
-from pipeline.predictor import Predictor, window_starts
+from pipeline.inference.predictor import Predictor, window_starts
+from pipeline.metrics.boundary import BoundaryIoU, boundary_band
+from pipeline.metrics.confusion import confusion_matrix
+from pipeline.viz import overlays
 from tests.conftest import CLASSES
 from tests.factories import repo_params, tracked_model
 
@@ -223,7 +225,7 @@ SMALL = {"scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 1}, "thr
 
 
 def test_the_evaluation_key_changes_with_what_changes_a_score_only():
-    from pipeline.params import EvaluateParams, parse_section
+    from pipeline.config.params import EvaluateParams, parse_section
 
     def key(split_version="sha256:a", **settings):
         cfg = parse_section(EvaluateParams, base | settings)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
-from pipeline.card import class_statistics
-from pipeline.datasets import CAMVID_CLASSES, ClassSpec
-from pipeline.params import PrepareParams
+from pipeline.config.params import PrepareParams
+from pipeline.data import shards
+from pipeline.data.card import class_statistics
+from pipeline.data.datasets import CAMVID_CLASSES, ClassSpec
 from pipeline.prepare import PrepareError, prepare
 from tests.factories import blob_mask, displayed, make_folder_dataset, random_image, rotated_jpeg
 

@@ -16,10 +16,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import register as register_module
+from pipeline.artifacts.onnx_export import onnx_logits
+from pipeline.config.params import default_params
 from pipeline.evaluate import evaluate
-from pipeline.inference import to_tensor
-from pipeline.onnx_export import onnx_logits
-from pipeline.params import default_params
+from pipeline.inference.tensors import to_tensor
 from pipeline.register import model_version, register
 from tests.conftest import CLASSES
 from tests.factories import constant_model, registered_model, tracked_model
@@ -201,8 +201,8 @@ def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp
 REPRODUCE = """
 import json, sys
 import mlflow, numpy as np, torch
-from pipeline import shards
-from pipeline.metrics import confusion_matrix, segmentation_metrics
+from pipeline.data import shards
+from pipeline.metrics.confusion import confusion_matrix, segmentation_metrics
 name, data = sys.argv[1], sys.argv[2]
 model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
 classes = json.load(open(f"{data}/classes.json"))
@@ -240,7 +240,7 @@ def test_a_lock_held_by_another_register_is_a_message_not_a_traceback(coded, fit
     import functools
 
     from pipeline import register as register_module
-    from pipeline.registry_lock import OWNER_TAG, lock_name, registry_lock
+    from pipeline.artifacts.registry_lock import OWNER_TAG, lock_name, registry_lock
 
     model, cfg = fitted
     params = write_params(env / "params.yaml")

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.images import decode_image
-from pipeline.models import InferenceSettings
-from pipeline.params import ServeParams, default_params
-from pipeline.predictor import Predictor
-from pipeline.service import ModelRef, Service, replica_threads
+from pipeline.config.params import ServeParams, default_params
+from pipeline.data.images import decode_image
+from pipeline.inference.predictor import Predictor
+from pipeline.models.base import InferenceSettings
+from pipeline.serving.service import ModelRef, Service, replica_threads
 from tests.conftest import CLASSES
 from tests.factories import displayed, free_port, registered_model, rotated_jpeg
 
@@ -372,9 +372,10 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     import ray
     import yaml
     from ray.cluster_utils import Cluster
-    from pipeline import serve, tracking
-    from pipeline.params import ServeParams
-    from pipeline.service import resolve_model
+    from pipeline import serve
+    from pipeline.artifacts import tracking
+    from pipeline.config.params import ServeParams
+    from pipeline.serving.service import resolve_model
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -491,7 +492,7 @@ def test_replica_pixel_budget_refuses_with_503_before_decoding(fitted, torch_thr
 
 
 def test_replica_pixel_budget_must_hold_one_largest_image():
-    from pipeline.params import ParamsError
+    from pipeline.config.params import ParamsError
 
     with pytest.raises(ParamsError, match="max_replica_pixels"):
         ServeParams.defaults(max_pixels=2_000_000, max_replica_pixels=1_000_000)

@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
 from pipeline import train as train_stage
-from pipeline.inference import predict_mask
-from pipeline.ingest import ShardConfig
-from pipeline.modelio import load_model
-from pipeline.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.artifacts.model_dir import load_model
+from pipeline.config.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.engine.ingest import ShardConfig
+from pipeline.inference.tensors import predict_mask
 from tests.conftest import CLASSES, only_run, write_params
 
 

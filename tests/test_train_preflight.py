@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import paths
-from pipeline.params import default_params
+from pipeline.config import paths
+from pipeline.config.params import default_params
 from tests.conftest import TINY
 
 # smp's resnet18 has ImageNet weights on the hub, and none registered for $SEG_WEIGHTS_DIR.

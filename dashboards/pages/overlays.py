@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from dashboards import ui
-from pipeline import overlays
+from pipeline.viz import overlays
 
 src = ui.sources()
 st.title("Overlays")

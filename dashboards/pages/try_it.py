@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboards import data, ui
-from pipeline.client import ServerError, Unreachable, content_type, get_json, post_image
+from pipeline.serving.client import ServerError, Unreachable, content_type, get_json, post_image
 
 src = ui.sources()
 st.title("Try it")

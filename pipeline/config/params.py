@@ -1,0 +1,465 @@
+"""Typed, validated views of ``params.yaml``: one pydantic model per stage section.
+
+A stage loads only its own section, once, at the door::
+
+    cfg = load_params(PrepareParams)
+
+An unknown key, a missing key, a wrong type or an out-of-range value raises ``ParamsError``
+whose message names the file, the dotted key, what was given and what is allowed.
+
+``params.yaml`` is the only source of values: no field has a default in code, so deleting a
+key is an error rather than a silent change of recipe. Code that needs a whole section
+without a params file of its own (tests, notebooks, benchmarks) takes the repository's
+``params.yaml`` with a few keys replaced: ``TrainParams.defaults(epochs=1)``, or
+``default_params({"train": {"epochs": 1}})`` for a whole file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from pipeline.config.paths import PARAMS_FILE, REPO_PARAMS_FILE
+
+DATASETS = ("camvid", "pet", "voc", "folder")
+
+
+class ParamsError(ValueError):
+    """A params file or section that does not match its schema."""
+
+
+class Section(BaseModel):
+    """Base for a params section: unknown keys are errors, values are checked on assignment.
+
+    Every field is declared without a default (``Field(...)``): its value comes from
+    params.yaml. A validator that blames one key starts its message with that key
+    (``"tile_size: ..."``), which the error then names in full (``evaluate.tile_size``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+    section: ClassVar[str]
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> Self:
+        """This section of the repository's params.yaml (``paths.REPO_PARAMS_FILE``), whatever
+        the current directory, with ``overrides`` replacing whole values; validated."""
+        if not hasattr(cls, "section"):
+            raise TypeError(f"{cls.__name__} is nested in a section: take that section's defaults")
+        raw = read_params_file(REPO_PARAMS_FILE).get(cls.section)
+        if raw is None:
+            raise ParamsError(f"{REPO_PARAMS_FILE}: missing section '{cls.section}'")
+        source = f"{REPO_PARAMS_FILE}" + (f" with {sorted(overrides)} replaced" if overrides else "")
+        return parse_section(cls, raw | overrides, source)
+
+
+class DownloadParams(Section):
+    section: ClassVar[str] = "download"
+
+    dataset: Literal["camvid", "pet", "voc", "folder"] = Field(..., description="which dataset to fetch")
+    folder: str | None = Field(..., description="dataset=folder: directory with images/ and masks/")
+    retries: int = Field(..., ge=0, le=20, description="extra attempts per file")
+    timeout_s: float = Field(..., gt=0, le=3600, description="socket timeout")
+
+    @model_validator(mode="after")
+    def _folder_given_for_folder(self) -> DownloadParams:
+        if self.dataset == "folder" and not self.folder:
+            raise ValueError("folder: dataset 'folder' needs a directory path here")
+        if self.dataset != "folder" and self.folder:
+            raise ValueError(f"folder: only used with dataset 'folder', not {self.dataset!r}; set it to null")
+        return self
+
+
+class Resize(Section):
+    """How images of one group of splits are resized at prepare time.
+
+    ``none`` keeps native size; ``fixed`` resizes to ``size: [height, width]``;
+    ``shorter_side`` / ``longer_side`` scale so that side equals ``size`` (an int),
+    keeping the aspect ratio. Masks always use nearest-neighbour.
+    """
+
+    mode: Literal["none", "fixed", "shorter_side", "longer_side"] = Field(...)
+    size: int | tuple[int, int] | None = Field(..., description="null for mode none")
+
+    @model_validator(mode="after")
+    def _size_matches_mode(self) -> Resize:
+        if self.mode == "none":
+            if self.size is not None:
+                raise ValueError("size must be null when mode is 'none'")
+        elif self.mode == "fixed":
+            if not isinstance(self.size, tuple) or min(self.size) < 8:
+                raise ValueError("mode 'fixed' needs size: [height, width], each at least 8")
+        elif not isinstance(self.size, int) or self.size < 8:
+            raise ValueError(f"mode {self.mode!r} needs size: an integer of at least 8")
+        return self
+
+
+class PrepareParams(Section):
+    section: ClassVar[str] = "prepare"
+
+    strict: bool = Field(..., description="fail on any problem (else skip and report)")
+    train_resize: Resize = Field(...)
+    eval_resize: Resize = Field(...)
+    images_per_shard: int = Field(..., ge=1, le=100_000)
+    workers: int = Field(..., ge=1, le=256, description="decoding processes")
+    val_fraction: float = Field(..., ge=0.0, lt=0.5)
+    test_fraction: float = Field(..., ge=0.0, lt=0.5)
+    seed: int = Field(..., ge=0)
+    # Only for dataset=folder: the class list, how masks encode it, and the ignore label.
+    classes: list[str] | None = Field(..., min_length=2, max_length=255)
+    palette: list[tuple[int, int, int]] | None = Field(...)
+    mask_format: Literal["index", "color"] = Field(...)
+    ignore_index: int = Field(..., ge=0, le=255)
+
+    @model_validator(mode="after")
+    def _palette_fits_classes(self) -> PrepareParams:
+        if self.palette is not None:
+            if self.classes is None or len(self.palette) != len(self.classes):
+                raise ValueError("palette: needs one [r, g, b] per entry of classes")
+            if any(not 0 <= c <= 255 for rgb in self.palette for c in rgb):
+                raise ValueError("palette: values must lie in 0..255")
+        if self.mask_format == "color" and self.palette is None:
+            raise ValueError("mask_format: 'color' needs palette: one [r, g, b] per class")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must stay below 0.9")
+        return self
+
+
+LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary")
+
+
+class ModelParams(Section):
+    """The ``model`` section: one family's keys, chosen by ``family`` (a pydantic
+    discriminated union of the family params classes, ``FAMILIES``).
+
+    ``ModelParams.model_validate(raw)`` (and ``load_params(ModelParams)``) returns an instance
+    of the family's class, e.g. ``SmpModelParams``; every family has ``family``,
+    ``in_channels`` and ``classes``. ``pipeline.models.registry`` builds from it.
+    """
+
+    section: ClassVar[str] = "model"
+    family: str = Field(...)
+    variants: ClassVar[dict[str, type[Section]]] = {}     # family name -> its params class
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        if cls is ModelParams:
+            return _MODEL_SPEC.validate_python(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    def without_pretrained_weights(self) -> Self:
+        """The same model with random initial weights (the train stage's configuration check)."""
+        raise NotImplementedError(f"{type(self).__name__}.without_pretrained_weights")
+
+
+class SmpModelParams(ModelParams):
+    """``family: smp``: handed to ``smp.create_model`` as keyword arguments (smp's own keys)."""
+
+    family: Literal["smp"] = Field(...)
+    arch: str = Field(...)
+    encoder_name: str = Field(...)
+    # "imagenet": smp's own download, or a verified file from $SEG_WEIGHTS_DIR; null: random.
+    encoder_weights: Literal["imagenet"] | None = Field(...)
+    in_channels: int = Field(..., ge=1, le=16)
+    classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json")
+    kwargs: dict[str, Any] = Field(..., description="other smp keyword arguments")
+
+    def without_pretrained_weights(self) -> Self:
+        return self.model_copy(update={"encoder_weights": None})
+
+    @model_validator(mode="after")
+    def _no_aux_head(self) -> SmpModelParams:
+        if "aux_params" in self.kwargs:
+            raise ValueError(
+                "kwargs.aux_params: not supported: smp's auxiliary classification head makes the "
+                "network return (masks, labels), and the losses, metrics and predictors here take "
+                "masks only; remove it from model.kwargs"
+            )
+        return self
+
+
+ModelParams.variants = {"smp": SmpModelParams}
+_MODEL_SPEC = TypeAdapter(Annotated[Union[tuple(ModelParams.variants.values())],  # noqa: UP007
+                                    Field(discriminator="family")])
+
+
+class LossParams(Section):
+    """A weighted sum of named losses, e.g. ``terms: {ce: 0.5, dice: 0.5}``."""
+
+    section: ClassVar[str] = "loss"
+
+    terms: dict[Literal[LOSS_NAMES], float] = Field(..., min_length=1)
+    # weighted_ce's class weights: a list (one per class) or a scheme from prepare's card.
+    class_weights: Literal["median_frequency", "enet"] | list[float] | None = Field(...)
+    focal_gamma: float = Field(..., ge=0, le=10)
+    tversky_alpha: float = Field(..., ge=0, le=1)
+    tversky_beta: float = Field(..., ge=0, le=1)
+    topk_fraction: float = Field(..., gt=0, le=1, description="share of hardest pixels")
+    boundary_width: int = Field(..., ge=1, le=32, description="pixels either side of an edge")
+
+    @model_validator(mode="after")
+    def _weights_positive(self) -> LossParams:
+        if any(w <= 0 for w in self.terms.values()):
+            raise ValueError("terms: every loss weight must be positive")
+        if "weighted_ce" in self.terms and self.class_weights is None:
+            raise ValueError("class_weights: weighted_ce needs median_frequency, enet or a list")
+        return self
+
+
+class TrainParams(Section):
+    """The training recipe and how it is spread over Ray Train workers."""
+
+    section: ClassVar[str] = "train"
+
+    epochs: int = Field(..., ge=1, le=10_000)
+    batch_size: int = Field(..., ge=1, le=4096, description="per worker")
+    val_batch_size: int = Field(..., ge=1, le=4096)
+    crop_size: tuple[int, int] = Field(...)
+    scale_range: tuple[float, float] = Field(...)
+    color_jitter: float = Field(..., ge=0, le=1)
+    optimizer: Literal["adamw", "sgd"] = Field(...)
+    lr: float = Field(..., gt=0, le=10)
+    weight_decay: float = Field(..., ge=0, le=1)
+    momentum: float = Field(..., ge=0, lt=1)
+    schedule: Literal["cosine", "poly"] = Field(...)
+    warmup_epochs: float = Field(..., ge=0)
+    poly_power: float = Field(..., gt=0, le=10)
+    grad_clip: float | None = Field(..., gt=0)
+    amp: bool = Field(..., description="mixed precision; used on GPU only")
+    seed: int = Field(..., ge=0)
+    num_workers: int = Field(..., ge=1, le=1024)
+    use_gpu: Literal["auto"] | bool = Field(...)
+    cpus_per_worker: float = Field(..., gt=0, le=256)
+    threads_per_worker: int | None = Field(..., ge=1, le=256)
+    max_failures: int = Field(..., ge=-1, le=100)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(...)
+    materialize: bool = Field(..., description="read the training split once into the object store")
+    keep_freed_memory: bool = Field(..., description="reuse freed memory (allocator)")
+    channels_last: bool = Field(..., description="NHWC weights and inputs: faster convolutions")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainParams:
+        if min(self.crop_size) < 32:
+            raise ValueError("crop_size: [height, width], each at least 32")
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError("scale_range: [low, high] with 0 < low <= high")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs: must be less than epochs")
+        return self
+
+
+class OverlayParams(Section):
+    """Which test images get image / truth / prediction / error PNGs."""
+
+    samples: int = Field(..., ge=0, le=1000, description="the first n test images by id")
+    worst_per_class: int = Field(..., ge=0, le=100, description="lowest IoU for each class")
+
+
+class EvaluateParams(Section):
+    """Test-split evaluation at native resolution."""
+
+    section: ClassVar[str] = "evaluate"
+
+    split: Literal["train", "val", "test"] = Field(...)
+    flip_tta: bool = Field(..., description="average with the horizontally flipped image")
+    scales: tuple[float, ...] = Field(..., min_length=1, max_length=8,
+                                      description="multi-scale TTA: resize factors whose predictions average")
+    # Images with more pixels than this go through overlapping tiles (bounded memory).
+    tile_above_pixels: int = Field(..., ge=1024)
+    tile_size: tuple[int, int] = Field(...)
+    tile_overlap: float = Field(..., ge=0, lt=1, description="share of a tile shared with the next")
+    boundary_width: float = Field(..., gt=0, le=0.5,
+                                  description="boundary IoU band, as a share of the image diagonal")
+    threads: int | None = Field(..., ge=1, le=256, description="torch threads; null: all cores")
+    overlays: OverlayParams = Field(...)
+
+    @model_validator(mode="after")
+    def _tile(self) -> EvaluateParams:
+        if min(self.tile_size) < 32:
+            raise ValueError("tile_size: [height, width], each at least 32")
+        if any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError("scales: resize factors between 0.25 and 4")
+        return self
+
+
+class RegisterParams(Section):
+    """The MLflow Model Registry entry and the champion gate."""
+
+    section: ClassVar[str] = "register"
+
+    model_name: str = Field(..., min_length=1, max_length=200,
+                            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    onnx: bool = Field(..., description="also log an ONNX export with dynamic batch, height, width")
+    onnx_opset: int = Field(..., ge=13, le=23)
+    min_improvement: float = Field(..., ge=0, le=1, description=(
+        "test mIoU a candidate must gain over the champion to take the alias (runs of one "
+        "recipe differ by about 0.01)"))
+
+
+class ServeParams(Section):
+    """The Ray Serve application that answers ``POST /predict`` with the registered model."""
+
+    section: ClassVar[str] = "serve"
+
+    model: str = Field(..., min_length=1, max_length=500,
+                       description="an alias of register.model_name, a version number, or a "
+                                   "models:/ or runs:/ URI")
+    host: str = Field(..., description="address to bind; 0.0.0.0 exposes it")
+    port: int = Field(..., ge=1, le=65535)
+    replicas: int = Field(..., ge=1, le=256, description="spread over the cluster's nodes")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        ..., description="where Serve runs HTTP proxies (HeadOnly: one entry point)")
+    cpus_per_replica: float = Field(..., gt=0, le=256, description="Ray CPUs each replica holds")
+    gpus_per_replica: Annotated[float, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        ..., description="auto: one GPU per replica when the cluster has GPUs, else 0")
+    threads: int | None = Field(..., ge=1, le=256,
+                                description="torch threads per replica; null: node cores // replicas")
+    max_batch_size: int = Field(..., ge=1, le=256, description="@serve.batch size")
+    batch_wait_timeout_s: float = Field(
+        ..., ge=0, le=10,
+        description="wait for more requests before a batch; 0: batch what queued during the last one")
+    max_ongoing_requests: int = Field(..., ge=1, le=10_000, description="per replica")
+    max_body_bytes: int = Field(..., ge=1024, description="413 above this")
+    max_pixels: int = Field(..., ge=1024, description="413 above this (decompression bombs)")
+    max_replica_pixels: int = Field(
+        ..., ge=1024, description="decoded pixels a replica holds at once (queued + in flight); 503 beyond")
+    # Inference settings: null = the model's own (those its registered score was computed with).
+    tile_above_pixels: int | None = Field(..., ge=1024, description="tiles above this many pixels")
+    tile_size: tuple[int, int] | None = Field(...)
+    tile_overlap: float | None = Field(..., ge=0, lt=1)
+    flip_tta: bool | None = Field(...)
+    scales: tuple[float, ...] | None = Field(..., min_length=1, max_length=8,
+                                             description="multi-scale TTA factors; null: the model's own")
+    overlay_alpha: float = Field(..., ge=0, le=1, description="default opacity of ?format=overlay")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ServeParams:
+        if self.tile_size is not None and min(self.tile_size) < 32:
+            raise ValueError("tile_size: [height, width], each at least 32")
+        if self.scales is not None and any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError("scales: resize factors between 0.25 and 4")
+        if self.max_replica_pixels < self.max_pixels:
+            raise ValueError("max_replica_pixels: must be at least max_pixels, or large images never fit")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests: must be at least max_batch_size, or batches never fill")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    m.section: m for m in (DownloadParams, PrepareParams, ModelParams, LossParams, TrainParams,
+                           EvaluateParams, RegisterParams, ServeParams)
+}
+
+
+def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The whole params file as a dict; unknown top-level sections are errors."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(SECTIONS)}"
+        )
+    return data
+
+
+def default_params(overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The repository's params.yaml as a dict, every section validated, with
+    ``overrides[section][key]`` replacing whole values (a mapping such as ``loss.terms`` is
+    replaced, not merged): what a test or notebook writes as its own params file."""
+    data = copy.deepcopy(read_params_file(REPO_PARAMS_FILE))
+    unknown = sorted(set(overrides or {}) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"overrides: unknown section(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(SECTIONS)}")
+    for name, values in (overrides or {}).items():
+        data[name] = {**(data.get(name) or {}), **copy.deepcopy(values)}
+    for name, model in SECTIONS.items():
+        parse_section(model, data.get(name), f"{REPO_PARAMS_FILE} with overrides")
+    return data
+
+
+def parse_section(model: type[Section], raw: Any, source: str = str(PARAMS_FILE)) -> Section:
+    """Validate one section's raw mapping into ``model``, with readable errors."""
+    if raw is None:
+        keys = ", ".join(model.model_fields)
+        raise ParamsError(f"{source}: missing section '{model.section}' (keys: {keys})")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, model, source)) from None
+
+
+def load_params(model: type[Section], path: Path = PARAMS_FILE) -> Any:
+    """Load and validate the section of ``path`` that ``model`` describes."""
+    return parse_section(model, read_params_file(path).get(model.section), str(path))
+
+
+def _format_errors(exc: ValidationError, model: type[Section], source: str) -> str:
+    """One line per dotted key: the alternatives of a union (``int | tuple``) share a line."""
+    found: dict[str, list[str]] = {}
+    for err in exc.errors():
+        inner, names = _walk(model, err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        # A validator's message may start with the key it blames ("tile_size: ...").
+        blamed, sep, rest = msg.partition(": ")
+        if sep and inner is not None and blamed.split(".")[0] in inner.model_fields:
+            names, msg = [*names, *blamed.split(".")], rest
+        key = ".".join([model.section, *names])
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):   # the model.family key
+            tag = err["ctx"]["discriminator"].strip("'")
+            key = ".".join([model.section, tag])
+            msg = ("missing key; params.yaml must set it (the code has no defaults)"
+                   if err["type"] == "union_tag_not_found" else
+                   f"unknown {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
+        elif err["type"] == "extra_forbidden":
+            parent, _ = _walk(model, err["loc"][:-1])
+            msg = f"unknown key; allowed keys: {', '.join(parent.model_fields if parent else ())}"
+        elif err["type"] == "missing" and str(err["loc"][-1]) in getattr(
+                _walk(model, err["loc"][:-1])[0], "model_fields", ()):
+            msg = "missing key; params.yaml must set it (the code has no defaults)"
+        else:
+            given = err.get("input")
+            msg += "" if isinstance(given, dict) or blamed in names else f" (got {given!r})"
+        found.setdefault(key, [])
+        if msg not in found[key]:
+            found[key].append(msg)
+    lines = [f"{source}: invalid section '{model.section}':"]
+    lines += [f"  {key}: {'; or: '.join(msgs)}" for key, msgs in found.items()]
+    return "\n".join(lines)
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """Follow ``loc`` from ``model``: (the nested model it ends in, or None inside a plain
+    field; the names that make its dotted key). pydantic's union-branch and validator tags
+    (``int``, ``tuple[int, int]``, ``function-after[...]``, ``[key]``) are left out."""
+    names: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        variants = getattr(current, "variants", None) or {}
+        if str(part) in variants:      # the branch of a discriminated union: its class, no name
+            current = variants[str(part)]
+        elif current is not None and str(part) in current.model_fields:
+            names.append(str(part))
+            ann = current.model_fields[str(part)].annotation
+            current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif isinstance(part, int) or not _is_tag(part):
+            names.append(str(part))
+            current = None
+    return current, names
+
+
+def _is_tag(part: str) -> bool:
+    # "int", "tuple[int, int]", "literal['auto']", "constrained-float", "function-after[...]", "[key]"
+    return part in ("int", "float", "str", "bool", "none") or "[" in part or "-" in part

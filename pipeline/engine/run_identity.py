@@ -1,0 +1,107 @@
+"""What makes one training the same as another, and whether it has finished.
+
+A training's identity is its params, its data version and the code that computes its
+result: the source of ``pipeline.train`` and of every project module it imports,
+directly or not (found by reading the import statements, so imports inside functions
+count too), plus the versions of the libraries that build and train the network. Equal
+identities give equal Ray run names; that is what lets a re-run after a crash resume
+from the run's checkpoints. A run whose stage finished is marked complete (``COMPLETE``
+in its folder), and a complete run is never resumed: running again trains afresh.
+
+Reading the imports rather than ``dvc.yaml``'s deps keeps the identity right where
+there is no ``dvc.yaml`` (tests, notebooks, a stage run by hand), and it cannot drift
+from the code; ``tests/test_dvc_deps.py`` checks that ``dvc.yaml`` lists the same
+modules, so DVC re-runs the stage exactly when the identity changes.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+from pipeline.config import paths
+from pipeline.utils.io import write_json_atomic
+
+PACKAGE = "pipeline"
+ENTRY_MODULE = "pipeline.train"
+# Libraries whose version can change the trained weights.
+LIBRARIES = ("torch", "segmentation-models-pytorch", "timm", "ray", "numpy")
+COMPLETE_FILE = "COMPLETE"
+
+
+def project_imports(entry: str = ENTRY_MODULE, root: Path | None = None) -> list[Path]:
+    """Source files of ``entry`` and every ``pipeline`` module it imports transitively,
+    sorted. ``root``: the folder that holds the ``pipeline`` package (default: this one's)."""
+    root = Path(root) if root is not None else paths.PACKAGE_DIR.parent
+    seen: dict[str, Path] = {}
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(root, name)
+        if path is None:
+            continue
+        seen[name] = path
+        todo.extend(_imported_modules(path, name))
+    return sorted(seen.values())
+
+
+def code_digest(entry: str = ENTRY_MODULE, root: Path | None = None) -> str:
+    """sha256 over the relative path and bytes of every file of ``project_imports``."""
+    root = Path(root) if root is not None else paths.PACKAGE_DIR.parent
+    digest = hashlib.sha256()
+    for path in project_imports(entry, root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in LIBRARIES}
+
+
+def run_name(sections: dict[str, dict], data_version: str, code: str | None = None) -> str:
+    """``train-<12 hex>`` of params, data version, code digest and library versions."""
+    blob = json.dumps({"params": sections, "data": data_version, "code": code or code_digest(),
+                       "libraries": library_versions()}, sort_keys=True)
+    return "train-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (Path(run_dir) / COMPLETE_FILE).is_file()
+
+
+def mark_complete(run_dir: Path, record: dict) -> None:
+    """Written (atomically) once the stage has exported and tracked the run's model."""
+    write_json_atomic(Path(run_dir) / COMPLETE_FILE, record)
+
+
+def _module_file(root: Path, name: str) -> Path | None:
+    if name != PACKAGE and not name.startswith(PACKAGE + "."):
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> list[str]:
+    """Module names that ``path``'s import statements name (``from pipeline import x``
+    gives ``pipeline.x`` too, which ``_module_file`` keeps only where it is a module)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]
+    return [n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")]

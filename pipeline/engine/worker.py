@@ -1,0 +1,201 @@
+"""The function each Ray Train worker runs: a thin Ray shell around ``pipeline.engine.loop``.
+
+Ray adds the dataset shard, ``prepare_model`` (DDP and the device), ``report`` with a
+checkpoint each epoch and ``get_checkpoint`` to resume; everything else is plain
+PyTorch. Rank 0 alone writes checkpoints and logs to MLflow, into the one run the
+driver opened.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline.artifacts.model_dir import CONFIG_FILE
+from pipeline.config.params import LossParams, ModelParams, TrainParams
+from pipeline.data.augment import collate, train_transform
+from pipeline.engine.loop import (
+    all_reduce_stats,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    memory_format,
+    restore_training_state,
+    seed_epoch,
+    seed_everything,
+    train_one_epoch,
+    training_state,
+)
+from pipeline.engine.progress import append_record, epoch_record
+from pipeline.losses.terms import build_loss
+from pipeline.metrics.confusion import segmentation_metrics
+from pipeline.models.base import ModelMeta
+from pipeline.models.registry import build_model
+from pipeline.utils import console
+from pipeline.utils.io import write_json_atomic
+
+STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, scaler, epoch
+META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
+
+
+def epoch_metrics(cm_metrics: dict, class_names: list[str], prefix: str = "val_") -> dict[str, float]:
+    """Flatten ``segmentation_metrics`` into MLflow/Ray-friendly scalars (NaN stays NaN)."""
+    out = {f"{prefix}miou": cm_metrics["miou"], f"{prefix}pixel_accuracy": cm_metrics["pixel_accuracy"],
+           f"{prefix}mean_dice": cm_metrics["mean_dice"], f"{prefix}fwiou": cm_metrics["fw_iou"]}
+    for name, iou in zip(class_names, cm_metrics["iou"], strict=True):
+        out[f"{prefix}iou_{name}"] = iou
+    return out
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    # The driver's settings (absolute paths), whatever environment Ray started us in.
+    os.environ.update(config.get("env", {}))
+    console.quiet_ray_train_worker(config.get("ray_log_level", console.DEFAULT_RAY_LOG_LEVEL))
+    cfg = TrainParams.model_validate(config["train"])
+    model_cfg = ModelParams.model_validate(config["model"])
+    loss_cfg = LossParams.model_validate(config["loss"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or max(1, math.floor(cfg.cpus_per_worker)))
+    seed_everything(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    num_classes, ignore = config["num_classes"], config["ignore_index"]
+    names = config["class_names"]
+
+    meta = ModelMeta(class_names=names, palette=config["palette"], mean=config["mean"],
+                     std=config["std"], ignore_index=ignore)
+    model = build_model(model_cfg, num_classes, meta).to(memory_format=memory_format(cfg.channels_last))
+    loss_fn = build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
+    optimizer = build_optimizer(model, cfg)
+    per_worker = config["n_train"] // world
+    steps = max(1, per_worker // cfg.batch_size if per_worker >= cfg.batch_size else 1)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_epoch, best = 0, float("-inf")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        start_epoch, best = restore_training_state(state, model, optimizer, scheduler, scaler)
+    model = ray.train.torch.prepare_model(model)
+    plain = model.module if hasattr(model, "module") else model
+
+    norm = {"mean": config["mean"], "std": config["std"], "ignore_index": ignore}
+    transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore)
+    train_collate = TrainCollate(transform, norm)
+    train_shard = ray.train.get_dataset_shard("train")
+    # Validation rows are read once and kept encoded: re-reading a small split through
+    # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
+    val_rows = _rank_rows(ray.train.get_dataset_shard("val"), cfg.val_batch_size, rank, world)
+    client, run_id = _mlflow(config) if rank == 0 else (None, None)
+    nodes = _count_nodes(world)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # This rank's random streams for this epoch, the same in a resumed run as in an
+        # uninterrupted one (augmentation included).
+        seed_epoch(cfg.seed, epoch, rank, transform)
+        # Ray Data decodes and augments the next batch in its collate thread while this
+        # one trains; one thread (prefetch_batches=1) keeps the augmentation's random
+        # stream in batch order.
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=per_worker >= cfg.batch_size, collate_fn=train_collate,
+            prefetch_batches=1, pin_memory=device.type == "cuda",
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + 7919 * epoch,
+        )
+        # Loss and images/s of the whole worker group, not of this rank alone.
+        stats = all_reduce_stats(train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device,
+                                                 scaler))
+        start_val = time.perf_counter()
+        val_batches = (collate(images, masks, **norm) for images, masks in val_rows)
+        # Reduced over all ranks inside: counts and the loss of the whole split.
+        cm, val_loss = evaluate(plain, val_batches, num_classes, ignore, device, loss_fn,
+                                channels_last=cfg.channels_last)
+        val = segmentation_metrics(cm.mat)
+        is_best = val["miou"] > best
+        best = max(best, val["miou"])
+        metrics = {
+            "epoch": epoch, "start_epoch": start_epoch, "nodes": nodes, "workers": world,
+            "train_loss": stats["loss"], "val_loss": val_loss, "train_skipped_steps": stats["skipped_steps"],
+            "train_images_per_s": stats["images"] / stats["seconds"],
+            "train_seconds": stats["seconds"], "val_seconds": time.perf_counter() - start_val,
+            "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), "best_val_miou": best,
+            **epoch_metrics(val, names),
+        }
+        if rank == 0:
+            if client is not None:
+                from pipeline.artifacts.tracking import log_epoch
+                log_epoch(client, run_id, metrics, step=epoch)
+            with tempfile.TemporaryDirectory() as d:
+                state = training_state(plain, optimizer, scheduler, scaler, epoch, best)
+                torch.save(state, Path(d) / STATE_FILE)
+                write_json_atomic(Path(d) / META_FILE, {
+                    "model": model_cfg.model_dump(mode="json"), "num_classes": num_classes,
+                    "meta": meta.to_dict(), "epoch": epoch, "metrics": metrics,
+                    "params": {"train": config["train"], "loss": config["loss"]},
+                })
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            if config.get("progress_file"):
+                # Once the checkpoint is safe: the driver prints this epoch as done.
+                append_record(Path(config["progress_file"]), epoch_record(metrics, cfg.epochs))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+class TrainCollate(NumpyBatchCollateFn):
+    """Ray Data's last step for a training batch: {"image", "mask"} arrays of encoded rows
+    -> (images (N, 3, H, W) float32 normalised, masks (N, H, W) int64), augmented."""
+
+    def __init__(self, transform, norm: dict[str, Any]):
+        self.transform, self.norm = transform, norm
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
+
+
+def _rank_rows(dataset, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
+    """This rank's share of the whole validation split, every ``world``-th row, as
+    batches of (encoded images, encoded masks).
+
+    Every worker reads the unsplit split but keeps only its own rows, so each row is
+    evaluated exactly once and the summed confusion matrices cover the split exactly.
+    """
+    mine_images, mine_masks, index = [], [], 0
+    for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
+        for image, mask in zip(batch["image"], batch["mask"], strict=True):
+            if index % world == rank:
+                mine_images.append(image)
+                mine_masks.append(mask)
+            index += 1
+    return [(mine_images[i:i + batch_size], mine_masks[i:i + batch_size])
+            for i in range(0, len(mine_images), batch_size)]
+
+
+def _count_nodes(world: int) -> int:
+    """How many distinct Ray nodes the workers run on (logged; checked by the tests)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return 1
+    gathered: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(gathered, node)
+    return len(set(gathered))
+
+
+def _mlflow(config: dict):
+    spec = config.get("mlflow")
+    if not spec:
+        return None, None
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(spec["tracking_uri"]), spec["run_id"]
+

@@ -1,0 +1,194 @@
+"""The served model's HTTP API as plain functions: request parts in, ``Reply`` out.
+
+``pipeline.serve`` (Ray Serve) only moves bytes between HTTP and these functions, so
+everything here is tested and benchmarked without a server.
+
+``POST /predict`` takes the image as the raw body (with its Content-Type) or as the
+multipart/form-data field ``image``; the query picks the answer:
+
+- ``format=png`` (default): the class-index mask as a palette PNG (pixel value = class);
+- ``format=json``: image size, model, and per class the pixel count, fraction and a COCO
+  RLE of its pixels (``pycocotools``' compressed counts, column-major);
+- ``format=overlay``: the image blended with the coloured mask, as JPEG (``alpha`` sets
+  the mask's opacity).
+
+Every refusal is an ``ApiError`` with a 4xx status and a message that says what was wrong
+and what is accepted; ``error_reply`` turns it into a JSON body ``{"error", "status"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from pipeline.data.images import media_type
+from pipeline.viz import overlays
+
+ANSWERS = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg"}
+QUERY_KEYS = ("format", "alpha")
+IMAGE_FIELD = "image"
+MULTIPART = "multipart/form-data"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_reply(payload: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(payload, allow_nan=False).encode(), "application/json")
+
+
+def error_reply(status: int, message: str) -> Reply:
+    return json_reply({"error": message, "status": status}, status)
+
+
+@dataclass(frozen=True)
+class Options:
+    format: str = "png"
+    alpha: float = 0.5
+
+
+def parse_options(query: Iterable[tuple[str, str]], default_alpha: float = 0.5) -> Options:
+    """The query string's (key, value) pairs -> ``Options``; unknown or repeated keys are errors."""
+    seen: dict[str, str] = {}
+    for key, value in query:
+        if key not in QUERY_KEYS:
+            raise ApiError(400, f"unknown query parameter {key!r}; accepted: {', '.join(QUERY_KEYS)}")
+        if key in seen:
+            raise ApiError(400, f"query parameter {key!r} given more than once")
+        seen[key] = value
+    answer = seen.get("format", "png").lower()
+    if answer not in ANSWERS:
+        raise ApiError(400, f"format={seen['format']!r} is not one of {', '.join(ANSWERS)}")
+    alpha = default_alpha
+    if "alpha" in seen:
+        try:
+            alpha = float(seen["alpha"])
+        except ValueError:
+            alpha = float("nan")
+        if not 0.0 <= alpha <= 1.0:
+            raise ApiError(400, f"alpha={seen['alpha']!r} is not a number between 0 and 1")
+    return Options(answer, alpha)
+
+
+def check_length(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a declared body size before reading the body."""
+    if content_length is None:
+        return
+    try:
+        length = int(content_length)
+    except ValueError:
+        raise ApiError(400, f"Content-Length {content_length!r} is not a number of bytes") from None
+    if length > max_bytes:
+        raise ApiError(413, f"body of {length:,} bytes is larger than the limit of {max_bytes:,}")
+
+
+def image_bytes(body: bytes, content_type: str | None) -> tuple[bytes, str | None]:
+    """The image bytes and their declared type, from a raw body or a multipart form."""
+    if media_type(content_type) != MULTIPART:
+        return body, content_type
+    parts = multipart_parts(body, content_type or "")
+    images = [p for p in parts if p[0] == IMAGE_FIELD]
+    if not images:
+        names = sorted({p[0] for p in parts}) or ["none"]
+        raise ApiError(400, f"multipart form has no field {IMAGE_FIELD!r} (fields: {', '.join(names)})")
+    if len(images) > 1:
+        raise ApiError(400, f"multipart form has {len(images)} {IMAGE_FIELD!r} fields; send one image "
+                            "per request")
+    _, part_type, data = images[0]
+    return data, part_type
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, str | None, bytes]]:
+    """(field name, declared content type, bytes) of each part of a multipart/form-data body."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart/form-data without a boundary in its Content-Type")
+    parts: list[dict[str, Any]] = []
+    header: list[bytes] = [b"", b""]
+    ended = []
+
+    def on_part_begin() -> None:
+        parts.append({"headers": {}, "data": []})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][header[0].decode("latin-1").lower()] = header[1].decode("latin-1")
+        header[0], header[1] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].append(data[start:end])
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_part_data": on_part_data, "on_end": lambda: ended.append(True),
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, f"malformed multipart/form-data body: {exc}") from None
+    if not ended:
+        raise ApiError(400, "malformed multipart/form-data body: no closing boundary")
+    out = []
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get("content-disposition", ""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        out.append((name, part["headers"].get("content-type"), b"".join(part["data"])))
+    return out
+
+
+def render(options: Options, image: np.ndarray, mask: np.ndarray, meta, model: dict[str, Any]) -> Reply:
+    """The answer to one prediction, in the format ``options`` asks for."""
+    if options.format == "png":
+        return Reply(200, overlays.palette_png(mask, meta.palette, fast=True), ANSWERS["png"])
+    if options.format == "overlay":
+        blended = overlays.blend(image, overlays.colorize(mask, meta.palette), options.alpha)
+        return Reply(200, overlays.jpeg(blended), ANSWERS["overlay"])
+    return json_reply(mask_summary(mask, meta.class_names, meta.palette) | {"model": model})
+
+
+def mask_summary(mask: np.ndarray, names, palette) -> dict[str, Any]:
+    """Per-class pixel counts, fractions and COCO RLE of a class-index mask."""
+    from pycocotools import mask as rle
+
+    h, w = mask.shape
+    counts = np.bincount(mask.ravel(), minlength=len(names))
+    present = [c for c in range(len(names)) if counts[c] > 0]
+    encoded = {}
+    if present:
+        stack = np.asfortranarray(np.stack([mask == c for c in present], axis=2).astype(np.uint8))
+        encoded = dict(zip(present, rle.encode(stack), strict=True))
+    classes = []
+    for c, name in enumerate(names):
+        code = encoded.get(c)
+        classes.append({
+            "index": c, "name": name, "color": list(palette[c]),
+            "pixels": int(counts[c]), "fraction": float(counts[c]) / (h * w),
+            "rle": None if code is None else {"size": [h, w], "counts": code["counts"].decode("ascii")},
+        })
+    return {"width": w, "height": h, "classes": classes}

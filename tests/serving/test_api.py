@@ -1,0 +1,170 @@
+"""The serving logic without a server: options, multipart, answers, batches of mixed sizes,
+model resolution against a real MLflow store."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config.params import ServeParams
+from pipeline.inference.predictor import Predictor
+from pipeline.serving import api
+from pipeline.serving.service import ModelRef, Service, resolve_model
+from tests.conftest import CLASSES
+from tests.factories import registered_model, repo_params, tracked_model
+
+
+def test_options():
+    assert api.parse_options([]) == api.Options("png", 0.5)
+    assert api.parse_options([("format", "JSON")]) == api.Options("json", 0.5)
+    assert api.parse_options([("format", "overlay"), ("alpha", "0.25")], 0.7) == api.Options("overlay", 0.25)
+    for query, words in [([("format", "gif")], "format='gif'"), ([("alpha", "nan")], "alpha"),
+                         ([("alpha", "-0.1")], "alpha"), ([("x", "1")], "unknown query parameter 'x'"),
+                         ([("format", "png"), ("format", "png")], "more than once")]:
+        with pytest.raises(api.ApiError, match=words) as err:
+            api.parse_options(query)
+        assert err.value.status == 400
+
+
+def test_declared_length_checked_before_reading():
+    api.check_length(None, 10)
+    api.check_length("10", 10)
+    with pytest.raises(api.ApiError, match="11 bytes") as err:
+        api.check_length("11", 10)
+    assert err.value.status == 413
+    with pytest.raises(api.ApiError, match="not a number"):
+        api.check_length("ten", 10)
+
+
+def test_multipart_parts_binary_safe():
+    data = bytes(range(256)) * 3 + b"\r\n--notTheBoundary\r\n"
+    body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b0undary--\r\n")
+    assert api.image_bytes(body, "multipart/form-data; boundary=b0undary") == (data, "image/png")
+    raw = b"\x89PNG..."
+    assert api.image_bytes(raw, "image/png") == (raw, "image/png")
+
+
+def test_mask_summary_rle_round_trip():
+    from pycocotools import mask as rle
+
+    mask = np.zeros((7, 9), np.uint8)
+    mask[2:5, 3:8] = 2
+    summary = api.mask_summary(mask, CLASSES, [(0, 0, 0), (1, 1, 1), (2, 2, 2)])
+    assert (summary["width"], summary["height"]) == (9, 7)
+    background, road, car = summary["classes"]
+    assert (background["pixels"], road["pixels"], car["pixels"]) == (48, 0, 15)
+    assert road["rle"] is None and car["fraction"] == pytest.approx(15 / 63)
+    decoded = rle.decode({"size": car["rle"]["size"], "counts": car["rle"]["counts"].encode()})
+    np.testing.assert_array_equal(decoded, (mask == 2).astype(np.uint8))
+    json.dumps(summary)
+
+
+def test_batch_of_mixed_sizes_matches_one_at_a_time(fitted):
+    model, _ = fitted
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in
+              [(33, 47, 3), (48, 64, 3), (33, 47, 3), (90, 120, 3), (5, 3, 3)]]
+    for predictor in (Predictor(model, tile_above_pixels=4096, tile_size=(32, 48)),
+                      Predictor(model, flip_tta=True)):
+        batch = predictor.masks(images)
+        for image, mask in zip(images, batch, strict=True):
+            alone = predictor.mask(image)
+            assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+            assert (mask != alone).mean() < 1e-3
+
+
+def test_service_answers_in_process(fitted):
+    model, _ = fitted
+    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"),
+                      ServeParams.defaults(max_pixels=2000))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(buf, format="PNG")
+    reply = service.handle_predict(buf.getvalue(), "image/png", [("format", "json")])
+    assert reply.status == 200 and json.loads(reply.body)["model"]["version"] == "1"
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(buf, format="PNG")
+    reply = service.handle_predict(buf.getvalue(), "image/png")
+    assert reply.status == 413 and "pixels" in json.loads(reply.body)["error"]
+    meta = service.metadata()
+    assert meta["classes"] == CLASSES and meta["model"]["uri"] == "models:/m/1"
+
+
+def test_resolve_model(fitted, env):
+    model, cfg = fitted
+    uri = f"sqlite:///{env / 'mlflow.db'}"
+    assert registered_model(env / "m1", model, cfg, "net", test_miou=0.5) == "1"
+    assert registered_model(env / "m2", model, cfg, "net", alias="challenger", test_miou=0.6) == "2"
+    champion = resolve_model("champion", "net", uri)
+    assert (champion.uri, champion.version, champion.alias) == ("models:/net/1", "1", "champion")
+    assert champion.evaluation == {"test_miou": 0.5, "eval_key": "0123456789ab", "split_version": None}
+    assert resolve_model("2", "net", uri).uri == "models:/net/2"
+    assert resolve_model("models:/net@challenger", "other", uri).version == "2"
+    assert resolve_model("models:/net/1", "other", uri).version == "1"
+    runs = resolve_model(f"runs:/{champion.run_id}/model", "net", uri)
+    assert runs.run_id == champion.run_id and runs.evaluation is None     # a run is no registered version
+    with pytest.raises(LookupError, match=r"no version '7'.*versions 1, 2"):
+        resolve_model("7", "net", uri)
+    with pytest.raises(LookupError, match="no alias 'gold'"):
+        resolve_model("gold", "net", uri)
+    with pytest.raises(LookupError, match="no versions"):
+        resolve_model("champion", "missing", uri)
+
+
+def test_replica_reports_a_model_that_fails_to_load(env):
+    """/health says 503 "failed" with the reason, /predict answers 503, and Serve's health
+    check raises so that the replica is replaced."""
+    import asyncio
+
+    import ray
+
+    from pipeline.serve import Segmenter
+
+    replica = Segmenter.func_or_class(ModelRef(uri="models:/missing/1").to_dict(),
+                                      ServeParams.defaults().model_dump(mode="json"),
+                                      f"sqlite:///{env / 'mlflow.db'}")
+    assert replica.loaded.wait(60)
+    reply = replica._health()
+    assert reply.status == 503 and json.loads(reply.body)["status"] == "failed"
+    assert "missing" in json.loads(reply.body)["error"]
+    with pytest.raises(RuntimeError, match="failed to load"):
+        replica.check_health()
+    with pytest.raises(api.ApiError, match="not loaded") as err:
+        asyncio.run(replica._ready())
+    assert err.value.status == 503
+    assert not ray.is_initialized(), "constructing the replica class outside Serve started Ray"
+
+
+def test_metadata_shows_the_versions_recorded_score_after_a_later_evaluation(coded, fitted, env):
+    """/metadata reports what the register stage recorded for the version (its test mIoU and
+    evaluation key), not the scores of whatever evaluation of the run came last."""
+    import yaml
+
+    from pipeline.config.params import parse_section
+    from pipeline.evaluate import evaluate
+    from pipeline.register import register
+
+    model, cfg = fitted
+    tracked_model(env / "model", model, cfg)
+    small = {"scales": [1.0], "overlays": {"samples": 0, "worst_per_class": 0}}
+    params = repo_params(env / "params.yaml", evaluate=small | {"flip_tta": True},
+                         register={"model_name": "meta-unet", "onnx": False})
+    first = evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params)
+    register(env / "model", env / "evaluation" / "evaluate.json", coded, env / "registry.json", params)
+    # Evaluated again with other settings (a new record on the same run), not registered.
+    later = repo_params(env / "later.yaml", evaluate=small | {"flip_tta": False, "scales": [0.5]})
+    second = evaluate(env / "model", coded, env / "later", env / "later.json", env / "later-plots", later)
+    assert second["eval_key"] != first["eval_key"]
+    assert second["miou"] != pytest.approx(first["miou"], abs=1e-6)
+
+    ref = resolve_model("champion", "meta-unet", f"sqlite:///{env / 'mlflow.db'}")
+    serve = parse_section(ServeParams, yaml.safe_load(params.read_text())["serve"] | {"threads": 1})
+    shown = Service(model, ref, serve).metadata()["model"]["evaluation"]
+    assert shown["eval_key"] == first["eval_key"]
+    assert shown["test_miou"] == pytest.approx(first["miou"], abs=1e-6)
+    assert shown["metrics"]["miou"] == pytest.approx(first["miou"])
+    assert shown["metrics"]["mean_dice"] == pytest.approx(first["mean_dice"])
+    assert shown["settings"]["flip_tta"] is True and shown["split_version"] == first["split_version"]
+    json.dumps(shown)                                              # the /metadata answer is JSON
