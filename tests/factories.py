@@ -196,7 +196,7 @@ def whole_image_accumulation(model, image: np.ndarray, tile: tuple[int, int], ov
     """The reference blend: every window's probabilities summed into a whole-image
     (C, H, W) tensor in row-major window order and divided by the windows covering each
     pixel (what pipeline.inference.predictor did before it kept only a band): the reference of
-    tests/test_predictor.py and the baseline of bench/predict_bench.py."""
+    tests/inference/test_predictor.py and the baseline of bench/predict_bench.py."""
     import torch
 
     from pipeline.inference.predictor import window_starts

@@ -18,42 +18,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from pipeline.config.errors import format_errors
+from pipeline.config.model_params import ModelParams, SmpModelParams  # noqa: F401 (the union's members)
 from pipeline.config.paths import PARAMS_FILE, REPO_PARAMS_FILE
+from pipeline.config.section import ParamsError, Section
 
 DATASETS = ("camvid", "pet", "voc", "folder")
-
-
-class ParamsError(ValueError):
-    """A params file or section that does not match its schema."""
-
-
-class Section(BaseModel):
-    """Base for a params section: unknown keys are errors, values are checked on assignment.
-
-    Every field is declared without a default (``Field(...)``): its value comes from
-    params.yaml. A validator that blames one key starts its message with that key
-    (``"tile_size: ..."``), which the error then names in full (``evaluate.tile_size``).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
-    section: ClassVar[str]
-
-    @classmethod
-    def defaults(cls, **overrides: Any) -> Self:
-        """This section of the repository's params.yaml (``paths.REPO_PARAMS_FILE``), whatever
-        the current directory, with ``overrides`` replacing whole values; validated."""
-        if not hasattr(cls, "section"):
-            raise TypeError(f"{cls.__name__} is nested in a section: take that section's defaults")
-        raw = read_params_file(REPO_PARAMS_FILE).get(cls.section)
-        if raw is None:
-            raise ParamsError(f"{REPO_PARAMS_FILE}: missing section '{cls.section}'")
-        source = f"{REPO_PARAMS_FILE}" + (f" with {sorted(overrides)} replaced" if overrides else "")
-        return parse_section(cls, raw | overrides, source)
 
 
 class DownloadParams(Section):
@@ -129,61 +104,6 @@ class PrepareParams(Section):
 
 
 LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary")
-
-
-class ModelParams(Section):
-    """The ``model`` section: one family's keys, chosen by ``family`` (a pydantic
-    discriminated union of the family params classes, ``FAMILIES``).
-
-    ``ModelParams.model_validate(raw)`` (and ``load_params(ModelParams)``) returns an instance
-    of the family's class, e.g. ``SmpModelParams``; every family has ``family``,
-    ``in_channels`` and ``classes``. ``pipeline.models.registry`` builds from it.
-    """
-
-    section: ClassVar[str] = "model"
-    family: str = Field(...)
-    variants: ClassVar[dict[str, type[Section]]] = {}     # family name -> its params class
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
-        if cls is ModelParams:
-            return _MODEL_SPEC.validate_python(obj, **kwargs)
-        return super().model_validate(obj, **kwargs)
-
-    def without_pretrained_weights(self) -> Self:
-        """The same model with random initial weights (the train stage's configuration check)."""
-        raise NotImplementedError(f"{type(self).__name__}.without_pretrained_weights")
-
-
-class SmpModelParams(ModelParams):
-    """``family: smp``: handed to ``smp.create_model`` as keyword arguments (smp's own keys)."""
-
-    family: Literal["smp"] = Field(...)
-    arch: str = Field(...)
-    encoder_name: str = Field(...)
-    # "imagenet": smp's own download, or a verified file from $SEG_WEIGHTS_DIR; null: random.
-    encoder_weights: Literal["imagenet"] | None = Field(...)
-    in_channels: int = Field(..., ge=1, le=16)
-    classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json")
-    kwargs: dict[str, Any] = Field(..., description="other smp keyword arguments")
-
-    def without_pretrained_weights(self) -> Self:
-        return self.model_copy(update={"encoder_weights": None})
-
-    @model_validator(mode="after")
-    def _no_aux_head(self) -> SmpModelParams:
-        if "aux_params" in self.kwargs:
-            raise ValueError(
-                "kwargs.aux_params: not supported: smp's auxiliary classification head makes the "
-                "network return (masks, labels), and the losses, metrics and predictors here take "
-                "masks only; remove it from model.kwargs"
-            )
-        return self
-
-
-ModelParams.variants = {"smp": SmpModelParams}
-_MODEL_SPEC = TypeAdapter(Annotated[Union[tuple(ModelParams.variants.values())],  # noqa: UP007
-                                    Field(discriminator="family")])
 
 
 class LossParams(Section):
@@ -398,68 +318,9 @@ def parse_section(model: type[Section], raw: Any, source: str = str(PARAMS_FILE)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(_format_errors(exc, model, source)) from None
+        raise ParamsError(format_errors(exc, model, source)) from None
 
 
 def load_params(model: type[Section], path: Path = PARAMS_FILE) -> Any:
     """Load and validate the section of ``path`` that ``model`` describes."""
     return parse_section(model, read_params_file(path).get(model.section), str(path))
-
-
-def _format_errors(exc: ValidationError, model: type[Section], source: str) -> str:
-    """One line per dotted key: the alternatives of a union (``int | tuple``) share a line."""
-    found: dict[str, list[str]] = {}
-    for err in exc.errors():
-        inner, names = _walk(model, err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        # A validator's message may start with the key it blames ("tile_size: ...").
-        blamed, sep, rest = msg.partition(": ")
-        if sep and inner is not None and blamed.split(".")[0] in inner.model_fields:
-            names, msg = [*names, *blamed.split(".")], rest
-        key = ".".join([model.section, *names])
-        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):   # the model.family key
-            tag = err["ctx"]["discriminator"].strip("'")
-            key = ".".join([model.section, tag])
-            msg = ("missing key; params.yaml must set it (the code has no defaults)"
-                   if err["type"] == "union_tag_not_found" else
-                   f"unknown {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
-        elif err["type"] == "extra_forbidden":
-            parent, _ = _walk(model, err["loc"][:-1])
-            msg = f"unknown key; allowed keys: {', '.join(parent.model_fields if parent else ())}"
-        elif err["type"] == "missing" and str(err["loc"][-1]) in getattr(
-                _walk(model, err["loc"][:-1])[0], "model_fields", ()):
-            msg = "missing key; params.yaml must set it (the code has no defaults)"
-        else:
-            given = err.get("input")
-            msg += "" if isinstance(given, dict) or blamed in names else f" (got {given!r})"
-        found.setdefault(key, [])
-        if msg not in found[key]:
-            found[key].append(msg)
-    lines = [f"{source}: invalid section '{model.section}':"]
-    lines += [f"  {key}: {'; or: '.join(msgs)}" for key, msgs in found.items()]
-    return "\n".join(lines)
-
-
-def _walk(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
-    """Follow ``loc`` from ``model``: (the nested model it ends in, or None inside a plain
-    field; the names that make its dotted key). pydantic's union-branch and validator tags
-    (``int``, ``tuple[int, int]``, ``function-after[...]``, ``[key]``) are left out."""
-    names: list[str] = []
-    current: type[BaseModel] | None = model
-    for part in loc:
-        variants = getattr(current, "variants", None) or {}
-        if str(part) in variants:      # the branch of a discriminated union: its class, no name
-            current = variants[str(part)]
-        elif current is not None and str(part) in current.model_fields:
-            names.append(str(part))
-            ann = current.model_fields[str(part)].annotation
-            current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif isinstance(part, int) or not _is_tag(part):
-            names.append(str(part))
-            current = None
-    return current, names
-
-
-def _is_tag(part: str) -> bool:
-    # "int", "tuple[int, int]", "literal['auto']", "constrained-float", "function-after[...]", "[key]"
-    return part in ("int", "float", "str", "bool", "none") or "[" in part or "-" in part

@@ -26,7 +26,7 @@ def train_transform(
     steps = [
         # INTER_NEAREST_EXACT samples the mask at the pixel centres the image's bilinear
         # resize uses; OpenCV's default INTER_NEAREST lands up to one source pixel off
-        # (tests/test_augment.py).
+        # (tests/data/test_augment.py).
         A.RandomScale(scale_limit=(scale[0] - 1.0, scale[1] - 1.0), p=1.0,
                       mask_interpolation=cv2.INTER_NEAREST_EXACT),
         A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0,

@@ -6,7 +6,7 @@ ignored pixels never count: changing the logits there changes neither the loss n
 any gradient, and their own gradient is exactly zero.
 
 How segmentation-models-pytorch 0.6.0 treats ``ignore_index`` (read in its source and
-checked in tests/test_losses.py, for 255 and for an index equal to C like CamVid's 11):
+checked in tests/losses/test_losses.py, for 255 and for an index equal to C like CamVid's 11):
 
 - ``DiceLoss``, ``JaccardLoss``, ``TverskyLoss`` (multiclass) map ignored targets to
   class 0 before ``one_hot`` (so an index >= C is fine), then multiply both the

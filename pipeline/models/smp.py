@@ -21,7 +21,7 @@ import timm
 from torch import nn
 
 from pipeline.config import paths
-from pipeline.config.params import SmpModelParams
+from pipeline.config.model_params import SmpModelParams
 from pipeline.models.base import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegmentationModel, cycle_channels
 from pipeline.models.weights import (
     ENCODER_WEIGHT_FILES,
