@@ -184,6 +184,7 @@ def _write_prepared(
     source = SOURCES.get(dataset)
     card = {
         "dataset": dataset,
+        "task": cfg.task,
         "source": {"homepage": source.homepage, "license": source.license,
                    "citation": source.citation} if source else {},
         "raw_tree_sha256": raw_digest,

@@ -139,12 +139,14 @@ def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> float:
     import mlflow.pyfunc
 
     from pipeline.evaluate import evaluate_split, full_report, log_record
+    from pipeline.tasks import task_of_model
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
-    full = full_report(evaluate_split(model, data, cfg), data, cfg, run_id=version.run_id)
+    task = task_of_model(model)
+    full = full_report(evaluate_split(model, data, cfg, task), data, cfg, run_id=version.run_id, task=task)
     if version.run_id:
-        log_record(version.run_id, full)
-    return full["miou"]
+        log_record(version.run_id, full, headline_keys=task.headline_keys())
+    return full[task.primary_metric]
 
 
 def recorded_score(version, key: str) -> float | None:
@@ -274,7 +276,8 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
         raise RegisterError(f"MLflow run {run_id} logged no model (no model_uri tag)")
     if metrics.get("mlflow_run_id") != run_id:
         raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
-    score, key = float(metrics["miou"]), eval_key(metrics, eval_cfg)
+    # The score that ranks models: the task's primary one, named in the report (mIoU for semantic).
+    score, key = float(metrics[metrics.get("primary_metric", "miou")]), eval_key(metrics, eval_cfg)
     version = model_version(client, cfg.model_name, run_id,
                             lambda: log_with_settings(run_id, model_dir, eval_cfg), inference_tag(eval_cfg))
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),

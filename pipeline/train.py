@@ -33,15 +33,16 @@ from pipeline.engine import allocator, run_identity
 from pipeline.engine.ingest import ShardConfig
 from pipeline.engine.progress import ProgressFollower
 from pipeline.engine.worker import META_FILE, STATE_FILE, train_worker
-from pipeline.losses.terms import build_loss, resolve_class_weights
+from pipeline.losses.terms import resolve_class_weights
 from pipeline.models import registry as models
 from pipeline.models.weights import WeightsUnavailableError
+from pipeline.tasks import task_of_data
+from pipeline.tasks.base import Task
 from pipeline.utils import console
 from pipeline.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("pipeline.train")
 
-VAL_IOU_PLOT = "val_iou.json"       # DVC plots data: the best epoch's validation IoU per class
 
 
 class TrainError(RuntimeError):
@@ -90,9 +91,10 @@ def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
     classes = read_json(data / paths.CLASSES_FILE)
     num_classes = classes["num_classes"]
     try:
+        _, task = task_of_data(data)
         models.build_model(model_cfg.without_pretrained_weights(), num_classes)
         weights = resolve_class_weights(loss_cfg, read_json(data / paths.CARD_JSON), num_classes)
-        build_loss(loss_cfg, num_classes, classes["ignore_index"], weights)
+        task.build_loss(loss_cfg, num_classes, classes["ignore_index"], weights)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
     models.ensure_weights(model_cfg)
@@ -111,6 +113,7 @@ def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg
         "class_names": classes["names"], "palette": classes["palette"],
         "class_weights": resolve_class_weights(loss_cfg, card, classes["num_classes"]),
         "mean": list(mean), "std": list(std), "n_train": card["splits"]["train"]["images"],
+        "task": task_of_data(data)[0],
     }
 
 
@@ -232,8 +235,8 @@ def fit(
             worker_runtime_env={"env_vars": allocator.worker_env()} if cfg.keep_freed_memory else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # The best checkpoint by validation mIoU, plus the latest (kept for resume).
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_miou",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_order="max",
+                                               checkpoint_score_attribute=score_key(data)),
             # Ray Train's own messages (worker group set-up, every report) in its controller and workers.
             logging_config=LoggingConfig(log_level=level),
         ),
@@ -252,11 +255,17 @@ def fit(
     return result, run_id, name
 
 
-def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the best checkpoint's model as a saved model folder (``pipeline.artifacts.model_dir``)."""
+def score_key(data: Path) -> str:
+    """The reported metric that ranks epochs: the task's primary validation score (``val_miou``)."""
+    return f"val_{task_of_data(data)[1].primary_metric}"
+
+
+def export_best(result, out: Path, extra: dict[str, Any], score: str) -> dict[str, Any]:
+    """Write the checkpoint with the highest ``score`` as a saved model folder
+    (``pipeline.artifacts.model_dir``)."""
     if not result.best_checkpoints:
         raise TrainError("the training reported no checkpoint")
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_miou"])
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][score])
     out = Path(out)
     staging = out.with_name(f".{out.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -272,19 +281,16 @@ def export_best(result, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(best: dict[str, Any], images_per_s: float, metrics_path: Path,
-                  plots_dir: Path) -> dict[str, Any]:
+                  plots_dir: Path, task: Task) -> dict[str, Any]:
     """The DVC metrics of a training, from the best epoch's reported ``best`` metrics: the
-    headline to ``metrics_path`` (returned), the per-class validation IoU to ``plots_dir``.
-    The headline is short because ``dvc metrics show`` puts the columns of every metrics
-    file in one table, which must fit a 200-column terminal (the epochs are a param)."""
-    summary = {
-        "best_val_miou": best["val_miou"], "best_epoch": int(best["epoch"]) + 1,
-        "val_pixel_accuracy": best["val_pixel_accuracy"], "val_mean_dice": best["val_mean_dice"],
-        "train_images_per_s": images_per_s,
-    }
-    val_iou = [{"class": k.removeprefix("val_iou_"), "iou": v}
-               for k, v in best.items() if k.startswith("val_iou_")]
-    write_json_atomic(Path(plots_dir) / VAL_IOU_PLOT, val_iou)
+    task's headline to ``metrics_path`` (returned) and its plots (for semantic segmentation the
+    per-class validation IoU) to ``plots_dir``. The headline is short because ``dvc metrics
+    show`` puts the columns of every metrics file in one table, which must fit a 200-column
+    terminal (the epochs are a param)."""
+    headline, plots = task.training_summary(best)
+    summary = headline | {"train_images_per_s": images_per_s}
+    for name, rows in plots.items():
+        write_json_atomic(Path(plots_dir) / name, rows)
     write_json_atomic(metrics_path, summary)
     return summary
 
@@ -300,18 +306,20 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     result, run_id, name = fit(data, cfg, model_cfg, loss_cfg, storage, track)
     extra = {"data_version": data_version(data), "mlflow_run_id": run_id, "ray_run_name": name,
              "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
-    best = export_best(result, out, extra)
+    _, task = task_of_data(data)
+    best = export_best(result, out, extra, score_key(data))
     # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
-    summary = write_summary(best, float(result.metrics["train_images_per_s"]), metrics_path, plots_dir)
+    summary = write_summary(best, float(result.metrics["train_images_per_s"]), metrics_path, plots_dir, task)
+    best_key = f"best_val_{task.primary_metric}"
     if run_id is not None:
-        _finish_mlflow(run_id, out, metrics_path, summary)
+        _finish_mlflow(run_id, out, metrics_path, {best_key: summary[best_key]})
     run_identity.mark_complete(Path(storage).resolve() / name, {"mlflow_run_id": run_id, "out": str(out)})
-    log.info("best validation mIoU %.4f at epoch %d -> %s", summary["best_val_miou"],
+    log.info("best validation %s %.4f at epoch %d -> %s", task.primary_label, summary[best_key],
              summary["best_epoch"], out)
     return summary
 
 
-def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, summary: dict) -> None:
+def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, best: dict[str, float]) -> None:
     import mlflow
 
     from pipeline.artifacts import tracking
@@ -319,7 +327,7 @@ def _finish_mlflow(run_id: str, model_dir: Path, metrics_path: Path, summary: di
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metric("best_val_miou", summary["best_val_miou"])
+        mlflow.log_metrics(best)
         mlflow.log_artifact(str(metrics_path))
         mlflow.log_artifact(str(Path(model_dir) / CONFIG_FILE))
         mlflow.set_tag("model_uri", log_model(model_dir))

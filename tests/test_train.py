@@ -20,6 +20,7 @@ from pipeline.artifacts.model_dir import load_model
 from pipeline.config.params import LossParams, ModelParams, TrainParams, load_params
 from pipeline.engine.ingest import ShardConfig
 from pipeline.inference.tensors import predict_mask
+from pipeline.tasks.semantic import VAL_IOU_PLOT
 from tests.conftest import CLASSES, only_run, write_params
 
 
@@ -36,7 +37,7 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
                                 plots_dir=env / "plots")
 
     assert 0 <= summary["best_val_miou"] <= 1 and json.loads((env / "metrics.json").read_text()) == summary
-    val_iou = json.loads((env / "plots" / train_stage.VAL_IOU_PLOT).read_text())     # DVC plots data
+    val_iou = json.loads((env / "plots" / VAL_IOU_PLOT).read_text())     # DVC plots data
     assert [row["class"] for row in val_iou] == CLASSES
     model = load_model(env / "model")
     assert list(model.meta.class_names) == CLASSES

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 HEADLINE = ("miou", "pixel_accuracy", "mean_dice", "fw_iou", "boundary_miou")
@@ -50,10 +51,11 @@ def metric_name(split: str, key: str, name: str, cls: str | None = None) -> str:
     return f"{split}/{key}/{name}" + (f"/{safe_name(cls)}" if cls is not None else "")
 
 
-def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """A report's MLflow metrics under its key (null scores left out)."""
+def flat_metrics(report: dict[str, Any], headline: Sequence[str] = HEADLINE) -> dict[str, float]:
+    """A report's MLflow metrics under its key: its ``headline`` scores (the task's) and the
+    ``PER_CLASS`` ones (null scores left out)."""
     split, key = report["split"], report["eval_key"]
-    flat = {metric_name(split, key, k): report[k] for k in HEADLINE if report.get(k) is not None}
+    flat = {metric_name(split, key, k): report[k] for k in headline if report.get(k) is not None}
     for cls, scores in report["per_class"].items():
         for name in PER_CLASS:
             if scores.get(name) is not None:

@@ -75,6 +75,8 @@ class Resize(Section):
 class PrepareParams(Section):
     section: ClassVar[str] = "prepare"
 
+    # pipeline.tasks: a built-in task name, or module:Class for a task defined elsewhere.
+    task: str = Field(..., pattern=r"^(\w+|[\w.]+:\w+)$")
     strict: bool = Field(..., description="fail on any problem (else skip and report)")
     train_resize: Resize = Field(...)
     eval_resize: Resize = Field(...)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config.params import TrainParams
-from pipeline.metrics.confusion import ConfusionMatrix, collective_device
+from pipeline.metrics.confusion import collective_device
+from pipeline.tasks.base import Metric
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -163,18 +164,17 @@ def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int,
-    ignore_index: int,
+    metric: Metric,
     device: torch.device,
     loss_fn: nn.Module | None = None,
     channels_last: bool = False,
-) -> tuple[ConfusionMatrix, float]:
-    """Confusion matrix and mean loss per image over all ``batches`` and, when a default
-    process group is initialised, over the batches of every rank (each rank must call
-    it; a rank with no batches adds nothing). ``channels_last``: pass the images in
-    NHWC, for a model converted to it. The loss is 0.0 without a ``loss_fn``."""
+) -> tuple[Metric, float]:
+    """``metric`` (a task's accumulator, e.g. a ``ConfusionMatrix``) updated with the model's
+    outputs over all ``batches``, and the mean loss per image; when a default process group
+    is initialised, over the batches of every rank (each rank must call it; a rank with no
+    batches adds nothing). ``channels_last``: pass the images in NHWC, for a model converted
+    to it. The loss is 0.0 without a ``loss_fn``."""
     model.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     total_loss, images = 0.0, 0
     layout = memory_format(channels_last)
     for x, y in batches:
@@ -183,10 +183,10 @@ def evaluate(
         if loss_fn is not None:
             total_loss += loss_fn(logits, y).item() * x.shape[0]
         images += x.shape[0]
-        cm.update(logits.argmax(1), y)
-    cm.all_reduce()
+        metric.update(logits, y)
+    metric.all_reduce()
     total_loss, images = _all_reduce_sums(total_loss, images)
-    return cm, total_loss / max(1, images)
+    return metric, total_loss / max(1, images)
 
 
 def _all_reduce_sums(*values: float) -> list[float]:

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 # What the driver's epoch line needs from the worker's metrics (pipeline.utils.console.epoch_line).
-RECORD_KEYS = ("epoch", "train_loss", "val_loss", "val_miou", "train_images_per_s", "train_seconds",
+RECORD_KEYS = ("epoch", "train_loss", "val_loss", "train_images_per_s", "train_seconds",
                "val_seconds", "is_best")
 
 
-def epoch_record(metrics: Mapping[str, Any], epochs: int) -> dict[str, Any]:
-    """The journal's record of one epoch: ``RECORD_KEYS`` from the reported metrics, and ``epochs``."""
-    return {"epochs": epochs, **{key: metrics[key] for key in RECORD_KEYS}}
+def epoch_record(metrics: Mapping[str, Any], epochs: int, score: str, label: str) -> dict[str, Any]:
+    """The journal's record of one epoch: ``RECORD_KEYS`` from the reported metrics, ``epochs``,
+    and the task's primary validation score (``val_score``, reported as ``score``; ``score_label``
+    for people, e.g. mIoU)."""
+    return {"epochs": epochs, **{key: metrics[key] for key in RECORD_KEYS}, "val_score": metrics[score],
+            "score_label": label}
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:

@@ -23,7 +23,6 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.artifacts.model_dir import CONFIG_FILE
 from pipeline.config.params import LossParams, ModelParams, TrainParams
-from pipeline.data.augment import collate, train_transform
 from pipeline.engine.loop import (
     all_reduce_stats,
     build_optimizer,
@@ -37,24 +36,15 @@ from pipeline.engine.loop import (
     training_state,
 )
 from pipeline.engine.progress import append_record, epoch_record
-from pipeline.losses.terms import build_loss
-from pipeline.metrics.confusion import segmentation_metrics
 from pipeline.models.base import ModelMeta
 from pipeline.models.registry import build_model
+from pipeline.tasks import get_task
+from pipeline.tasks.base import Task
 from pipeline.utils import console
 from pipeline.utils.io import write_json_atomic
 
 STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, scaler, epoch
 META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
-
-
-def epoch_metrics(cm_metrics: dict, class_names: list[str], prefix: str = "val_") -> dict[str, float]:
-    """Flatten ``segmentation_metrics`` into MLflow/Ray-friendly scalars (NaN stays NaN)."""
-    out = {f"{prefix}miou": cm_metrics["miou"], f"{prefix}pixel_accuracy": cm_metrics["pixel_accuracy"],
-           f"{prefix}mean_dice": cm_metrics["mean_dice"], f"{prefix}fwiou": cm_metrics["fw_iou"]}
-    for name, iou in zip(class_names, cm_metrics["iou"], strict=True):
-        out[f"{prefix}iou_{name}"] = iou
-    return out
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -71,11 +61,13 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     num_classes, ignore = config["num_classes"], config["ignore_index"]
     names = config["class_names"]
+    task = get_task(config["task"])
+    primary = f"val_{task.primary_metric}"
 
     meta = ModelMeta(class_names=names, palette=config["palette"], mean=config["mean"],
-                     std=config["std"], ignore_index=ignore)
+                     std=config["std"], ignore_index=ignore, task=config["task"])
     model = build_model(model_cfg, num_classes, meta).to(memory_format=memory_format(cfg.channels_last))
-    loss_fn = build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
+    loss_fn = task.build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
     optimizer = build_optimizer(model, cfg)
     per_worker = config["n_train"] // world
     steps = max(1, per_worker // cfg.batch_size if per_worker >= cfg.batch_size else 1)
@@ -93,8 +85,8 @@ def train_worker(config: dict[str, Any]) -> None:
     plain = model.module if hasattr(model, "module") else model
 
     norm = {"mean": config["mean"], "std": config["std"], "ignore_index": ignore}
-    transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore)
-    train_collate = TrainCollate(transform, norm)
+    transform = task.train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore)
+    train_collate = TrainCollate(task, transform, norm)
     train_shard = ray.train.get_dataset_shard("train")
     # Validation rows are read once and kept encoded: re-reading a small split through
     # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
@@ -118,20 +110,20 @@ def train_worker(config: dict[str, Any]) -> None:
         stats = all_reduce_stats(train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device,
                                                  scaler))
         start_val = time.perf_counter()
-        val_batches = (collate(images, masks, **norm) for images, masks in val_rows)
+        val_batches = (task.collate(images, masks, **norm) for images, masks in val_rows)
         # Reduced over all ranks inside: counts and the loss of the whole split.
-        cm, val_loss = evaluate(plain, val_batches, num_classes, ignore, device, loss_fn,
-                                channels_last=cfg.channels_last)
-        val = segmentation_metrics(cm.mat)
-        is_best = val["miou"] > best
-        best = max(best, val["miou"])
+        metric, val_loss = evaluate(plain, val_batches, task.metric(num_classes, ignore, device), device,
+                                    loss_fn, channels_last=cfg.channels_last)
+        val = task.epoch_metrics(metric.compute(), names)
+        is_best = val[primary] > best
+        best = max(best, val[primary])
         metrics = {
             "epoch": epoch, "start_epoch": start_epoch, "nodes": nodes, "workers": world,
             "train_loss": stats["loss"], "val_loss": val_loss, "train_skipped_steps": stats["skipped_steps"],
             "train_images_per_s": stats["images"] / stats["seconds"],
             "train_seconds": stats["seconds"], "val_seconds": time.perf_counter() - start_val,
-            "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), "best_val_miou": best,
-            **epoch_metrics(val, names),
+            "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), f"best_{primary}": best,
+            **val,
         }
         if rank == 0:
             if client is not None:
@@ -148,20 +140,21 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if config.get("progress_file"):
                 # Once the checkpoint is safe: the driver prints this epoch as done.
-                append_record(Path(config["progress_file"]), epoch_record(metrics, cfg.epochs))
+                append_record(Path(config["progress_file"]),
+                              epoch_record(metrics, cfg.epochs, primary, task.primary_label))
         else:
             ray.train.report(metrics, checkpoint=None)
 
 
 class TrainCollate(NumpyBatchCollateFn):
     """Ray Data's last step for a training batch: {"image", "mask"} arrays of encoded rows
-    -> (images (N, 3, H, W) float32 normalised, masks (N, H, W) int64), augmented."""
+    -> the task's (images (N, 3, H, W) float32 normalised, targets), augmented."""
 
-    def __init__(self, transform, norm: dict[str, Any]):
-        self.transform, self.norm = transform, norm
+    def __init__(self, task: Task, transform, norm: dict[str, Any]):
+        self.task, self.transform, self.norm = task, transform, norm
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, Any]:
+        return self.task.collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
 
 
 def _rank_rows(dataset, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:

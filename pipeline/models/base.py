@@ -54,6 +54,7 @@ class ModelMeta:
     std: tuple[float, ...] | None = None
     ignore_index: int = IGNORE_INDEX
     inference: InferenceSettings | None = None   # what its recorded score used; None: not recorded
+    task: str = "semantic"      # its pipeline.tasks name (saved models from before tasks: semantic)
 
     def __post_init__(self) -> None:
         if isinstance(self.inference, dict):

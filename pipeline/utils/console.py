@@ -118,11 +118,12 @@ def _field(record: Mapping[str, Any], key: str) -> Any:
 
 def epoch_line(record: Mapping[str, Any], elapsed_s: float, left_s: float | None = None) -> str:
     """One epoch for a person: ``record`` holds ``epoch`` (0-based), ``epochs``, ``train_loss``,
-    ``val_loss``, ``val_miou`` and ``train_images_per_s`` (all workers together);
+    ``val_loss``, ``val_score`` (labelled ``score_label``) and ``train_images_per_s`` (all workers together);
     ``elapsed_s`` is the time since training started, ``left_s`` an estimate of what is left."""
     line = (f"epoch {int(_field(record, 'epoch')) + 1}/{int(_field(record, 'epochs'))}"
             f"  train loss {_field(record, 'train_loss'):.4f}  val loss {_field(record, 'val_loss'):.4f}"
-            f"  val mIoU {_field(record, 'val_miou'):.4f}  {_field(record, 'train_images_per_s'):.1f} img/s"
+            f"  val {_field(record, 'score_label')} {_field(record, 'val_score'):.4f}"
+            f"  {_field(record, 'train_images_per_s'):.1f} img/s"
             f"  elapsed {format_duration(elapsed_s)}")
     if left_s is not None:
         line += f"  left ~{format_duration(left_s)}"

@@ -89,7 +89,8 @@ def val_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _evaluate(rank: int) -> tuple:
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    cm, loss = evaluate(fixed_model(), val_batches(rank), NUM_CLASSES, IGNORE, torch.device("cpu"), loss_fn)
+    cm, loss = evaluate(fixed_model(), val_batches(rank), ConfusionMatrix(NUM_CLASSES, IGNORE),
+                        torch.device("cpu"), loss_fn)
     return cm.mat.tolist(), loss, str(cm.mat.device)
 
 
@@ -97,7 +98,7 @@ def test_validation_over_ranks_reduces_loss_and_counts_even_from_a_rank_without_
     results = on_ranks(_evaluate, 3, tmp_path)
     # The same split in one process: what every rank must report.
     everything = [b for rank in range(3) for b in val_batches(rank)]
-    cm, loss = evaluate(fixed_model(), everything, NUM_CLASSES, IGNORE, torch.device("cpu"),
+    cm, loss = evaluate(fixed_model(), everything, ConfusionMatrix(NUM_CLASSES, IGNORE), torch.device("cpu"),
                         nn.CrossEntropyLoss(ignore_index=IGNORE))
     for rank in range(3):
         mat, rank_loss, device = results[rank]

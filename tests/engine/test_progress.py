@@ -12,8 +12,8 @@ METRICS = {"epoch": 0, "train_loss": 1.0, "val_loss": 2.0, "val_miou": 0.5, "tra
 
 
 def test_a_record_keeps_what_the_epoch_line_needs():
-    record = epoch_record(METRICS, epochs=5)
-    assert record["epochs"] == 5 and record["val_miou"] == 0.5
+    record = epoch_record(METRICS, epochs=5, score="val_miou", label="mIoU")
+    assert record["epochs"] == 5 and record["val_score"] == 0.5 and record["score_label"] == "mIoU"
     assert "val_iou_car" not in record and "lr" not in record
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.utils import console
 
-RECORD = {"epoch": 2, "epochs": 10, "train_loss": 0.86887, "val_loss": 1.28744, "val_miou": 0.14012,
+RECORD = {"epoch": 2, "epochs": 10, "train_loss": 0.86887, "val_loss": 1.28744, "val_score": 0.14012,
+          "score_label": "mIoU",
           "train_images_per_s": 9.638, "train_seconds": 50.0, "val_seconds": 10.0, "is_best": 1.0}
 
 
@@ -45,8 +46,8 @@ def test_epoch_line_is_one_line_with_every_field():
 
 
 def test_a_record_without_a_field_names_it():
-    with pytest.raises(ValueError, match="'val_miou'"):
-        console.epoch_line({k: v for k, v in RECORD.items() if k != "val_miou"}, 1.0)
+    with pytest.raises(ValueError, match="'val_score'"):
+        console.epoch_line({k: v for k, v in RECORD.items() if k != "val_score"}, 1.0)
 
 
 def test_ray_log_level_defaults_to_warning_and_names_the_variable_when_wrong():

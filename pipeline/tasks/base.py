@@ -1,0 +1,101 @@
+"""The task protocol: everything that differs between segmentation tasks.
+
+Stages, the engine, the registry gate and the evaluation ask a ``Task``; none of them
+compares task names. ``prepare`` records the task in the prepared card (``card.json``,
+key ``task``), training copies it into the model's meta, and later stages read it from
+there (``pipeline.tasks.task_of``).
+
+A task is stateless; its methods take what they need. Semantic segmentation
+(``pipeline.tasks.semantic``) is today's; instance and panoptic segmentation implement the
+same protocol.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+class EvaluateError(RuntimeError):
+    """A model and dataset that cannot be evaluated together."""
+
+
+class Metric(Protocol):
+    """Accumulates a split's scores batch by batch, on every rank."""
+
+    def update(self, outputs: Any, targets: Any) -> None: ...
+
+    def all_reduce(self) -> Metric: ...
+
+    def compute(self) -> dict[str, Any]: ...
+
+
+class Task(ABC):
+    """One segmentation task: its targets, batches, loss contract, metrics and outputs.
+
+    ``primary_metric``: the key of ``epoch_metrics`` (after ``val_``) and of the evaluation
+    report that picks the best epoch, names the registry score (``test_<primary_metric>``)
+    and gates a new champion; higher is better. ``primary_label``: how people read it.
+    """
+
+    name: ClassVar[str]
+    primary_metric: ClassVar[str]
+    primary_label: ClassVar[str]
+
+    # --- data: prepared rows -> batches ------------------------------------------------------
+    @abstractmethod
+    def train_transform(self, crop: tuple[int, int], scale: tuple[float, float], jitter: float,
+                        ignore_index: int) -> Any:
+        """The training augmentation (applied to image and target alike)."""
+
+    @abstractmethod
+    def collate(self, images: Sequence[bytes], targets: Sequence[bytes], *, mean: Sequence[float],
+                std: Sequence[float], ignore_index: int, transform: Any = None) -> tuple[torch.Tensor, Any]:
+        """Encoded rows -> (normalised images (N, 3, H, W), targets as the loss and metric take them)."""
+
+    # --- training: the model's output and loss contract -------------------------------------
+    @abstractmethod
+    def build_loss(self, loss_cfg: Any, num_classes: int, ignore_index: int,
+                   class_weights: list[float] | None) -> nn.Module:
+        """``loss_fn(outputs, targets) -> scalar tensor`` for the model's outputs."""
+
+    @abstractmethod
+    def metric(self, num_classes: int, ignore_index: int, device: torch.device) -> Metric:
+        """A fresh accumulator for validation."""
+
+    @abstractmethod
+    def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+        """A validation ``Metric.compute()`` as flat ``val_*`` scalars (MLflow, Ray), with
+        ``val_<primary_metric>`` among them."""
+
+    @abstractmethod
+    def training_summary(self, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+        """From the best epoch's reported metrics: the train stage's DVC headline (with
+        ``best_val_<primary_metric>``), and its plot files (name -> rows)."""
+
+    # --- the evaluate stage -----------------------------------------------------------------
+    @abstractmethod
+    def evaluate_split(self, model: nn.Module, data: Path, cfg: Any, predictor: Any) -> Any:
+        """Predict every image of ``cfg.split`` with ``predictor`` and count; nothing written.
+        Raises ``EvaluateError`` when model and data do not go together."""
+
+    @abstractmethod
+    def report(self, evaluation: Any) -> dict[str, Any]:
+        """The scores of ``evaluate_split``'s result, JSON-ready, with ``primary_metric`` among them."""
+
+    @abstractmethod
+    def headline_keys(self) -> tuple[str, ...]:
+        """The report's keys that go to the DVC metrics file and MLflow (short: one table row)."""
+
+    @abstractmethod
+    def write_outputs(self, evaluation: Any, data: Path, cfg: Any, out: Path, full: dict[str, Any]) -> None:
+        """The evaluation folder (pictures, index, the whole report), written whole."""
+
+    @abstractmethod
+    def plots(self, evaluation: Any, full: dict[str, Any]) -> dict[str, list[dict]]:
+        """DVC plots data: file name -> rows."""
