@@ -4,7 +4,9 @@
 everything here is tested and benchmarked without a server.
 
 ``POST /predict`` takes the image as the raw body (with its Content-Type) or as the
-multipart/form-data field ``image``; the query picks the answer:
+multipart/form-data field ``image``; the query picks one of the model's task's answers
+(``Task.answers``; the first is the default). For semantic segmentation
+(``pipeline.tasks.semantic_answers``):
 
 - ``format=png`` (default): the class-index mask as a palette PNG (pixel value = class);
 - ``format=json``: image size, model, and per class the pixel count, fraction and a COCO
@@ -28,9 +30,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.data.images import media_type
-from pipeline.viz import overlays
+from pipeline.tasks.base import Task
 
-ANSWERS = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg"}
+JSON = "application/json"
 QUERY_KEYS = ("format", "alpha")
 IMAGE_FIELD = "image"
 MULTIPART = "multipart/form-data"
@@ -65,8 +67,10 @@ class Options:
     alpha: float = 0.5
 
 
-def parse_options(query: Iterable[tuple[str, str]], default_alpha: float = 0.5) -> Options:
-    """The query string's (key, value) pairs -> ``Options``; unknown or repeated keys are errors."""
+def parse_options(query: Iterable[tuple[str, str]], answers: dict[str, str],
+                  default_alpha: float = 0.5) -> Options:
+    """The query string's (key, value) pairs -> ``Options``; unknown or repeated keys are errors.
+    ``answers``: the formats the model's task gives (the first is the default)."""
     seen: dict[str, str] = {}
     for key, value in query:
         if key not in QUERY_KEYS:
@@ -74,9 +78,9 @@ def parse_options(query: Iterable[tuple[str, str]], default_alpha: float = 0.5) 
         if key in seen:
             raise ApiError(400, f"query parameter {key!r} given more than once")
         seen[key] = value
-    answer = seen.get("format", "png").lower()
-    if answer not in ANSWERS:
-        raise ApiError(400, f"format={seen['format']!r} is not one of {', '.join(ANSWERS)}")
+    answer = seen.get("format", next(iter(answers))).lower()
+    if answer not in answers:
+        raise ApiError(400, f"format={seen['format']!r} is not one of {', '.join(answers)}")
     alpha = default_alpha
     if "alpha" in seen:
         try:
@@ -162,33 +166,10 @@ def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, str | Non
     return out
 
 
-def render(options: Options, image: np.ndarray, mask: np.ndarray, meta, model: dict[str, Any]) -> Reply:
-    """The answer to one prediction, in the format ``options`` asks for."""
-    if options.format == "png":
-        return Reply(200, overlays.palette_png(mask, meta.palette, fast=True), ANSWERS["png"])
-    if options.format == "overlay":
-        blended = overlays.blend(image, overlays.colorize(mask, meta.palette), options.alpha)
-        return Reply(200, overlays.jpeg(blended), ANSWERS["overlay"])
-    return json_reply(mask_summary(mask, meta.class_names, meta.palette) | {"model": model})
-
-
-def mask_summary(mask: np.ndarray, names, palette) -> dict[str, Any]:
-    """Per-class pixel counts, fractions and COCO RLE of a class-index mask."""
-    from pycocotools import mask as rle
-
-    h, w = mask.shape
-    counts = np.bincount(mask.ravel(), minlength=len(names))
-    present = [c for c in range(len(names)) if counts[c] > 0]
-    encoded = {}
-    if present:
-        stack = np.asfortranarray(np.stack([mask == c for c in present], axis=2).astype(np.uint8))
-        encoded = dict(zip(present, rle.encode(stack), strict=True))
-    classes = []
-    for c, name in enumerate(names):
-        code = encoded.get(c)
-        classes.append({
-            "index": c, "name": name, "color": list(palette[c]),
-            "pixels": int(counts[c]), "fraction": float(counts[c]) / (h * w),
-            "rle": None if code is None else {"size": [h, w], "counts": code["counts"].decode("ascii")},
-        })
-    return {"width": w, "height": h, "classes": classes}
+def render(options: Options, image: np.ndarray, prediction: Any, task: Task, meta,
+           model: dict[str, Any]) -> Reply:
+    """The answer to one prediction, in the format ``options`` asks for (the task's ``answer``)."""
+    body, media_type = task.answer(options.format, options.alpha, image, prediction, meta)
+    if media_type == JSON:
+        return json_reply(body | {"model": model})
+    return Reply(200, body, media_type)

@@ -31,6 +31,7 @@ from pipeline.data.images import ImageError, ImageLimits, decode_image
 from pipeline.inference.predictor import Predictor
 from pipeline.models.base import InferenceSettings
 from pipeline.serving import api
+from pipeline.tasks import task_of_model
 
 RETRY_AFTER_S = 1
 INFERENCE_KEYS = tuple(f.name for f in fields(InferenceSettings))   # serve params that set them
@@ -192,6 +193,7 @@ class Service:
         # The model's own inference settings (its registered score's), unless serve sets one.
         self.predictor = Predictor.for_model(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
         self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
+        self.task = task_of_model(self.model)
 
     @staticmethod
     def threads() -> int:
@@ -199,9 +201,10 @@ class Service:
 
         return torch.get_num_threads()
 
-    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """A batch of (H, W, 3) uint8 RGB images of any sizes -> (H, W) uint8 masks."""
-        return self.predictor.masks(images)
+    def predict(self, images: list[np.ndarray]) -> list:
+        """A batch of (H, W, 3) uint8 RGB images of any sizes -> the task's predictions
+        (semantic: (H, W) uint8 masks)."""
+        return self.task.predict(self.predictor, images)
 
     def admission(self) -> Admission:
         """``with service.admission() as admitted:`` around parse .. answer of one request."""
@@ -211,15 +214,15 @@ class Service:
               admitted: Admission) -> tuple[np.ndarray, api.Options]:
         """A /predict request -> (RGB image, options); its pixels are taken from the budget
         into ``admitted`` before decoding. Raises ``api.ApiError`` (``Busy`` when full)."""
-        options = api.parse_options(query, self.cfg.overlay_alpha)
+        options = api.parse_options(query, self.task.answers, self.cfg.overlay_alpha)
         data, declared = api.image_bytes(body, content_type)
         try:
             return decode_image(data, declared, self.limits, admit=admitted.take), options
         except ImageError as exc:
             raise api.ApiError(exc.status, str(exc)) from None
 
-    def answer(self, image: np.ndarray, mask: np.ndarray, options: api.Options) -> api.Reply:
-        return api.render(options, image, mask, self.model.meta, self.model_facts)
+    def answer(self, image: np.ndarray, prediction, options: api.Options) -> api.Reply:
+        return api.render(options, image, prediction, self.task, self.model.meta, self.model_facts)
 
     def handle_predict(self, body: bytes, content_type: str | None, query=()) -> api.Reply:
         """One whole request in-process: parse, predict alone, answer."""
@@ -234,7 +237,7 @@ class Service:
         meta = self.model.meta
         cfg = self.cfg
         return {
-            "model": self.ref.to_dict(),
+            "model": self.ref.to_dict(), "task": meta.task,
             "classes": list(meta.class_names), "palette": [list(c) for c in meta.palette],
             "normalization": {"mean": list(meta.mean), "std": list(meta.std), "scale": "0-255 -> 0-1"},
             "ignore_index": meta.ignore_index,
@@ -245,5 +248,5 @@ class Service:
                     getattr(cfg, key) is not None for key in INFERENCE_KEYS)},
             "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
                        "max_replica_pixels": cfg.max_replica_pixels},
-            "answers": api.ANSWERS,
+            "answers": self.task.answers,
         }

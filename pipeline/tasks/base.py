@@ -99,3 +99,15 @@ class Task(ABC):
     @abstractmethod
     def plots(self, evaluation: Any, full: dict[str, Any]) -> dict[str, list[dict]]:
         """DVC plots data: file name -> rows."""
+
+    # --- serving ----------------------------------------------------------------------------
+    answers: ClassVar[dict[str, str]]     # /predict's formats -> media type; the first is the default
+
+    @abstractmethod
+    def predict(self, predictor: Any, images: list) -> list:
+        """A batch of (H, W, 3) uint8 RGB images of any sizes -> one prediction each."""
+
+    @abstractmethod
+    def answer(self, fmt: str, alpha: float, image: Any, prediction: Any, meta: Any) -> tuple[Any, str]:
+        """One prediction in format ``fmt``: (bytes, media type), or (a JSON-ready dict,
+        ``application/json``)."""

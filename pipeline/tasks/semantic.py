@@ -19,7 +19,7 @@ from pipeline.artifacts import records
 from pipeline.data import augment
 from pipeline.losses import terms
 from pipeline.metrics.confusion import ConfusionMatrix
-from pipeline.tasks import semantic_eval
+from pipeline.tasks import semantic_answers, semantic_eval
 from pipeline.tasks.base import Task
 
 VAL_IOU_PLOT = "val_iou.json"
@@ -75,3 +75,11 @@ class SemanticTask(Task):
     def plots(self, evaluation, full: dict[str, Any]) -> dict[str, list[dict]]:
         bars, rows = semantic_eval.plot_rows(evaluation, full)
         return {semantic_eval.PER_CLASS_PLOT: bars, semantic_eval.CONFUSION_PLOT: rows}
+
+    answers = semantic_answers.ANSWERS
+
+    def predict(self, predictor, images):
+        return predictor.masks(images)
+
+    def answer(self, fmt, alpha, image, prediction, meta):
+        return semantic_answers.answer(fmt, alpha, image, prediction, meta)

@@ -12,19 +12,21 @@ from pipeline.config.params import ServeParams
 from pipeline.inference.predictor import Predictor
 from pipeline.serving import api
 from pipeline.serving.service import ModelRef, Service, resolve_model
+from pipeline.tasks.semantic_answers import ANSWERS, mask_summary
 from tests.conftest import CLASSES
 from tests.factories import registered_model, repo_params, tracked_model
 
 
 def test_options():
-    assert api.parse_options([]) == api.Options("png", 0.5)
-    assert api.parse_options([("format", "JSON")]) == api.Options("json", 0.5)
-    assert api.parse_options([("format", "overlay"), ("alpha", "0.25")], 0.7) == api.Options("overlay", 0.25)
+    assert api.parse_options([], ANSWERS) == api.Options("png", 0.5)
+    assert api.parse_options([("format", "JSON")], ANSWERS) == api.Options("json", 0.5)
+    overlay = api.parse_options([("format", "overlay"), ("alpha", "0.25")], ANSWERS, 0.7)
+    assert overlay == api.Options("overlay", 0.25)
     for query, words in [([("format", "gif")], "format='gif'"), ([("alpha", "nan")], "alpha"),
                          ([("alpha", "-0.1")], "alpha"), ([("x", "1")], "unknown query parameter 'x'"),
                          ([("format", "png"), ("format", "png")], "more than once")]:
         with pytest.raises(api.ApiError, match=words) as err:
-            api.parse_options(query)
+            api.parse_options(query, ANSWERS)
         assert err.value.status == 400
 
 
@@ -52,7 +54,7 @@ def test_mask_summary_rle_round_trip():
 
     mask = np.zeros((7, 9), np.uint8)
     mask[2:5, 3:8] = 2
-    summary = api.mask_summary(mask, CLASSES, [(0, 0, 0), (1, 1, 1), (2, 2, 2)])
+    summary = mask_summary(mask, CLASSES, [(0, 0, 0), (1, 1, 1), (2, 2, 2)])
     assert (summary["width"], summary["height"]) == (9, 7)
     background, road, car = summary["classes"]
     assert (background["pixels"], road["pixels"], car["pixels"]) == (48, 0, 15)
@@ -90,6 +92,7 @@ def test_service_answers_in_process(fitted):
     assert reply.status == 413 and "pixels" in json.loads(reply.body)["error"]
     meta = service.metadata()
     assert meta["classes"] == CLASSES and meta["model"]["uri"] == "models:/m/1"
+    assert meta["task"] == "semantic" and meta["answers"] == ANSWERS     # the model's task answers
 
 
 def test_resolve_model(fitted, env):

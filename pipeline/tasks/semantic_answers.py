@@ -1,0 +1,45 @@
+"""Semantic segmentation's answers to ``/predict``: the class-index mask as a palette PNG,
+an overlay JPEG, or JSON with per-class pixel counts, fractions and COCO RLE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.viz import overlays
+
+JSON = "application/json"
+ANSWERS = {"png": "image/png", "json": JSON, "overlay": "image/jpeg"}
+
+
+def answer(fmt: str, alpha: float, image: np.ndarray, mask: np.ndarray, meta) -> tuple[Any, str]:
+    """(body, media type): PNG or JPEG bytes, or a JSON-ready dict."""
+    if fmt == "png":
+        return overlays.palette_png(mask, meta.palette, fast=True), ANSWERS["png"]
+    if fmt == "overlay":
+        blended = overlays.blend(image, overlays.colorize(mask, meta.palette), alpha)
+        return overlays.jpeg(blended), ANSWERS["overlay"]
+    return mask_summary(mask, meta.class_names, meta.palette), JSON
+
+
+def mask_summary(mask: np.ndarray, names, palette) -> dict[str, Any]:
+    """Per-class pixel counts, fractions and COCO RLE of a class-index mask."""
+    from pycocotools import mask as rle
+
+    h, w = mask.shape
+    counts = np.bincount(mask.ravel(), minlength=len(names))
+    present = [c for c in range(len(names)) if counts[c] > 0]
+    encoded = {}
+    if present:
+        stack = np.asfortranarray(np.stack([mask == c for c in present], axis=2).astype(np.uint8))
+        encoded = dict(zip(present, rle.encode(stack), strict=True))
+    classes = []
+    for c, name in enumerate(names):
+        code = encoded.get(c)
+        classes.append({
+            "index": c, "name": name, "color": list(palette[c]),
+            "pixels": int(counts[c]), "fraction": float(counts[c]) / (h * w),
+            "rle": None if code is None else {"size": [h, w], "counts": code["counts"].decode("ascii")},
+        })
+    return {"width": w, "height": h, "classes": classes}
