@@ -89,3 +89,23 @@ def test_a_model_config_error_is_refused_before_ray(prepared, env, model, messag
     assert message in str(exit_.value.code).splitlines()[-1]
     assert not ray.is_initialized()
     assert not (env / "mlflow.db").exists() and not (env / "ray_results").exists()
+
+
+def test_a_card_naming_a_task_that_cannot_be_imported_is_refused_before_ray(prepared, env):
+    import json
+
+    import ray
+
+    from pipeline import train
+
+    data = env / "prepared"
+    shutil.copytree(prepared, data)
+    card = json.loads((data / paths.CARD_JSON).read_text())
+    (data / paths.CARD_JSON).write_text(json.dumps(card | {"task": "no_such_package.tasks:Binary"}))
+    params = write_params(env, {})
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data", str(data), "--out", str(env / "model"), "--params", str(params),
+                    "--metrics", str(env / "metrics.json"), "--storage", str(env / "ray_results")])
+    last = str(exit_.value.code).splitlines()[-1]
+    assert "task 'no_such_package.tasks:Binary': cannot import" in last, last
+    assert not ray.is_initialized() and not (env / "mlflow.db").exists()
