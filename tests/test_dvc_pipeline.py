@@ -112,7 +112,7 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
     out = dvc(repo, "repro", env=env)
-    assert "test mIoU" in out
+    assert "test: miou " in out                       # the evaluate stage's headline line
     decision = json.loads((repo / "models/registry.json").read_text())
     assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["onnx_uri"]
     assert json.loads((repo / "evaluation/index.json").read_text())["samples"]
@@ -166,6 +166,7 @@ def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
     from pipeline.artifacts.model_dir import save_model
     from pipeline.config import paths
     from pipeline.evaluate import evaluate
+    from pipeline.tasks.semantic import SemanticTask
     from pipeline.train import write_summary
 
     repo, env = scratch_repo(tmp_path)
@@ -177,7 +178,8 @@ def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
         # The best epoch as the Ray worker reports it, for CamVid's 11 classes.
         best = {"val_miou": miou, "epoch": 6, "val_pixel_accuracy": 0.877742, "val_mean_dice": 0.7021,
                 "val_fwiou": 0.80123, "val_loss": 0.4, "lr": 1e-4} | {f"val_iou_{c}": 0.5 for c in CAMVID}
-        write_summary(best, 2.473579791200771, repo / paths.TRAIN_METRICS, repo / paths.PLOTS_DIR)
+        write_summary(best, 2.473579791200771, repo / paths.TRAIN_METRICS, repo / paths.PLOTS_DIR,
+                      SemanticTask())
         params = repo_params(tmp_path / "params.yaml", evaluate={
             "flip_tta": flip_tta, "scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 1}})
         evaluate(repo / paths.TRAIN_OUT, coded, repo / paths.EVAL_OUT, repo / paths.EVAL_METRICS,
