@@ -10,7 +10,10 @@ them. Where things are:
   (the whole report) and ``evaluations/<key>/overlays/`` (index.json, confusion.json,
   pictures); for the run and key the workspace's evaluate stage scored, the same files are
   read from ``evaluation/`` without a download. A registered version's evaluation is the
-  record its tags name (``eval_key``, ``test_miou``: what the registry gate compared);
+  record its tags name (``eval_key``, ``test_score``, ``score_metric``: what the registry
+  gate compared);
+- the task whose results are shown (``shown_task``): the champion's (its ``task`` tag), else
+  the prepared dataset's; its labels name the scores, its ``views`` pick the evaluation pages;
 - the dataset card: ``data/prepared/card.json``;
 - the model server: ``$SEG_SERVE_URL`` (default http://127.0.0.1:8000);
 - the MLflow UI for links: ``$MLFLOW_UI_URL`` (default http://127.0.0.1:5000).
@@ -31,11 +34,20 @@ from PIL import Image
 from pipeline.artifacts import records, tracking
 from pipeline.config import paths
 from pipeline.config.params import RegisterParams, load_params
+from pipeline.models.base import UNRECORDED_TASK
+from pipeline.tasks import get_task
+from pipeline.tasks.base import Task
 from pipeline.utils.io import read_json
 
 ENV_SERVE_URL = "SEG_SERVE_URL"
 ENV_MLFLOW_UI = "MLFLOW_UI_URL"
-CURVES = ("val_miou", "train_loss", "val_loss", "lr")
+LOSS_CURVES = ("train_loss", "val_loss", "lr")
+# The evaluation pages a task's ``views`` can name: view -> (page file, title, icon).
+VIEW_PAGES = {
+    "per_class": ("pages/per_class.py", "Per-class IoU", ":material/bar_chart:"),
+    "confusion": ("pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
+    "overlays": ("pages/overlays.py", "Overlays", ":material/image:"),
+}
 
 
 @dataclass(frozen=True)
@@ -110,15 +122,45 @@ def versions(src: Sources) -> dict[str, str]:
     return out
 
 
-def registered_scores(src: Sources) -> dict[str, float]:
-    """run id -> the recorded test mIoU of its registered version (what the gate compared)."""
+def shown_task(src: Sources, champ: Champion | None) -> Task:
+    """The task whose results the dashboard shows: the champion's (its ``task`` tag), else
+    the workspace's prepared dataset's (``card.json``); versions and data from before tasks
+    were recorded are semantic."""
+    if champ is not None:
+        return get_task(champ.tags.get(records.TASK_TAG, UNRECORDED_TASK))
+    prepared = card(src)
+    return get_task((prepared or {}).get("task", UNRECORDED_TASK))
+
+
+def view_pages(task: Task) -> list[tuple[str, str, str]]:
+    """(page file, title, icon) of the evaluation pages ``task``'s outputs feed."""
+    unknown = [v for v in task.views if v not in VIEW_PAGES]
+    if unknown:
+        raise ValueError(f"task {task.name}: views {unknown} are not dashboard pages "
+                         f"({', '.join(VIEW_PAGES)})")
+    return [VIEW_PAGES[v] for v in task.views]
+
+
+def curve_keys(task: Task) -> tuple[str, ...]:
+    """The per-epoch MLflow metrics the runs page charts: the task's validation score and the losses."""
+    return (f"val_{task.primary_metric}", *LOSS_CURVES)
+
+
+def score_label(task: Task, metric: str) -> str:
+    """How people read score ``metric`` (``Task.labels``; the key itself when the task has no label)."""
+    return task.labels.get(metric, metric)
+
+
+def registered_scores(src: Sources) -> dict[str, tuple[str, float]]:
+    """run id -> (metric, value): the recorded test score of its registered version (what the
+    gate compared)."""
     from mlflow.exceptions import MlflowException
 
     try:
         found = src.client().search_model_versions(f"name = '{src.model_name}'")
     except MlflowException:
         return {}
-    return {mv.run_id: float(mv.tags[records.SCORE_TAG]) for mv in found if records.SCORE_TAG in mv.tags}
+    return {mv.run_id: score for mv in found if (score := records.version_score(mv.tags)) is not None}
 
 
 def runs(src: Sources) -> pd.DataFrame:
@@ -142,16 +184,17 @@ def _prefixed(row: pd.Series, prefix: str, kind: type) -> dict[str, Any]:
 
 def evaluations(src: Sources) -> pd.DataFrame:
     """One row per evaluation record of every run, newest run first: run_id, key, split,
-    run_name, the headline scores, settings (dict)."""
+    run_name, metric (the record's primary one) and its score, settings (dict)."""
     table = runs(src)
-    columns = ["run_id", "key", "split", "run_name", *records.HEADLINE, "settings"]
+    columns = ["run_id", "key", "split", "run_name", "metric", "score", "settings"]
     rows = []
     for _, row in table.iterrows():
         tags = _prefixed(row, "tags.", str)
         for key, rec in records.run_records(_prefixed(row, "metrics.", float), tags).items():
             rows.append({"run_id": row["run_id"], "key": key, "split": rec["split"],
                          "run_name": tags.get("mlflow.runName") or row["run_id"][:8],
-                         **{k: rec.get(k) for k in records.HEADLINE}, "settings": rec.get("settings") or {}})
+                         "metric": rec["primary_metric"], "score": rec.get(rec["primary_metric"]),
+                         "settings": rec.get("settings") or {}})
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -168,10 +211,11 @@ def settings_label(settings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def record_label(row: pd.Series, labels: dict[str, str]) -> str:
+def record_label(row: pd.Series, labels: dict[str, str], task: Task) -> str:
     version = labels.get(row["run_id"], "")
+    score = "—" if row["score"] is None or pd.isna(row["score"]) else f"{row['score']:.3f}"
     return " ".join(part for part in (
-        row["run_name"], version, f"· {row['split']} mIoU {row['miou']:.3f}",
+        row["run_name"], version, f"· {row['split']} {score_label(task, row['metric'])} {score}",
         f"({settings_label(row['settings'])}; key {row['key']})") if part)
 
 
@@ -247,7 +291,7 @@ def row_normalised(counts: np.ndarray) -> np.ndarray:
         return np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
 
 
-def curves(src: Sources, run_ids: list[str], keys=CURVES) -> pd.DataFrame:
+def curves(src: Sources, run_ids: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
     """Per-epoch training curves: columns run_id, metric, step, value."""
     client = src.client()
     rows = []

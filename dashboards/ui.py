@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboards import data
+from pipeline.tasks.base import Task
 
 TTL_S = 30          # MLflow tables are re-read at most this often
 # A record's files are cached under its run id and evaluation key, which fix them: a new
@@ -20,6 +21,11 @@ def sources() -> data.Sources:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def champion(src: data.Sources) -> data.Champion | None:
     return data.champion(src)
+
+
+def task(src: data.Sources) -> Task:
+    """The task whose results are shown (``data.shown_task``)."""
+    return data.shown_task(src, champion(src))
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -38,7 +44,7 @@ def versions(src: data.Sources) -> dict[str, str]:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def registered_scores(src: data.Sources) -> dict[str, float]:
+def registered_scores(src: data.Sources) -> dict[str, tuple[str, float]]:
     return data.registered_scores(src)
 
 
@@ -63,8 +69,8 @@ def picture(src: data.Sources, run_id: str, key: str, relative: str):
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def curves(src: data.Sources, run_ids: tuple[str, ...]) -> pd.DataFrame:
-    return data.curves(src, list(run_ids))
+def curves(src: data.Sources, run_ids: tuple[str, ...], keys: tuple[str, ...]) -> pd.DataFrame:
+    return data.curves(src, list(run_ids), keys)
 
 
 def no_results(src: data.Sources) -> None:
@@ -85,7 +91,9 @@ def pick_record(src: data.Sources, key: str) -> tuple[str, str]:
     if champ is not None and (champ.run_id, champ.eval_key) in ids:
         ids.remove((champ.run_id, champ.eval_key))
         ids.insert(0, (champ.run_id, champ.eval_key))
-    names = {(row["run_id"], row["key"]): data.record_label(row, labels) for _, row in table.iterrows()}
+    shown = task(src)
+    names = {(row["run_id"], row["key"]): data.record_label(row, labels, shown)
+             for _, row in table.iterrows()}
     return st.selectbox("Evaluation", ids, format_func=names.get, key=key)
 
 

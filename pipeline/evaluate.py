@@ -50,10 +50,8 @@ from pipeline.utils.io import write_json_atomic
 
 log = logging.getLogger("pipeline.evaluate")
 
-REPORT_FILE = records.REPORT_FILE
 # Settings that cannot change a score: left out of the evaluation key.
 UNSCORED_SETTINGS = {"overlays", "threads"}
-__all__ = ["EvaluateError", "evaluate", "evaluate_split", "full_report", "headline", "eval_key", "log_record"]
 
 
 def split_version(data: Path, split: str) -> str:
@@ -110,7 +108,6 @@ def headline(full: dict[str, Any], task: Task) -> dict[str, Any]:
     return {k: full[k] for k in ("eval_key", *task.headline_keys())}
 
 
-
 def evaluate(model_dir: Path, data: Path, out: Path, metrics_path: Path, plots_dir: Path,
              params: Path = paths.PARAMS_FILE, track: bool = True) -> dict[str, Any]:
     """Score the model of ``model_dir`` on ``data``, write the outputs, record it on the
@@ -129,22 +126,22 @@ def evaluate(model_dir: Path, data: Path, out: Path, metrics_path: Path, plots_d
         write_json_atomic(Path(plots_dir) / name, rows)
         plot_files.append(Path(plots_dir) / name)
     write_json_atomic(metrics_path, headline(full, task))
-    scores = ", ".join(f"{k} {full[k]:.4f}" for k in task.headline_keys() if isinstance(full.get(k), float))
+    scores = ", ".join(f"{task.labels[k]} {full[k]:.4f}" for k in task.headline_keys()
+                       if isinstance(full.get(k), float))
     log.info("%s: %s over %d images (%.1f images/s; key %s)", cfg.split, scores, full["images"],
              full["images_per_s"] or 0, full["eval_key"])
     if track:
         if full["mlflow_run_id"]:
-            log_record(full["mlflow_run_id"], full, overlays_dir=Path(out), plot_files=plot_files,
-                       headline_keys=task.headline_keys())
+            log_record(full["mlflow_run_id"], full, task, overlays_dir=Path(out), plot_files=plot_files)
         else:
             log.warning("the model has no MLflow run (trained with tracking off): not recorded in MLflow")
     return full
 
 
-def log_record(run_id: str, report: dict[str, Any], overlays_dir: Path | None = None,
-               plot_files: Sequence[Path] = (), headline_keys: Sequence[str] = records.HEADLINE) -> None:
-    """Record one evaluation (a ``full_report``) on MLflow run ``run_id`` under its key:
-    metrics ``<split>/<key>/...``, the tag ``evaluation/<key>``, and under
+def log_record(run_id: str, report: dict[str, Any], task: Task, overlays_dir: Path | None = None,
+               plot_files: Sequence[Path] = ()) -> None:
+    """Record one evaluation (a ``full_report`` of ``task``) on MLflow run ``run_id`` under its
+    key: metrics ``<split>/<key>/...``, the tag ``evaluation/<key>``, and under
     ``evaluations/<key>/`` the report (``evaluate.json``), ``plot_files`` (in ``plots/``)
     and the ``overlays_dir`` folder (as ``overlays/``) (``pipeline.artifacts.records``). Records of
     other keys are left as they are."""
@@ -158,9 +155,10 @@ def log_record(run_id: str, report: dict[str, Any], overlays_dir: Path | None = 
     now = int(time.time() * 1000)
     tag, about = records.record_tag(report)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
-                                      for k, v in records.flat_metrics(report, headline_keys).items()])
+                                      for k, v in records.flat_metrics(
+                                          report, task.headline_keys(), task.per_class_keys).items()])
     client.set_tag(run_id, tag, about)
-    client.log_dict(run_id, report, f"{records.artifact_dir(key)}/{REPORT_FILE}")
+    client.log_dict(run_id, report, f"{records.artifact_dir(key)}/{records.REPORT_FILE}")
     for path in plot_files:
         client.log_artifact(run_id, str(path), records.artifact_dir(key, records.PLOTS))
     if overlays_dir is not None:

@@ -6,18 +6,21 @@
 1. The trained model, with the inference settings it was scored with (flip / multi-scale
    TTA, tiles: ``evaluate``'s) in its meta, is logged to its training's run and becomes a
    version of ``register.model_name``, tagged with the dataset version, params hash, git
-   commit, test mIoU, the evaluation key (test split version + evaluation settings) and
+   commit, the model's task, its test score (the task's primary metric: mIoU for semantic
+   segmentation; tags ``test_score``, ``score_metric``), the evaluation key (test split
+   version + evaluation settings) and
    those settings (``inference``). Its pyfunc predicts with them, so it reproduces its
    recorded score. Running the stage again for the same run and settings reuses that version.
 2. With ``register.onnx`` an ONNX export (dynamic batch, height, width) is checked against
    PyTorch on a test image and logged to the same run; the version's ``onnx_uri`` tag
    points at it.
 3. The gate: the version gets the alias (``champion``) when there is no champion yet, or
-   when its test mIoU is at least the champion's plus ``register.min_improvement``, decided
-   inside the registry lock (``pipeline.artifacts.registry_lock``). Scores are only compared on the
-   same test set with the same evaluation settings: when the champion was scored otherwise,
-   it is evaluated again here on this test set first and that score recorded on it. A worse
-   model stays registered without the alias. The decision and its reason go to ``--out``.
+   when its test score is at least the champion's plus ``register.min_improvement``, decided
+   inside the registry lock (``pipeline.artifacts.registry_lock``). Scores are only compared
+   when they are the same metric, on the same test set with the same evaluation settings:
+   when the champion was scored otherwise, it is evaluated again here on this test set first
+   and that score recorded on it; a champion of another task (another metric) is never
+   compared. A worse model stays registered without the alias. The decision and its reason go to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,18 +37,28 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.model_dir import read_config
-from pipeline.artifacts.records import EVAL_KEY_TAG, SCORE_TAG, SPLIT_VERSION_TAG
+from pipeline.artifacts.records import (
+    EVAL_KEY_TAG,
+    SCORE_METRIC_TAG,
+    SCORE_TAG,
+    SPLIT_VERSION_TAG,
+    TASK_TAG,
+    version_metric,
+    version_score,
+)
 from pipeline.artifacts.registry_lock import LockTimeout, registry_lock
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams, RegisterParams, load_params
 from pipeline.evaluate import eval_key
 from pipeline.models.base import InferenceSettings
+from pipeline.tasks import task_of_model, task_of_model_dir
+from pipeline.tasks.base import EvaluateError, Task
 from pipeline.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("pipeline.register")
 
 SOURCE_RUN_TAG = "mlflow_run_id"
-SCORE_PREFIX = "score."          # score.<eval_key>: a test mIoU under another evaluation key
+SCORE_PREFIX = "score."          # score.<eval_key>: the version's test score under another evaluation key
 INFERENCE_TAG = "inference"      # the inference settings baked into the version's model
 INFERENCE_KEYS = tuple(f.name for f in fields(InferenceSettings))   # the params keys that set them
 MAX_ROUNDS = 5                   # re-score a holder that moved meanwhile at most this often
@@ -62,9 +75,10 @@ class Decision:
     alias: str
     promoted: bool
     reason: str
-    test_miou: float
+    score_metric: str            # which score ranks models: the task's primary metric
+    test_score: float
     previous_champion: str | None = None
-    previous_champion_test_miou: float | None = None
+    previous_champion_score: float | None = None
     onnx_uri: str | None = None
     min_improvement: float = 0.0
 
@@ -132,44 +146,50 @@ def current_champion(client, name: str, alias: str):
         return None
 
 
-def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> float:
-    """Test mIoU of a registered ``version``, evaluated here with ``cfg`` on ``data``; the whole
-    evaluation is recorded on the version's run under its key (``evaluate.log_record``).
-    Raises ``EvaluateError`` when the model and data cannot be evaluated together."""
+def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> tuple[str, float]:
+    """(metric, value): the test score of a registered ``version`` (its task's primary
+    metric), evaluated here with ``cfg`` on ``data``; the whole evaluation is recorded on the
+    version's run under its key (``evaluate.log_record``). Raises ``EvaluateError`` when the
+    model and data cannot be evaluated together."""
     import mlflow.pyfunc
 
     from pipeline.evaluate import evaluate_split, full_report, log_record
-    from pipeline.tasks import task_of_model
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
     task = task_of_model(model)
     full = full_report(evaluate_split(model, data, cfg, task), data, cfg, run_id=version.run_id, task=task)
     if version.run_id:
-        log_record(version.run_id, full, headline_keys=task.headline_keys())
-    return full[task.primary_metric]
+        log_record(version.run_id, full, task)
+    return task.primary_metric, full[task.primary_metric]
 
 
-def recorded_score(version, key: str) -> float | None:
-    """The test mIoU recorded on a registry ``version`` under evaluation key ``key``, if any."""
+def recorded_score(version, key: str) -> tuple[str, float] | None:
+    """(metric, value): the test score recorded on a registry ``version`` under evaluation key
+    ``key``, if any."""
     tags = version.tags
-    if tags.get(EVAL_KEY_TAG) == key and SCORE_TAG in tags:
-        return float(tags[SCORE_TAG])
-    return float(tags[SCORE_PREFIX + key]) if SCORE_PREFIX + key in tags else None
+    if tags.get(EVAL_KEY_TAG) == key and (score := version_score(tags)) is not None:
+        return score
+    return (version_metric(tags), float(tags[SCORE_PREFIX + key])) if SCORE_PREFIX + key in tags else None
 
 
-def record_score(client, name: str, version, key: str, score: float, split: str, settings: str) -> None:
-    """Keep a re-score on the version, so that later gates on this test set reuse it.
+def record_score(client, name: str, version, key: str, score: tuple[str, float], split: str,
+                 settings: str) -> None:
+    """Keep a re-score (metric, value) on the version, so that later gates on this test set
+    reuse it.
 
-    ``score.<key>`` always; the headline ``test_miou`` / ``eval_key`` / ``split_version``
-    tags move to it only when it was predicted with the version's own inference settings
-    (its ``inference`` tag), so the headline stays a score its pyfunc reproduces."""
-    client.set_model_version_tag(name, version.version, SCORE_PREFIX + key, repr(score))
+    ``score.<key>`` and ``score_metric`` always; the headline ``test_score`` / ``eval_key`` /
+    ``split_version`` tags move to it only when it was predicted with the version's own
+    inference settings (its ``inference`` tag), so the headline stays a score its pyfunc
+    reproduces."""
+    metric, value = score
+    client.set_model_version_tag(name, version.version, SCORE_PREFIX + key, repr(value))
+    client.set_model_version_tag(name, version.version, SCORE_METRIC_TAG, metric)
     if version.tags.get(INFERENCE_TAG) == settings:
-        for tag, value in ((SCORE_TAG, repr(score)), (EVAL_KEY_TAG, key), (SPLIT_VERSION_TAG, split)):
-            client.set_model_version_tag(name, version.version, tag, value)
+        for tag, text in ((SCORE_TAG, repr(value)), (EVAL_KEY_TAG, key), (SPLIT_VERSION_TAG, split)):
+            client.set_model_version_tag(name, version.version, tag, text)
 
 
-def decide(client, name: str, alias: str, candidate, score: float, key: str, data: Path,
+def decide(client, name: str, alias: str, candidate, task: Task, score: float, key: str, data: Path,
            cfg: EvaluateParams, min_improvement: float, split: str) -> Decision:
     """Give ``candidate`` the alias if it beats the holder by ``min_improvement``; say why.
 
@@ -177,9 +197,7 @@ def decide(client, name: str, alias: str, candidate, score: float, key: str, dat
     (``pipeline.artifacts.registry_lock``), so concurrent registers promote one at a time. A holder
     with no score for this test set and these settings is re-evaluated outside the lock
     (minutes on a real test set), the score recorded on it, and the gate tried again."""
-    from pipeline.evaluate import EvaluateError
-
-    decision = Decision(name, str(candidate.version), alias, False, "", score,
+    decision = Decision(name, str(candidate.version), alias, False, "", task.primary_metric, score,
                         min_improvement=min_improvement)
     rescored: set[str] = set()
     for _ in range(MAX_ROUNDS):
@@ -187,7 +205,7 @@ def decide(client, name: str, alias: str, candidate, score: float, key: str, dat
             champion = current_champion(client, name, alias)
             held = None if champion is None else recorded_score(champion, key)
             if champion is None or str(champion.version) == str(candidate.version) or held is not None:
-                _compare(decision, champion, held, min_improvement,
+                _compare(decision, task, champion, held, min_improvement,
                          "re-evaluated on this test set," if champion is not None
                          and str(champion.version) in rescored else "its recorded")
                 if decision.promoted:
@@ -209,21 +227,33 @@ def decide(client, name: str, alias: str, candidate, score: float, key: str, dat
     raise RegisterError(f"@{alias} of {name} moved {MAX_ROUNDS} times while this register ran")
 
 
-def _compare(decision: Decision, champion, held: float | None, min_improvement: float, how: str) -> None:
-    alias, score = decision.alias, decision.test_miou
+def _compare(decision: Decision, task: Task, champion, held: tuple[str, float] | None,
+             min_improvement: float, how: str) -> None:
+    alias, score = decision.alias, decision.test_score
     if champion is None:
         decision.promoted, decision.reason = True, f"no {alias} yet"
         return
     if str(champion.version) == decision.version:
         decision.promoted, decision.reason = True, f"already the {alias}"
         return
-    decision.previous_champion, decision.previous_champion_test_miou = str(champion.version), held
+    metric, value = held
+    decision.previous_champion = str(champion.version)
+    if metric != decision.score_metric:
+        # Another task's champion: its score is another metric, so there is nothing to compare.
+        decision.reason = (f"{alias} version {champion.version} is scored by {metric}, this model by "
+                           f"{decision.score_metric} (task {champion.tags.get(TASK_TAG, '?')} vs "
+                           f"{task.name}), so "
+                           f"the two cannot be compared; version {decision.version} is registered without "
+                           f"@{alias} (use another register.model_name for another task)")
+        return
+    decision.previous_champion_score = value
+    label = task.labels.get(metric, metric)
     # A margin below float rounding of the two recorded scores counts as met.
-    decision.promoted = score - held >= min_improvement - 1e-9
+    decision.promoted = score - value >= min_improvement - 1e-9
     verb = "beats" if decision.promoted else "does not beat"
-    decision.reason = (f"test mIoU {score:.4f} {verb} {alias} version {champion.version} ({how} test mIoU "
-                       f"{held:.4f}) by at least register.min_improvement {min_improvement:.4f} "
-                       f"(difference {score - held:+.4f})")
+    decision.reason = (f"test {label} {score:.4f} {verb} {alias} version {champion.version} ({how} test "
+                       f"{label} {value:.4f}) by at least register.min_improvement {min_improvement:.4f} "
+                       f"(difference {score - value:+.4f})")
 
 
 def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, split: str) -> str:
@@ -260,6 +290,7 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
     cfg = load_params(RegisterParams, params)
     eval_cfg = load_params(EvaluateParams, params)
     config = read_config(model_dir)
+    task = task_of_model_dir(model_dir)
     metrics = read_json(metrics_path)
     run_id = config.get("mlflow_run_id")
     if not run_id:
@@ -276,19 +307,23 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
         raise RegisterError(f"MLflow run {run_id} logged no model (no model_uri tag)")
     if metrics.get("mlflow_run_id") != run_id:
         raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
-    # The score that ranks models: the task's primary one, named in the report (mIoU for semantic).
-    score, key = float(metrics[metrics.get("primary_metric", "miou")]), eval_key(metrics, eval_cfg)
+    if metrics.get("primary_metric") != task.primary_metric:
+        raise RegisterError(f"{metrics_path}: primary_metric is {metrics.get('primary_metric')!r}, but the "
+                            f"model's task {task.name} ranks by {task.primary_metric!r} (evaluate again)")
+    # The score that ranks models: the task's primary one (mIoU for semantic segmentation).
+    score, key = float(metrics[task.primary_metric]), eval_key(metrics, eval_cfg)
     version = model_version(client, cfg.model_name, run_id,
                             lambda: log_with_settings(run_id, model_dir, eval_cfg), inference_tag(eval_cfg))
     tags = {"data_version": config.get("data_version"), "params_hash": params_hash(config),
-            "git_commit": run.data.tags.get("git_commit", "unknown"), SCORE_TAG: repr(score),
-            EVAL_KEY_TAG: key, SCORE_PREFIX + key: repr(score), SPLIT_VERSION_TAG: metrics["split_version"],
+            "git_commit": run.data.tags.get("git_commit", "unknown"), TASK_TAG: task.name,
+            SCORE_METRIC_TAG: task.primary_metric, SCORE_TAG: repr(score), EVAL_KEY_TAG: key,
+            SCORE_PREFIX + key: repr(score), SPLIT_VERSION_TAG: metrics["split_version"],
             "dvc_exp": run.data.tags.get("dvc_exp", "")}
     if cfg.onnx and "onnx_uri" not in version.tags:
         tags["onnx_uri"] = log_onnx(run_id, model_dir, data, cfg, eval_cfg.split)
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version.version, k, str(v))
-    decision = decide(client, cfg.model_name, cfg.alias, version, score, key, data, eval_cfg,
+    decision = decide(client, cfg.model_name, cfg.alias, version, task, score, key, data, eval_cfg,
                       cfg.min_improvement, metrics["split_version"])
     decision.onnx_uri = tags.get("onnx_uri", version.tags.get("onnx_uri"))
     write_json_atomic(out, asdict(decision))

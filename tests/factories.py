@@ -163,21 +163,22 @@ def tracked_model(folder: Path, model, cfg, data_version: str = "test-data") -> 
 
 
 def registered_model(folder: Path, model, cfg, name: str, alias: str = "champion",
-                     test_miou: float = 0.9, eval_key: str = "0123456789ab") -> str:
+                     test_score: float = 0.9, eval_key: str = "0123456789ab") -> str:
     """``model`` logged to a new run of the current tracking store, registered as a version
     of ``name`` holding ``alias`` and tagged, as the register stage tags it, with a recorded
-    evaluation (``test_miou`` under ``eval_key``); returns the version."""
+    evaluation (mIoU ``test_score`` under ``eval_key``); returns the version."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts import tracking
-    from pipeline.artifacts.records import EVAL_KEY_TAG, SCORE_TAG
+    from pipeline.artifacts.records import EVAL_KEY_TAG, SCORE_METRIC_TAG, SCORE_TAG
     from pipeline.register import model_version
 
     run_id = tracked_model(folder, model, cfg)
     client = MlflowClient(tracking.tracking_uri())
     uri = client.get_run(run_id).data.tags["model_uri"]
     version = model_version(client, name, run_id, uri)
-    client.set_model_version_tag(name, version.version, SCORE_TAG, f"{test_miou:.6f}")
+    client.set_model_version_tag(name, version.version, SCORE_TAG, f"{test_score:.6f}")
+    client.set_model_version_tag(name, version.version, SCORE_METRIC_TAG, "miou")
     client.set_model_version_tag(name, version.version, EVAL_KEY_TAG, eval_key)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

@@ -1,6 +1,7 @@
 """The Streamlit dashboard, page by page (AppTest), against a real MLflow store with two
 evaluated and registered runs and the evaluate stage's outputs, all built here."""
 
+import copy
 import json
 import shutil
 import threading
@@ -23,7 +24,8 @@ APP = str(ROOT / "dashboards" / "app.py")
 NAME = "dash-unet"
 
 
-def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[float]) -> dict:
+def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[float],
+              primary: str = "miou") -> dict:
     """Train stand-in (a tracked model with a validation curve), evaluate, register."""
     from mlflow.tracking import MlflowClient
 
@@ -32,8 +34,9 @@ def evaluated(root: Path, folder: Path, model, cfg, data: Path, curve: list[floa
     run_id = tracked_model(folder / "model", model, cfg)
     client = MlflowClient(tracking.tracking_uri())
     client.log_param(run_id, "train.seed", "0")
+    client.log_metric(run_id, f"best_val_{primary}", max(curve))
     for step, value in enumerate(curve):
-        client.log_metric(run_id, "val_miou", value, step=step)
+        client.log_metric(run_id, f"val_{primary}", value, step=step)
         client.log_metric(run_id, "train_loss", 1.0 - value, step=step)
     metrics = evaluate(folder / "model", data, folder / paths.EVAL_OUT, folder / paths.EVAL_METRICS,
                        folder / paths.PLOTS_DIR, root / "params.yaml")
@@ -224,11 +227,71 @@ def test_a_later_evaluation_adds_a_record_and_is_never_shown_stale(coded, fitted
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient().get_model_version(NAME, decision.version).tags
-    assert (float(tags["test_miou"]), tags["eval_key"]) == (second["miou"], second["eval_key"])
+    assert (float(tags["test_score"]), tags["eval_key"]) == (second["miou"], second["eval_key"])
     at = shown("overview")
     assert {m.label: m.value for m in at.metric}["test mIoU"] == f"{first['miou']:.3f}"
     at = shown("overlays")
     assert at.selectbox(key="overlays-run").value == (first["run_id"], first["eval_key"])
+
+
+def test_the_dashboard_shows_the_champions_task(coded, fitted, tmp_path, monkeypatch):
+    """A champion of another task (the tests-only foreground task, ranked by foreground Dice):
+    the pages name its score and chart its validation curve; no page says mIoU for it."""
+    import dataclasses
+
+    from dashboards import data, ui
+    from tests.tasks.foreground import NAME as FOREGROUND
+    from tests.tasks.foreground import ForegroundTask
+
+    model, cfg = fitted
+    fg = copy.deepcopy(model)
+    fg.meta = dataclasses.replace(model.meta, task=FOREGROUND)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path)
+    repo_params(tmp_path / "params.yaml", register={"model_name": "fg-unet", "onnx": False},
+                evaluate={"flip_tta": False, "scales": [1.0],
+                          "overlays": {"samples": 1, "worst_per_class": 0}})
+    first = evaluated(tmp_path, tmp_path, fg, cfg, coded, [0.3, 0.6], primary="fg_dice")
+    assert first["primary_metric"] == "fg_dice"
+    for cached in (ui.champion, ui.runs, ui.evaluations, ui.versions, ui.registered_scores):
+        cached.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    cards = {m.label: m.value for m in at.metric}
+    assert cards["test foreground Dice"] == f"{first['fg_dice']:.3f}"
+    assert cards["mIoU"] == f"{first['miou']:.3f}" and "test mIoU" not in cards
+    assert "best validation foreground Dice 0.600" in " ".join(c.value for c in at.caption)
+    page(at, "runs")
+    table = at.dataframe[0].value
+    assert list(table["registered test foreground Dice"]) == pytest.approx([first["fg_dice"]], abs=1e-6)
+    assert "metrics.best_val_fg_dice" in table and "registered test mIoU" not in table
+    page(at, "per_class")
+    picker = at.selectbox(key="per-class-run")
+    assert f"foreground Dice {first['fg_dice']:.3f}" in picker.options[0]
+    assert data.curve_keys(ForegroundTask())[0] == "val_fg_dice"
+
+
+def test_the_evaluation_pages_are_the_ones_the_task_names():
+    from dashboards import data
+    from pipeline.tasks.semantic import SemanticTask
+
+    assert [file for file, *_ in data.view_pages(SemanticTask())] == [
+        "pages/per_class.py", "pages/confusion.py", "pages/overlays.py"]
+
+    class NoPictures(SemanticTask):
+        views = ("per_class",)
+
+    assert [file for file, *_ in data.view_pages(NoPictures())] == ["pages/per_class.py"]
+
+    class Unknown(SemanticTask):
+        name = "unknown-views"
+        views = ("per_class", "panoptic_quality")
+
+    with pytest.raises(ValueError, match="panoptic_quality"):
+        data.view_pages(Unknown())
 
 
 class StandIn(BaseHTTPRequestHandler):

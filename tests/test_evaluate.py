@@ -22,10 +22,11 @@ from pipeline.artifacts import records
 from pipeline.artifacts.model_dir import save_model
 from pipeline.config.params import EvaluateParams, default_params, load_params
 from pipeline.data import shards
-from pipeline.evaluate import EvaluateError, evaluate
+from pipeline.evaluate import evaluate
 from pipeline.inference.predictor import Predictor, window_starts
 from pipeline.metrics.boundary import BoundaryIoU, boundary_band
 from pipeline.metrics.confusion import confusion_matrix
+from pipeline.tasks.base import EvaluateError
 from pipeline.tasks.semantic import SemanticTask
 from pipeline.tasks.semantic_eval import Evaluation, report
 from pipeline.viz import overlays
@@ -268,6 +269,7 @@ def test_two_evaluations_with_other_settings_are_two_records_on_the_run(coded, f
         assert run.data.metrics[f"test/{key}/miou"] == pytest.approx(done_["miou"])
         assert run.data.metrics[f"test/{key}/iou/car"] == pytest.approx(done_["per_class"]["car"]["iou"])
         assert found[key]["settings"] == done_["settings"]
+        assert found[key]["primary_metric"] == "miou"         # which score ranks models
         assert found[key]["miou"] == pytest.approx(done_["miou"])
         assert mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluations/{key}/evaluate.json") == done_
         listed = {x.path for x in client.list_artifacts(run_id, f"evaluations/{key}")}
@@ -279,7 +281,7 @@ def test_two_evaluations_with_other_settings_are_two_records_on_the_run(coded, f
     params = load_params(EvaluateParams, env / "a.yaml")
     again = stage.full_report(stage.evaluate_split(model, coded, params), coded, params, run_id)
     assert again["eval_key"] == a["eval_key"] and again["miou"] == pytest.approx(a["miou"], abs=1e-9)
-    stage.log_record(run_id, again)
+    stage.log_record(run_id, again, SemanticTask())
     run = client.get_run(run_id)
     assert set(records.run_records(run.data.metrics, run.data.tags)) == {a["eval_key"], b["eval_key"]}
     assert run.data.metrics[f"test/{b['eval_key']}/miou"] == pytest.approx(b["miou"])

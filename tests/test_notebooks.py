@@ -119,6 +119,7 @@ def test_train_notebook_compares_two_tracked_runs(kernel, nb_env, coded):
     assert set(runs) == {"ce", "wce+dice"} and len(set(runs.values())) == 2
     assert set(result["status"].values()) == {"FINISHED"}
     assert result["differing_params"] == ["loss.class_weights", "loss.terms"]   # only the loss differs
+    assert result["task"] == "semantic"                 # asked of the prepared data's card
     for name in runs:
         iou = result["iou"][name]
         assert set(iou) == set(result["classes"]) == {"background", "road", "car"}

@@ -57,7 +57,9 @@ def test_only_a_better_model_takes_the_champion_alias(coded, fitted, env):
     assert first.promoted and first.version == "1" and first.reason == "no champion yet"
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == "1"
-    assert float(champion.tags["test_miou"]) == pytest.approx(good["miou"], abs=1e-6)
+    assert float(champion.tags["test_score"]) == pytest.approx(good["miou"], abs=1e-6)
+    assert (champion.tags["score_metric"], champion.tags["task"]) == ("miou", "semantic")
+    assert first.score_metric == "miou" and first.test_score == pytest.approx(good["miou"], abs=1e-6)
     assert champion.tags["eval_key"] == good["eval_key"]            # the record the score comes from
     assert {"data_version", "params_hash", "git_commit", "split_version", "onnx_uri"} <= set(champion.tags)
 
@@ -103,7 +105,7 @@ def test_a_champion_scored_otherwise_is_rescored_on_this_test_set(coded, fitted,
                     params, track=False)
     _, decision = train_evaluate_register(env, "bad", constant_model(model, 1), cfg, coded, params)
     assert not decision.promoted and "re-evaluated" in decision.reason
-    assert decision.previous_champion_test_miou == pytest.approx(redo["miou"], abs=1e-9)
+    assert decision.previous_champion_score == pytest.approx(redo["miou"], abs=1e-9)
 
 
 def test_a_candidate_must_beat_the_champion_by_min_improvement(coded, fitted, env):
@@ -113,16 +115,47 @@ def test_a_candidate_must_beat_the_champion_by_min_improvement(coded, fitted, en
     good, _ = train_evaluate_register(env, "good", model, cfg, coded, params)
     # The champion's recorded score a little under the next candidate's: within the spread of
     # one recipe's runs, so the alias stays; then clearly under it, so the alias moves.
-    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.005))
+    client.set_model_version_tag(NAME, "1", "test_score", repr(good["miou"] - 0.005))
     _, close = train_evaluate_register(env, "close", model, cfg, coded, params)
     assert not close.promoted and close.version == "2", close.reason
     assert "does not beat" in close.reason and "min_improvement" in close.reason
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.02))
+    client.set_model_version_tag(NAME, "1", "test_score", repr(good["miou"] - 0.02))
     _, clear = train_evaluate_register(env, "clear", model, cfg, coded, params)
     assert clear.promoted and clear.version == "3", clear.reason
-    assert clear.previous_champion_test_miou == pytest.approx(good["miou"] - 0.02)
+    assert clear.previous_champion_score == pytest.approx(good["miou"] - 0.02)
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+
+
+def test_a_champion_scored_by_another_metric_is_not_compared(coded, fitted, env):
+    """A champion of another task (its score another metric) under the same model name: the
+    scores are not comparable, so the candidate is registered without the alias, and the
+    decision says why, naming both metrics."""
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    params = write_params(env / "params.yaml")
+    train_evaluate_register(env, "good", model, cfg, coded, params)
+    client.set_model_version_tag(NAME, "1", "score_metric", "fg_dice")
+    client.set_model_version_tag(NAME, "1", "test_score", "0.01")     # far below: still not compared
+    _, decision = train_evaluate_register(env, "other", model, cfg, coded, params)
+    assert not decision.promoted and decision.previous_champion == "1", decision.reason
+    assert "fg_dice" in decision.reason and "miou" in decision.reason and "model_name" in decision.reason
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+def test_a_version_registered_before_scores_named_their_metric_reads_as_miou(coded, fitted, env):
+    """Versions registered before the score tags named their metric hold ``test_miou`` only."""
+    model, cfg = fitted
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    params = write_params(env / "params.yaml")
+    good, _ = train_evaluate_register(env, "old", model, cfg, coded, params)
+    key = good["eval_key"]
+    for tag in ("test_score", "score_metric", "task", f"score.{key}"):
+        client.delete_model_version_tag(NAME, "1", tag)
+    client.set_model_version_tag(NAME, "1", "test_miou", repr(good["miou"] - 0.02))
+    _, decision = train_evaluate_register(env, "new", model, cfg, coded, params)
+    assert decision.promoted and decision.previous_champion == "1", decision.reason
+    assert decision.previous_champion_score == pytest.approx(good["miou"] - 0.02)
 
 
 def test_a_rescore_is_recorded_on_the_champion_and_reused(coded, fitted, env, monkeypatch):
@@ -137,12 +170,12 @@ def test_a_rescore_is_recorded_on_the_champion_and_reused(coded, fitted, env, mo
     assert len(calls) == 1 and "re-evaluated" in first.reason
     champion = client.get_model_version_by_alias(NAME, "champion")
     key = client.get_model_version(NAME, first.version).tags["eval_key"]
-    assert float(champion.tags[f"score.{key}"]) == first.previous_champion_test_miou
+    assert float(champion.tags[f"score.{key}"]) == first.previous_champion_score
     # The next register on this test set with these settings reuses the recorded re-score.
     _, second = train_evaluate_register(env, "bad2", constant_model(model, 2), cfg, coded, params)
     assert len(calls) == 1, "the champion was evaluated again"
     assert not second.promoted and "its recorded" in second.reason
-    assert second.previous_champion_test_miou == first.previous_champion_test_miou
+    assert second.previous_champion_score == first.previous_champion_score
 
 
 def test_a_champion_that_cannot_be_rescored_gives_a_decision_not_a_traceback(coded, fitted, env):
@@ -228,7 +261,7 @@ def test_the_champion_reproduces_its_recorded_score_in_a_fresh_process(coded, fi
     metrics, decision = train_evaluate_register(env, "good", model, cfg, coded, params)
     assert decision.promoted
     recorded = float(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
-        NAME, "champion").tags["test_miou"])
+        NAME, "champion").tags["test_score"])
     assert recorded == metrics["miou"]
     out = subprocess.run([sys.executable, "-c", REPRODUCE, NAME, str(coded)], capture_output=True, text=True,
                          env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)

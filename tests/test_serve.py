@@ -78,7 +78,7 @@ def server(fitted, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        assert registered_model(tmp / "model", model, cfg, NAME, test_miou=0.87) == "1"
+        assert registered_model(tmp / "model", model, cfg, NAME, test_score=0.87) == "1"
     finally:
         os.chdir(cwd)
         if old is None:
@@ -138,8 +138,8 @@ def test_health_and_metadata(server):
     assert status == 200
     model = meta["model"]
     assert (model["name"], model["version"], model["alias"]) == (NAME, "1", "champion")
-    assert model["evaluation"] == {"test_miou": pytest.approx(0.87), "eval_key": "0123456789ab",
-                                   "split_version": None}
+    assert model["evaluation"] == {"score_metric": "miou", "test_score": pytest.approx(0.87),
+                                   "eval_key": "0123456789ab", "split_version": None}
     assert meta["classes"] == CLASSES and len(meta["palette"]) == 3
     assert meta["normalization"]["mean"] == pytest.approx(list(server.model.meta.mean))
     assert meta["limits"] == {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from pipeline.config.params import default_params
 from tests.factories import make_colour_coded_dataset
@@ -59,4 +60,8 @@ def test_a_task_defined_in_tests_runs_through_prepare_train_evaluate_register(tm
     assert report["fg_dice"] == pytest.approx(foreground_dice(counts))
     assert json.loads((work / "metrics/evaluate.json").read_text())["fg_dice"] == report["fg_dice"]
     decision = json.loads((work / "models/registry.json").read_text())
-    assert decision["promoted"] and decision["test_miou"] == report["fg_dice"] != report["miou"]
+    assert decision["promoted"] and decision["test_score"] == report["fg_dice"] != report["miou"]
+    assert decision["score_metric"] == "fg_dice"
+    tags = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("foreground", "champion").tags
+    assert (tags["task"], tags["score_metric"]) == (NAME, "fg_dice")
+    assert float(tags["test_score"]) == report["fg_dice"]

@@ -8,6 +8,7 @@ from dashboards import data, ui
 
 src = ui.sources()
 champ = ui.champion(src)
+task = ui.task(src)
 st.title("Champion")
 if champ is None:
     st.info(f"No version of `{src.model_name}` holds the champion alias in `{src.tracking_uri}` yet. "
@@ -15,24 +16,24 @@ if champ is None:
     st.stop()
 
 st.subheader(f"{champ.name} · version {champ.version} · @{champ.alias}")
-# The version's recorded evaluation: the score the registry gate compared, and the other
-# scores of the same record (not whichever evaluation of the run came last).
+# The version's recorded evaluation: the score the registry gate compared, and the task's
+# other headline scores of the same record (not whichever evaluation of the run came last).
 evaluation = champ.evaluation or {}
-scores = {"test mIoU": evaluation.get("test_miou")} | {
-    label: evaluation.get("metrics", {}).get(key)
-    for label, key in (("pixel accuracy", "pixel_accuracy"), ("mean Dice", "mean_dice"),
-                       ("boundary mIoU", "boundary_miou"))}
-for col, (label, value) in zip(st.columns(4), scores.items(), strict=True):
+metric = evaluation.get("score_metric", task.primary_metric)
+scores = {f"test {data.score_label(task, metric)}": evaluation.get("test_score")} | {
+    data.score_label(task, key): evaluation.get("metrics", {}).get(key)
+    for key in task.headline_keys() if key != metric}
+for col, (label, value) in zip(st.columns(len(scores)), scores.items(), strict=True):
     col.metric(label, "—" if value is None else f"{value:.3f}")
 if champ.evaluation is None:
-    st.caption("This version has no recorded evaluation (tags `test_miou`, `eval_key`): register it with "
+    st.caption("This version has no recorded evaluation (tags `test_score`, `eval_key`): register it with "
                "the pipeline's register stage.")
 else:
     st.caption(f"evaluation `{champ.eval_key}` ({data.settings_label(evaluation.get('settings') or {})}) · "
                f"test set `{evaluation.get('split_version') or '?'}`")
-st.caption(f"run `{champ.run_id}` · data `{champ.tags.get('data_version', '?')}` · commit "
-           f"`{champ.tags.get('git_commit', '?')[:12]}` · best validation mIoU "
-           f"{champ.run_metrics.get('best_val_miou', float('nan')):.3f}")
+st.caption(f"task `{task.name}` · run `{champ.run_id}` · data `{champ.tags.get('data_version', '?')}` · "
+           f"commit `{champ.tags.get('git_commit', '?')[:12]}` · best validation {task.primary_label} "
+           f"{champ.run_metrics.get(f'best_val_{task.primary_metric}', float('nan')):.3f}")
 
 card = data.card(src)
 left, right = st.columns([2, 3])

@@ -9,10 +9,10 @@ st.title("Per-class IoU")
 run_id, eval_key = ui.pick_record(src, key="per-class-run")
 metrics = ui.scores(src, run_id, eval_key)
 table = data.class_table(metrics, ui.class_colours(src, run_id, eval_key))
-c1, c2, c3 = st.columns(3)
-c1.metric("mIoU", f"{metrics['miou']:.3f}")
-c2.metric("mean Dice", f"{metrics['mean_dice']:.3f}")
-c3.metric("pixel accuracy", f"{metrics['pixel_accuracy']:.3f}")
+task = ui.task(src)
+cards = [k for k in task.headline_keys() if isinstance(metrics.get(k), float)][:4]
+for col, key in zip(st.columns(max(1, len(cards))), cards, strict=False):
+    col.metric(data.score_label(task, key), f"{metrics[key]:.3f}")
 st.plotly_chart(ui.iou_bars(table), key="iou-bars")
 st.caption("Click a column header to sort. Empty cells: the class is absent from both truth and "
            "prediction on this split, so it has no score and is left out of the means.")

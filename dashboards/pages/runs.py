@@ -7,6 +7,7 @@ import streamlit as st
 from dashboards import data, ui
 
 src = ui.sources()
+task = ui.task(src)
 st.title("Runs")
 table = ui.runs(src)
 if table.empty:
@@ -15,14 +16,20 @@ labels = ui.versions(src)
 names = [r.get("tags.mlflow.runName") or r["run_id"][:8] for _, r in table.iterrows()]
 table = table.assign(label=[f"{n} {labels.get(i, '')}".strip()
                             for n, i in zip(names, table["run_id"], strict=True)])
-# A run's score is its registered version's recorded one; each evaluation is a record of its own.
+# A run's score is its registered version's recorded one (of the shown task's metric: another
+# task's score is another column); each evaluation is a record of its own.
 counts = ui.evaluations(src)["run_id"].value_counts()
 scores = ui.registered_scores(src)
-table = table.assign(**{"registered test mIoU": [scores.get(i) for i in table["run_id"]],
-                        "evaluations": [int(counts.get(i, 0)) for i in table["run_id"]]})
-columns = ["label", "status", "start_time", "registered test mIoU", "evaluations"] + [c for c in (
-    "metrics.best_val_miou", "params.model.arch", "params.model.encoder_name", "params.train.epochs",
-    "params.train.lr", "params.loss.terms") if c in table]
+metrics = sorted({m for m, _ in scores.values()} | {task.primary_metric},
+                 key=lambda m: m != task.primary_metric)           # the shown task's first
+registered = {f"registered test {data.score_label(task, m)}": [
+    score[1] if (score := scores.get(i)) and score[0] == m else None for i in table["run_id"]]
+    for m in metrics}
+table = table.assign(**registered, evaluations=[int(counts.get(i, 0)) for i in table["run_id"]])
+columns = ["label", "status", "start_time", *registered, "evaluations"] + [c for c in (
+    f"metrics.best_val_{task.primary_metric}", "params.prepare.task", "params.model.family",
+    "params.model.arch", "params.model.encoder_name", "params.train.epochs", "params.train.lr",
+    "params.loss.terms") if c in table]
 st.dataframe(table[columns], hide_index=True, key="runs-table")
 
 chosen = st.multiselect("Compare runs", list(table["run_id"]), default=list(table["run_id"][:2]),
@@ -44,7 +51,7 @@ if not ious.empty:
     fig = px.bar(ious, x="class", y="IoU", color="run", barmode="group", title=f"Per-class IoU ({source})")
     fig.update_layout(yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key="compare-iou")
-history = ui.curves(src, tuple(chosen))
+history = ui.curves(src, tuple(chosen), data.curve_keys(task))
 if not history.empty:
     history["run"] = history["run_id"].map(names)
     fig = px.line(history, x="step", y="value", color="run", facet_col="metric", facet_col_wrap=2,

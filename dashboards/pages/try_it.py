@@ -9,6 +9,29 @@ import streamlit as st
 
 from dashboards import data, ui
 from pipeline.serving.client import ServerError, Unreachable, content_type, get_json, post_image
+from pipeline.tasks.base import JSON
+
+
+def formats(meta: dict | None) -> tuple[str | None, str | None]:
+    """The server's answer formats (its model's task's, from /metadata) this page shows: a
+    picture (the overlay where offered) and JSON; None where the server offers none."""
+    answers = (meta or {}).get("answers", {})
+    pictures = [f for f, media in answers.items() if media.startswith("image/")]
+    picture = "overlay" if "overlay" in pictures else next(iter(pictures), None)
+    return picture, next((f for f, media in answers.items() if media == JSON), None)
+
+
+def area_chart(classes: list[dict]) -> go.Figure:
+    areas = pd.DataFrame([{"class": c["name"], "share": c["fraction"], "pixels": c["pixels"],
+                           "colour": data.rgb_hex(c["color"])} for c in classes])
+    areas = areas[areas["pixels"] > 0].sort_values("share")
+    fig = go.Figure(go.Bar(x=areas["share"].tolist(), y=areas["class"].tolist(), orientation="h",
+                           marker_color=areas["colour"].tolist(), customdata=areas["pixels"].tolist(),
+                           hovertemplate="%{y}: %{x:.1%} (%{customdata:,} px)<extra></extra>"))
+    fig.update_layout(title="Area per class", xaxis_tickformat=".0%", height=360,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
 
 src = ui.sources()
 st.title("Try it")
@@ -44,23 +67,24 @@ else:
         payload, name = path.read_bytes(), path.name
 
 if payload is not None and st.button("Segment", type="primary", key="segment"):
+    picture_format, json_format = formats(meta)
     try:
-        overlay = post_image(url, payload, content_type(Path(name)), "overlay")
-        summary = post_image(url, payload, content_type(Path(name)), "json")
+        if meta is None:
+            get_json(url, "/metadata")              # says why the server does not answer
+        picture = picture_format and post_image(url, payload, content_type(Path(name)), picture_format)
+        summary = json_format and post_image(url, payload, content_type(Path(name)), json_format)
     except Unreachable as exc:
         st.error(f"The model server does not answer: {exc}")
     except ServerError as exc:
         st.error(f"The server refused {name}: {exc.message}")
     else:
-        answer = json.loads(summary.body)
+        answer = json.loads(summary.body) if summary else {}
         left, right = st.columns([3, 2])
-        left.image(overlay.body, caption=f"{name} · {answer['width']}x{answer['height']}", width="stretch")
-        areas = pd.DataFrame([{"class": c["name"], "share": c["fraction"], "pixels": c["pixels"],
-                               "colour": data.rgb_hex(c["color"])} for c in answer["classes"]])
-        areas = areas[areas["pixels"] > 0].sort_values("share")
-        fig = go.Figure(go.Bar(x=areas["share"].tolist(), y=areas["class"].tolist(), orientation="h",
-                               marker_color=areas["colour"].tolist(), customdata=areas["pixels"].tolist(),
-                               hovertemplate="%{y}: %{x:.1%} (%{customdata:,} px)<extra></extra>"))
-        fig.update_layout(title="Area per class", xaxis_tickformat=".0%", height=360,
-                          margin=dict(l=10, r=10, t=40, b=10))
-        right.plotly_chart(fig, key="areas")
+        if picture:
+            size = f" · {answer['width']}x{answer['height']}" if "width" in answer else ""
+            left.image(picture.body, caption=f"{name}{size}", width="stretch")
+        classes = answer.get("classes")
+        if classes and all({"name", "fraction", "pixels", "color"} <= c.keys() for c in classes):
+            right.plotly_chart(area_chart(answer["classes"]), key="areas")      # a class-area answer
+        elif answer:
+            right.json(answer, expanded=1)

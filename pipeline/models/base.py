@@ -16,6 +16,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
+UNRECORDED_TASK = "semantic"    # the task of saved models and prepared data from before tasks were recorded
 
 PAD_REFLECT = "reflect"
 PAD_REPLICATE = "replicate"
@@ -54,7 +55,7 @@ class ModelMeta:
     std: tuple[float, ...] | None = None
     ignore_index: int = IGNORE_INDEX
     inference: InferenceSettings | None = None   # what its recorded score used; None: not recorded
-    task: str = "semantic"      # its pipeline.tasks name (saved models from before tasks: semantic)
+    task: str = UNRECORDED_TASK     # its pipeline.tasks name
 
     def __post_init__(self) -> None:
         if isinstance(self.inference, dict):

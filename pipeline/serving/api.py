@@ -30,9 +30,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.data.images import media_type
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import JSON, Task
 
-JSON = "application/json"
 QUERY_KEYS = ("format", "alpha")
 IMAGE_FIELD = "image"
 MULTIPART = "multipart/form-data"
@@ -54,7 +53,7 @@ class Reply:
 
 
 def json_reply(payload: Any, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(payload, allow_nan=False).encode(), "application/json")
+    return Reply(status, json.dumps(payload, allow_nan=False).encode(), JSON)
 
 
 def error_reply(status: int, message: str) -> Reply:

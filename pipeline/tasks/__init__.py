@@ -13,12 +13,12 @@ from functools import cache
 from pathlib import Path
 
 from pipeline.config import paths
+from pipeline.models.base import UNRECORDED_TASK
 from pipeline.tasks.base import Task
 from pipeline.tasks.semantic import SemanticTask
 from pipeline.utils.io import read_json
 
-BUILTIN: dict[str, type[Task]] = {"semantic": SemanticTask}
-DEFAULT = "semantic"     # prepared data and models from before tasks were recorded
+BUILTIN: dict[str, type[Task]] = {SemanticTask.name: SemanticTask}
 
 
 class TaskError(ValueError):
@@ -45,10 +45,17 @@ def get_task(name: str) -> Task:
 
 def task_of_data(data: Path) -> tuple[str, Task]:
     """The task (its recorded name, the object) the prepared dataset ``data`` was made for."""
-    name = read_json(Path(data) / paths.CARD_JSON).get("task", DEFAULT)
+    name = read_json(Path(data) / paths.CARD_JSON).get("task", UNRECORDED_TASK)
     return name, get_task(name)
 
 
 def task_of_model(model) -> Task:
     """The task of a ``SegmentationModel`` (its ``meta.task``)."""
     return get_task(model.meta.task)
+
+
+def task_of_model_dir(folder: Path) -> Task:
+    """The task of the saved model in ``folder`` (``pipeline.artifacts.model_dir``), unloaded."""
+    from pipeline.artifacts.model_dir import read_config
+
+    return get_task(read_config(folder)["meta"].get("task", UNRECORDED_TASK))

@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+JSON = "application/json"     # the media type of a JSON answer (``Task.answer``)
+
 
 class EvaluateError(RuntimeError):
     """A model and dataset that cannot be evaluated together."""
@@ -39,13 +41,20 @@ class Task(ABC):
     """One segmentation task: its targets, batches, loss contract, metrics and outputs.
 
     ``primary_metric``: the key of ``epoch_metrics`` (after ``val_``) and of the evaluation
-    report that picks the best epoch, names the registry score (``test_<primary_metric>``)
-    and gates a new champion; higher is better. ``primary_label``: how people read it.
+    report that picks the best epoch, is the registry's score (tags ``test_score`` and
+    ``score_metric``) and gates a new champion; higher is better. ``primary_label``: how
+    people read it. ``labels``: the report's headline keys as people read them, primary
+    first (the dashboard's score cards). ``per_class_keys``: the report's per-class scores
+    (``report["per_class"][name][key]``) recorded in MLflow. ``views``: the dashboard's
+    evaluation pages that this task's outputs feed (``dashboards.app``).
     """
 
     name: ClassVar[str]
     primary_metric: ClassVar[str]
     primary_label: ClassVar[str]
+    labels: ClassVar[dict[str, str]]
+    per_class_keys: ClassVar[tuple[str, ...]] = ()
+    views: ClassVar[tuple[str, ...]] = ()
 
     # --- data: prepared rows -> batches ------------------------------------------------------
     @abstractmethod
@@ -88,9 +97,9 @@ class Task(ABC):
     def report(self, evaluation: Any) -> dict[str, Any]:
         """The scores of ``evaluate_split``'s result, JSON-ready, with ``primary_metric`` among them."""
 
-    @abstractmethod
     def headline_keys(self) -> tuple[str, ...]:
         """The report's keys that go to the DVC metrics file and MLflow (short: one table row)."""
+        return tuple(self.labels)
 
     @abstractmethod
     def write_outputs(self, evaluation: Any, data: Path, cfg: Any, out: Path, full: dict[str, Any]) -> None:
@@ -109,5 +118,4 @@ class Task(ABC):
 
     @abstractmethod
     def answer(self, fmt: str, alpha: float, image: Any, prediction: Any, meta: Any) -> tuple[Any, str]:
-        """One prediction in format ``fmt``: (bytes, media type), or (a JSON-ready dict,
-        ``application/json``)."""
+        """One prediction in format ``fmt``: (bytes, media type), or (a JSON-ready dict, ``JSON``)."""

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.artifacts import records
 from pipeline.data import augment
 from pipeline.losses import terms
 from pipeline.metrics.confusion import ConfusionMatrix
@@ -29,6 +28,10 @@ class SemanticTask(Task):
     name = "semantic"
     primary_metric = "miou"
     primary_label = "mIoU"
+    labels = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy", "mean_dice": "mean Dice",
+              "fw_iou": "frequency-weighted IoU", "boundary_miou": "boundary mIoU"}
+    per_class_keys = ("iou", "dice", "boundary_iou")
+    views = ("per_class", "confusion", "overlays")
 
     def train_transform(self, crop, scale, jitter, ignore_index):
         return augment.train_transform(crop, scale, jitter, ignore_index)
@@ -65,9 +68,6 @@ class SemanticTask(Task):
 
     def report(self, evaluation: semantic_eval.Evaluation) -> dict[str, Any]:
         return semantic_eval.report(evaluation)
-
-    def headline_keys(self) -> tuple[str, ...]:
-        return records.HEADLINE
 
     def write_outputs(self, evaluation, data: Path, cfg, out: Path, full: dict[str, Any]) -> None:
         semantic_eval.write_outputs(evaluation, data, cfg, out, full)

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.tasks.base import JSON
 from pipeline.viz import overlays
 
-JSON = "application/json"
 ANSWERS = {"png": "image/png", "json": JSON, "overlay": "image/jpeg"}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.artifacts import records
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams
 from pipeline.data import shards
@@ -33,7 +34,6 @@ from pipeline.viz import overlays
 
 INDEX_FILE = "index.json"
 COUNTS_FILE = "confusion.json"
-REPORT_FILE = "evaluate.json"
 PER_CLASS_PLOT = "per_class.json"
 CONFUSION_PLOT = "confusion.json"
 VIEWS = {"image": ("images", ".jpg"), "truth": ("truth", ".png"), "prediction": ("predictions", ".png"),
@@ -172,7 +172,7 @@ def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, fu
                                               "columns": "prediction", "counts": ev.confusion.tolist()})
     header = {k: full[k] for k in ("split", "split_version", "eval_key", "settings", "mlflow_run_id",
                                    "data_version")}
-    write_json_atomic(staging / REPORT_FILE, full)
+    write_json_atomic(staging / records.REPORT_FILE, full)
     write_json_atomic(staging / INDEX_FILE, header | {
         "classes": [{"index": c, "name": n, "color": list(rgb)}
                     for c, (n, rgb) in enumerate(zip(ev.class_names, ev.palette, strict=True))],

@@ -98,11 +98,12 @@ def test_service_answers_in_process(fitted):
 def test_resolve_model(fitted, env):
     model, cfg = fitted
     uri = f"sqlite:///{env / 'mlflow.db'}"
-    assert registered_model(env / "m1", model, cfg, "net", test_miou=0.5) == "1"
-    assert registered_model(env / "m2", model, cfg, "net", alias="challenger", test_miou=0.6) == "2"
+    assert registered_model(env / "m1", model, cfg, "net", test_score=0.5) == "1"
+    assert registered_model(env / "m2", model, cfg, "net", alias="challenger", test_score=0.6) == "2"
     champion = resolve_model("champion", "net", uri)
     assert (champion.uri, champion.version, champion.alias) == ("models:/net/1", "1", "champion")
-    assert champion.evaluation == {"test_miou": 0.5, "eval_key": "0123456789ab", "split_version": None}
+    assert champion.evaluation == {"score_metric": "miou", "test_score": 0.5, "eval_key": "0123456789ab",
+                                    "split_version": None}
     assert resolve_model("2", "net", uri).uri == "models:/net/2"
     assert resolve_model("models:/net@challenger", "other", uri).version == "2"
     assert resolve_model("models:/net/1", "other", uri).version == "1"
@@ -166,7 +167,7 @@ def test_metadata_shows_the_versions_recorded_score_after_a_later_evaluation(cod
     serve = parse_section(ServeParams, yaml.safe_load(params.read_text())["serve"] | {"threads": 1})
     shown = Service(model, ref, serve).metadata()["model"]["evaluation"]
     assert shown["eval_key"] == first["eval_key"]
-    assert shown["test_miou"] == pytest.approx(first["miou"], abs=1e-6)
+    assert (shown["score_metric"], shown["test_score"]) == ("miou", pytest.approx(first["miou"], abs=1e-6))
     assert shown["metrics"]["miou"] == pytest.approx(first["miou"])
     assert shown["metrics"]["mean_dice"] == pytest.approx(first["mean_dice"])
     assert shown["settings"]["flip_tta"] is True and shown["split_version"] == first["split_version"]

@@ -31,6 +31,7 @@ class ForegroundTask(SemanticTask):
     name = NAME
     primary_metric = "fg_dice"
     primary_label = "foreground Dice"
+    labels = {"fg_dice": "foreground Dice", **SemanticTask.labels}
 
     def metric(self, num_classes, ignore_index, device):
         return ForegroundMetric(num_classes, ignore_index, device=device)
@@ -40,6 +41,3 @@ class ForegroundTask(SemanticTask):
 
     def report(self, evaluation):
         return super().report(evaluation) | {"fg_dice": foreground_dice(evaluation.confusion)}
-
-    def headline_keys(self):
-        return ("fg_dice", *super().headline_keys())
