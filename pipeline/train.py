@@ -62,10 +62,10 @@ def data_version(data: Path) -> str:
     return "raw-sha256:" + read_json(Path(data) / paths.CARD_JSON).get("raw_tree_sha256", "unknown")
 
 
-def run_name(sections: dict[str, dict], version: str) -> str:
-    """Equal params, data and training code give the same name, which is what lets a re-run
-    after a crash resume (``pipeline.engine.run_identity``)."""
-    return run_identity.run_name(sections, version)
+def run_name(sections: dict[str, dict], version: str, task: Task) -> str:
+    """Equal params, data and training code (a plug-in task's too) give the same name, which
+    is what lets a re-run after a crash resume (``pipeline.engine.run_identity``)."""
+    return run_identity.run_name(sections, version, task_code=run_identity.task_code_digest(task))
 
 
 def start_afresh_if_finished(run_dir: Path) -> bool:
@@ -192,7 +192,7 @@ def fit(
     config = worker_config(data, cfg, model_cfg, loss_cfg)
     sections = {"train": config["train"], "model": config["model"], "loss": config["loss"]}
     version = data_version(data)
-    name = run_name(sections, version)
+    name = run_name(sections, version, task_of_data(data)[1])
     storage = Path(storage).resolve()
     start_afresh_if_finished(storage / name)
     level = console.ray_log_level()
