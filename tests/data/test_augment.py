@@ -7,9 +7,14 @@ flip, crop or scale applied to one of them and not the other shows as wrong labe
 """
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.augment import collate, train_transform
@@ -99,3 +104,65 @@ def test_collate_pads_a_batch_of_unequal_sizes_with_ignore_in_the_mask():
     assert (y[0, H:, :] == IGNORE).all() and (y[0, :, W:] == IGNORE).all()
     assert (x[0, :, H:, :] == 0).all() and (x[0, :, :, W:] == 0).all()
     np.testing.assert_allclose(x[0, 0, :H, :W].numpy() * 255, small[0][..., 0], atol=1e-3)
+
+
+BACKGROUND_COLLATE = """
+import io, os, sys, threading
+import numpy as np
+import torch
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from pipeline.data.augment import collate
+
+def png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+torch.set_num_threads(2)
+rng = np.random.default_rng(0)
+rows = [(png(rng.integers(0, 256, (128, 160, 3), np.uint8)), png(np.ones((128, 160), np.uint8)))
+        for _ in range(4)]
+args = ([r[0] for r in rows], [r[1] for r in rows])
+norm = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "ignore_index": 255}
+torch.ones(1 << 20).mul_(2.0)   # the training thread's own OpenMP pool, as in a worker
+collate(*args, **norm)          # and anything collate starts once per process
+started = []
+
+def background():
+    before = len(os.listdir("/proc/self/task"))
+    collate(*args, **norm)
+    started.append(len(os.listdir("/proc/self/task")) - before)
+
+thread = threading.Thread(target=background)
+thread.start()
+thread.join()
+print(started[0])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_collate_in_a_background_thread_starts_no_torch_thread_pool():
+    """Ray Data runs collate in its own thread while the step trains: a torch op there
+    starts a second OpenMP pool, and libgomp, counting more pool threads than CPUs, makes
+    every barrier of the training step sleep instead of spin (see ``collate``). Run in a
+    fresh process so no other test's threads come or go meanwhile."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", BACKGROUND_COLLATE, str(root)], capture_output=True,
+                         text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0", "collate started threads in its calling thread"
+
+
+def test_collate_normalises_with_mean_and_std_and_pads_with_the_normalised_zero():
+    image = np.full((4, 6, 3), (51, 102, 255), np.uint8)
+    big = (np.zeros((5, 6, 3), np.uint8), np.zeros((5, 6), np.uint8))
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    x, _ = collate([png(image), png(big[0])], [png(np.zeros((4, 6), np.uint8)), png(big[1])],
+                   mean=mean, std=std, ignore_index=IGNORE)
+    assert x.dtype == torch.float32 and x.is_contiguous() and tuple(x.shape) == (2, 3, 5, 6)
+    want = (np.array([51, 102, 255]) / 255 - mean) / std
+    padding = -np.array(mean) / std
+    np.testing.assert_allclose(x[0, :, :4].numpy(), np.broadcast_to(want[:, None, None], (3, 4, 6)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(x[0, :, 4].numpy(), np.broadcast_to(padding[:, None], (3, 6)), rtol=1e-6)
