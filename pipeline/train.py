@@ -148,8 +148,17 @@ def scaling(cfg: TrainParams):
 LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",    # no PreemptionWatcher actor
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",   # log monitor lists the log folder every 0.5 s, not 0.1 s
+    "RAY_USAGE_STATS_ENABLED": "0",                # no usage-stats reporting (nowhere to send it)
 }
-LOCAL_CLUSTER_SYSTEM_CONFIG = {"num_workers_soft_limit": 0}   # idle worker processes exit after 1 s
+LOCAL_CLUSTER_SYSTEM_CONFIG = {
+    "num_workers_soft_limit": 0,                   # idle worker processes exit after 1 s
+    # Less of the cluster's own periodic work competing with the training workers for the
+    # cores (README, "Training"): no Prometheus metrics export from every process, and task
+    # events (the dashboard's task table) flushed every 10 s rather than every second.
+    "enable_metrics_collection": False,
+    "task_events_report_interval_ms": 10_000,
+}
+_started_here = False    # whether init_ray started the local cluster (not joined one)
 
 
 def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
@@ -158,8 +167,10 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
     import ray
     from ray.data import DataContext
 
+    global _started_here
     process_env = console.ray_process_env(level)
     if not ray.is_initialized():
+        _started_here = False
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True, logging_level=level, runtime_env={"env_vars": process_env})
         else:
@@ -171,6 +182,7 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
             # controller-state query in a loop.
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                      logging_level=level, _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
+            _started_here = True
     # Ray Data configured this process's logger when it was imported, before the above.
     logging.getLogger("ray.data").setLevel(level)
     # Ray Data draws bars where its process has a terminal (this driver on one) and
@@ -216,6 +228,9 @@ def fit(
         config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
 
     init_ray(level)
+    if _started_here:
+        # The cluster's processes descend from this one: the workers lower them (engine.priority).
+        config["local_cluster_root"] = os.getpid()
     datasets = {
         split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
         .select_columns(["image", "mask"])

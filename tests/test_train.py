@@ -18,6 +18,7 @@ from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIte
 from pipeline import train as train_stage
 from pipeline.artifacts.model_dir import load_model
 from pipeline.config.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.engine import priority
 from pipeline.engine.ingest import ShardConfig
 from pipeline.inference.tensors import predict_mask
 from pipeline.tasks.semantic import VAL_IOU_PLOT
@@ -26,9 +27,13 @@ from tests.conftest import CLASSES, only_run, write_params
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """The local cluster as the train stage starts it (``init_ray``), shared by the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.shutdown()
+        train_stage.init_ray()
+        yield
+        ray.shutdown()
 
 
 def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local_ray):
@@ -53,6 +58,10 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert len(client.get_metric_history(run.info.run_id, "val_iou_car")) == 3
     assert client.get_metric_history(run.info.run_id, "workers")[-1].value == 2
     assert run.data.metrics["best_val_miou"] == pytest.approx(summary["best_val_miou"])
+
+    # The local cluster this process started runs its own processes at the lowest priority.
+    cluster = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
+    assert cluster and all(p.nice() == priority.BACKGROUND_NICE for p in cluster)
 
     # The logged model predicts on any size and knows its classes.
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])

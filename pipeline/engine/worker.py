@@ -8,6 +8,7 @@ driver opened.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -23,6 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.artifacts.model_dir import CONFIG_FILE
 from pipeline.config.params import LossParams, ModelParams, TrainParams
+from pipeline.engine import priority
 from pipeline.engine.loop import (
     all_reduce_stats,
     build_optimizer,
@@ -42,6 +44,8 @@ from pipeline.tasks import get_task
 from pipeline.tasks.base import Task
 from pipeline.utils import console
 from pipeline.utils.io import write_json_atomic
+
+log = logging.getLogger("pipeline.engine.worker")
 
 STATE_FILE = "state.pt"          # training state: model, optimiser, scheduler, scaler, epoch
 META_FILE = CONFIG_FILE          # the model's description, as in a saved model folder
@@ -83,6 +87,8 @@ def train_worker(config: dict[str, Any]) -> None:
         start_epoch, best = restore_training_state(state, model, optimizer, scheduler, scaler)
     model = ray.train.torch.prepare_model(model)
     plain = model.module if hasattr(model, "module") else model
+    if config.get("local_cluster_root"):
+        lower_cluster_background(config["local_cluster_root"], rank, world)
 
     norm = {"mean": config["mean"], "std": config["std"], "ignore_index": ignore}
     transform = task.train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, ignore)
@@ -155,6 +161,19 @@ class TrainCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, Any]:
         return self.task.collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
+
+
+def lower_cluster_background(root: int, rank: int, world: int) -> None:
+    """Rank 0 puts the local cluster's own processes (every descendant of the train
+    stage's process ``root`` but the training workers) at the lowest CPU priority
+    (``pipeline.engine.priority``)."""
+    workers = [os.getpid()]
+    if world > 1 and torch.distributed.is_initialized():
+        workers = [None] * world
+        torch.distributed.all_gather_object(workers, os.getpid())
+    if rank == 0:
+        lowered = priority.lower_background(root, keep=set(workers))
+        log.debug("%d processes of the local cluster now at nice %d", len(lowered), priority.BACKGROUND_NICE)
 
 
 def _rank_rows(dataset, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
