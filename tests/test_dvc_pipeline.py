@@ -112,7 +112,7 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
 
     out = dvc(repo, "repro", env=env)
-    assert "test: miou " in out                       # the evaluate stage's headline line
+    assert "test: mIoU " in out                       # the evaluate stage's headline line (task labels)
     decision = json.loads((repo / "models/registry.json").read_text())
     assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["onnx_uri"]
     assert json.loads((repo / "evaluation/index.json").read_text())["samples"]
