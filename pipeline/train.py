@@ -204,7 +204,8 @@ def fit(
     config = worker_config(data, cfg, model_cfg, loss_cfg)
     sections = {"train": config["train"], "model": config["model"], "loss": config["loss"]}
     version = data_version(data)
-    name = run_name(sections, version, task_of_data(data)[1])
+    task = task_of_data(data)[1]
+    name = run_name(sections, version, task)
     storage = Path(storage).resolve()
     start_afresh_if_finished(storage / name)
     level = console.ray_log_level()
@@ -233,7 +234,7 @@ def fit(
         config["local_cluster_root"] = os.getpid()
     datasets = {
         split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
-        .select_columns(["image", "mask"])
+        .select_columns(["image", task.target_column])
         for split in ("train", "val")
     }
     if cfg.materialize:

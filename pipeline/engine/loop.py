@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.config.params import TrainParams
 from pipeline.metrics.confusion import collective_device
-from pipeline.tasks.base import Metric
+from pipeline.tasks.base import Metric, Task
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -75,6 +75,7 @@ def train_one_epoch(
     cfg: TrainParams,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
+    task: Task | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` of (images (N,3,H,W) float, masks (N,H,W) int64).
 
@@ -82,7 +83,8 @@ def train_one_epoch(
     ``loss_images`` (those images), ``images``, ``steps``, ``skipped_steps`` and
     ``seconds``. Mixed precision (fp16 autocast) runs when a ``scaler`` is given. Images
     go to the model in ``memory_format(cfg.channels_last)``, the layout the model should
-    already be in.
+    already be in. ``task`` (default: semantic segmentation) moves the targets and takes
+    the step's loss (``Task.targets_to``, ``Task.training_loss``).
 
     A step whose loss or gradients are not finite changes no weight and the epoch goes
     on: ``GradScaler`` skips it (and lowers its scale), as it is meant to; without one
@@ -96,12 +98,13 @@ def train_one_epoch(
     use_amp = scaler is not None
     layout = memory_format(cfg.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
+    task = task or _default_task()
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True, memory_format=layout), task.targets_to(y, device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
+            loss = task.training_loss(model, x, y, loss_fn)
+        loss = loss.float()
         finite = bool(torch.isfinite(loss))
         # Backward even through a non-finite loss: under DDP every rank's backward joins
         # the gradient all-reduce (a rank that left it out would hang the others), and
@@ -168,25 +171,35 @@ def evaluate(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     channels_last: bool = False,
+    task: Task | None = None,
 ) -> tuple[Metric, float]:
     """``metric`` (a task's accumulator, e.g. a ``ConfusionMatrix``) updated with the model's
     outputs over all ``batches``, and the mean loss per image; when a default process group
     is initialised, over the batches of every rank (each rank must call it; a rank with no
     batches adds nothing). ``channels_last``: pass the images in NHWC, for a model converted
-    to it. The loss is 0.0 without a ``loss_fn``."""
+    to it. The loss is 0.0 without a ``loss_fn`` (or when the task's ``validation_step``
+    gives none). ``task`` (default: semantic segmentation) moves the targets and runs the
+    model (``Task.targets_to``, ``Task.validation_step``)."""
     model.eval()
+    task = task or _default_task()
     total_loss, images = 0.0, 0
     layout = memory_format(channels_last)
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
-        logits = model(x).float()
-        if loss_fn is not None:
-            total_loss += loss_fn(logits, y).item() * x.shape[0]
+        x, y = x.to(device, non_blocking=True, memory_format=layout), task.targets_to(y, device)
+        outputs, loss = task.validation_step(model, x, y, loss_fn)
+        if loss is not None:
+            total_loss += loss.item() * x.shape[0]
         images += x.shape[0]
-        metric.update(logits, y)
+        metric.update(outputs, y)
     metric.all_reduce()
     total_loss, images = _all_reduce_sums(total_loss, images)
     return metric, total_loss / max(1, images)
+
+
+def _default_task() -> Task:
+    from pipeline.tasks import get_task
+
+    return get_task("semantic")
 
 
 def _all_reduce_sums(*values: float) -> list[float]:

@@ -96,7 +96,8 @@ def train_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     # Validation rows are read once and kept encoded: re-reading a small split through
     # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
-    val_rows = _rank_rows(ray.train.get_dataset_shard("val"), cfg.val_batch_size, rank, world)
+    val_rows = _rank_rows(ray.train.get_dataset_shard("val"), task.target_column, cfg.val_batch_size,
+                          rank, world)
     client, run_id = _mlflow(config) if rank == 0 else (None, None)
     nodes = _count_nodes(world)
 
@@ -114,12 +115,12 @@ def train_worker(config: dict[str, Any]) -> None:
         )
         # Loss and images/s of the whole worker group, not of this rank alone.
         stats = all_reduce_stats(train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, device,
-                                                 scaler))
+                                                 scaler, task))
         start_val = time.perf_counter()
-        val_batches = (task.collate(images, masks, **norm) for images, masks in val_rows)
+        val_batches = (task.collate(images, targets, **norm) for images, targets in val_rows)
         # Reduced over all ranks inside: counts and the loss of the whole split.
         metric, val_loss = evaluate(plain, val_batches, task.metric(num_classes, ignore, device), device,
-                                    loss_fn, channels_last=cfg.channels_last)
+                                    loss_fn, channels_last=cfg.channels_last, task=task)
         val = task.epoch_metrics(metric.compute(), names)
         is_best = val[primary] > best
         best = max(best, val[primary])
@@ -153,14 +154,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 class TrainCollate(NumpyBatchCollateFn):
-    """Ray Data's last step for a training batch: {"image", "mask"} arrays of encoded rows
-    -> the task's (images (N, 3, H, W) float32 normalised, targets), augmented."""
+    """Ray Data's last step for a training batch: {"image", <the task's target column>} arrays
+    of encoded rows -> the task's (images (N, 3, H, W) float32 normalised, targets), augmented."""
 
     def __init__(self, task: Task, transform, norm: dict[str, Any]):
         self.task, self.transform, self.norm = task, transform, norm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, Any]:
-        return self.task.collate(batch["image"], batch["mask"], transform=self.transform, **self.norm)
+        return self.task.collate(batch["image"], batch[self.task.target_column], transform=self.transform,
+                                 **self.norm)
 
 
 def lower_cluster_background(root: int, rank: int, world: int) -> None:
@@ -176,16 +178,16 @@ def lower_cluster_background(root: int, rank: int, world: int) -> None:
         log.debug("%d processes of the local cluster now at nice %d", len(lowered), priority.BACKGROUND_NICE)
 
 
-def _rank_rows(dataset, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
+def _rank_rows(dataset, column: str, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
     """This rank's share of the whole validation split, every ``world``-th row, as
-    batches of (encoded images, encoded masks).
+    batches of (encoded images, targets: the rows' ``column``).
 
     Every worker reads the unsplit split but keeps only its own rows, so each row is
     evaluated exactly once and the summed confusion matrices cover the split exactly.
     """
     mine_images, mine_masks, index = [], [], 0
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
-        for image, mask in zip(batch["image"], batch["mask"], strict=True):
+        for image, mask in zip(batch["image"], batch[column], strict=True):
             if index % world == rank:
                 mine_images.append(image)
                 mine_masks.append(mask)

@@ -55,6 +55,7 @@ class Task(ABC):
     labels: ClassVar[dict[str, str]]
     per_class_keys: ClassVar[tuple[str, ...]] = ()
     views: ClassVar[tuple[str, ...]] = ()
+    target_column: ClassVar[str] = "mask"     # the prepared shards' column ``collate`` takes as targets
 
     # --- data: prepared rows -> batches ------------------------------------------------------
     @abstractmethod
@@ -68,6 +69,23 @@ class Task(ABC):
         """Encoded rows -> (normalised images (N, 3, H, W), targets as the loss and metric take them)."""
 
     # --- training: the model's output and loss contract -------------------------------------
+    def targets_to(self, targets: Any, device: torch.device) -> Any:
+        """``collate``'s targets on ``device``."""
+        return targets.to(device, non_blocking=True)
+
+    def training_loss(self, model: nn.Module, images: torch.Tensor, targets: Any, loss_fn: nn.Module) -> torch.Tensor:
+        """One training step's scalar loss. The engine calls it under autocast when mixed
+        precision is on; here the forward runs under it and the loss, in float32, outside."""
+        outputs = model(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return loss_fn(outputs.float(), targets)
+
+    def validation_step(self, model: nn.Module, images: torch.Tensor, targets: Any,
+                        loss_fn: nn.Module | None) -> tuple[Any, torch.Tensor | None]:
+        """(outputs for ``Metric.update``, the batch's mean loss or None) of a model in eval mode."""
+        outputs = model(images).float()
+        return outputs, None if loss_fn is None else loss_fn(outputs, targets)
+
     @abstractmethod
     def build_loss(self, loss_cfg: Any, num_classes: int, ignore_index: int,
                    class_weights: list[float] | None) -> nn.Module:
