@@ -100,8 +100,8 @@ class Segmenter:
             image, options = await asyncio.to_thread(
                 service.parse, body, request.headers.get("content-type"), request.query_params.multi_items(),
                 admitted)
-            mask = await self.predict_batch(image)
-            return await asyncio.to_thread(service.answer, image, mask, options)
+            prediction = await self.predict_batch(image)
+            return await asyncio.to_thread(service.answer, image, prediction, options)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict_batch(self, images: list) -> list:

@@ -14,6 +14,10 @@ multipart/form-data field ``image``; the query picks one of the model's task's a
 - ``format=overlay``: the image blended with the coloured mask, as JPEG (``alpha`` sets
   the mask's opacity).
 
+Beside ``format`` and ``alpha``, a task may take query parameters of its own
+(``Task.query_options``, e.g. instance segmentation's ``score_threshold`` and
+``max_instances``), checked here like the others and listed by ``/metadata``.
+
 Every refusal is an ``ApiError`` with a 4xx status and a message that says what was wrong
 and what is accepted; ``error_reply`` turns it into a JSON body ``{"error", "status"}``.
 """
@@ -21,7 +25,7 @@ and what is accepted; ``error_reply`` turns it into a JSON body ``{"error", "sta
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +35,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.data.images import media_type
 from pipeline.tasks.base import JSON, Task
+from pipeline.tasks.options import QueryOption
 
 QUERY_KEYS = ("format", "alpha")
 IMAGE_FIELD = "image"
@@ -62,18 +67,25 @@ def error_reply(status: int, message: str) -> Reply:
 
 @dataclass(frozen=True)
 class Options:
+    """What one /predict request asks for: ``task_options`` holds every one of the task's
+    ``query_options``, the query's value or the default."""
+
     format: str = "png"
     alpha: float = 0.5
+    task_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def parse_options(query: Iterable[tuple[str, str]], answers: dict[str, str],
-                  default_alpha: float = 0.5) -> Options:
+def parse_options(query: Iterable[tuple[str, str]], answers: dict[str, str], default_alpha: float = 0.5,
+                  task_options: Mapping[str, QueryOption] | None = None) -> Options:
     """The query string's (key, value) pairs -> ``Options``; unknown or repeated keys are errors.
-    ``answers``: the formats the model's task gives (the first is the default)."""
+    ``answers``: the formats the model's task gives (the first is the default);
+    ``task_options``: the task's own query parameters (``Task.query_options``)."""
+    task_options = task_options or {}
+    accepted = QUERY_KEYS + tuple(task_options)
     seen: dict[str, str] = {}
     for key, value in query:
-        if key not in QUERY_KEYS:
-            raise ApiError(400, f"unknown query parameter {key!r}; accepted: {', '.join(QUERY_KEYS)}")
+        if key not in accepted:
+            raise ApiError(400, f"unknown query parameter {key!r}; accepted: {', '.join(accepted)}")
         if key in seen:
             raise ApiError(400, f"query parameter {key!r} given more than once")
         seen[key] = value
@@ -88,7 +100,13 @@ def parse_options(query: Iterable[tuple[str, str]], answers: dict[str, str],
             alpha = float("nan")
         if not 0.0 <= alpha <= 1.0:
             raise ApiError(400, f"alpha={seen['alpha']!r} is not a number between 0 and 1")
-    return Options(answer, alpha)
+    values = {}
+    for name, spec in task_options.items():
+        try:
+            values[name] = spec.parse(name, seen[name]) if name in seen else spec.default
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+    return Options(answer, alpha, values)
 
 
 def check_length(content_length: str | None, max_bytes: int) -> None:
@@ -168,7 +186,7 @@ def multipart_parts(body: bytes, content_type: str) -> list[tuple[str, str | Non
 def render(options: Options, image: np.ndarray, prediction: Any, task: Task, meta,
            model: dict[str, Any]) -> Reply:
     """The answer to one prediction, in the format ``options`` asks for (the task's ``answer``)."""
-    body, media_type = task.answer(options.format, options.alpha, image, prediction, meta)
+    body, media_type = task.answer(options, image, prediction, meta)
     if media_type == JSON:
         return json_reply(body | {"model": model})
     return Reply(200, body, media_type)

@@ -3,7 +3,8 @@
 - ``resolve_model`` turns ``serve.model`` (an alias, a version number or a URI) into one
   concrete ``models:/name/version`` (or ``runs:/``) URI with its facts, in the driver, so
   that every replica loads the same version even if the alias moves meanwhile.
-- ``Service`` holds the loaded model and a ``Predictor``; ``predict`` takes a batch of
+- ``Service`` holds the loaded model and its task's predictor (``Task.predictor``: semantic's
+  ``Predictor``, instance's ``InstancePredictor``); ``predict`` takes a batch of
   decoded images of any sizes, ``handle_predict`` a whole request (bytes in, ``Reply`` out).
 - Memory: a request's decoded pixels count against the replica's ``PixelBudget``
   (``serve.max_replica_pixels``) from before decoding until its answer is rendered; an
@@ -28,7 +29,6 @@ import numpy as np
 from pipeline.artifacts import records
 from pipeline.config.params import ServeParams
 from pipeline.data.images import ImageError, ImageLimits, decode_image
-from pipeline.inference.predictor import Predictor
 from pipeline.models.base import InferenceSettings
 from pipeline.serving import api
 from pipeline.tasks import task_of_model
@@ -190,10 +190,10 @@ class Service:
         self.ref, self.cfg = ref, cfg
         self.limits = ImageLimits(max_bytes=cfg.max_body_bytes, max_pixels=cfg.max_pixels)
         self.budget = PixelBudget(cfg.max_replica_pixels)
-        # The model's own inference settings (its registered score's), unless serve sets one.
-        self.predictor = Predictor.for_model(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
-        self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
         self.task = task_of_model(self.model)
+        # The model's own inference settings (its registered score's), unless serve sets one.
+        self.predictor = self.task.predictor(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
+        self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
 
     @staticmethod
     def threads() -> int:
@@ -214,7 +214,7 @@ class Service:
               admitted: Admission) -> tuple[np.ndarray, api.Options]:
         """A /predict request -> (RGB image, options); its pixels are taken from the budget
         into ``admitted`` before decoding. Raises ``api.ApiError`` (``Busy`` when full)."""
-        options = api.parse_options(query, self.task.answers, self.cfg.overlay_alpha)
+        options = api.parse_options(query, self.task.answers, self.cfg.overlay_alpha, self.task.query_options)
         data, declared = api.image_bytes(body, content_type)
         try:
             return decode_image(data, declared, self.limits, admit=admitted.take), options
@@ -249,4 +249,5 @@ class Service:
             "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
                        "max_replica_pixels": cfg.max_replica_pixels},
             "answers": self.task.answers,
+            "query_options": {name: spec.describe() for name, spec in self.task.query_options.items()},
         }

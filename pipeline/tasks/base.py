@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from pipeline.tasks.options import QueryOption
+
 JSON = "application/json"     # the media type of a JSON answer (``Task.answer``)
 
 
@@ -129,11 +131,22 @@ class Task(ABC):
 
     # --- serving ----------------------------------------------------------------------------
     answers: ClassVar[dict[str, str]]     # /predict's formats -> media type; the first is the default
+    # /predict's query parameters of this task's answers beside format and alpha (name -> spec)
+    query_options: ClassVar[dict[str, QueryOption]] = {}
+
+    def predictor(self, model: nn.Module, **overrides: Any) -> Any:
+        """What ``predict`` predicts with: the model's recorded inference settings, each replaced
+        by an override that is not None (``Predictor.for_model``)."""
+        from pipeline.inference.predictor import Predictor
+
+        return Predictor.for_model(model, **overrides)
 
     @abstractmethod
     def predict(self, predictor: Any, images: list) -> list:
         """A batch of (H, W, 3) uint8 RGB images of any sizes -> one prediction each."""
 
     @abstractmethod
-    def answer(self, fmt: str, alpha: float, image: Any, prediction: Any, meta: Any) -> tuple[Any, str]:
-        """One prediction in format ``fmt``: (bytes, media type), or (a JSON-ready dict, ``JSON``)."""
+    def answer(self, options: Any, image: Any, prediction: Any, meta: Any) -> tuple[Any, str]:
+        """One prediction as ``options`` ask (``pipeline.serving.api.Options``: ``format``, ``alpha``,
+        ``task_options`` = this task's ``query_options`` parsed, defaults filled in):
+        (bytes, media type), or (a JSON-ready dict, ``JSON``)."""

@@ -81,5 +81,5 @@ class SemanticTask(Task):
     def predict(self, predictor, images):
         return predictor.masks(images)
 
-    def answer(self, fmt, alpha, image, prediction, meta):
-        return semantic_answers.answer(fmt, alpha, image, prediction, meta)
+    def answer(self, options, image, prediction, meta):
+        return semantic_answers.answer(options, image, prediction, meta)

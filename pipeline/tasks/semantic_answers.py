@@ -13,12 +13,12 @@ from pipeline.viz import overlays
 ANSWERS = {"png": "image/png", "json": JSON, "overlay": "image/jpeg"}
 
 
-def answer(fmt: str, alpha: float, image: np.ndarray, mask: np.ndarray, meta) -> tuple[Any, str]:
-    """(body, media type): PNG or JPEG bytes, or a JSON-ready dict."""
-    if fmt == "png":
+def answer(options, image: np.ndarray, mask: np.ndarray, meta) -> tuple[Any, str]:
+    """(body, media type) in ``options.format``: PNG or JPEG bytes, or a JSON-ready dict."""
+    if options.format == "png":
         return overlays.palette_png(mask, meta.palette, fast=True), ANSWERS["png"]
-    if fmt == "overlay":
-        blended = overlays.blend(image, overlays.colorize(mask, meta.palette), alpha)
+    if options.format == "overlay":
+        blended = overlays.blend(image, overlays.colorize(mask, meta.palette), options.alpha)
         return overlays.jpeg(blended), ANSWERS["overlay"]
     return mask_summary(mask, meta.class_names, meta.palette), JSON
 

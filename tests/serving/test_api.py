@@ -12,6 +12,7 @@ from pipeline.config.params import ServeParams
 from pipeline.inference.predictor import Predictor
 from pipeline.serving import api
 from pipeline.serving.service import ModelRef, Service, resolve_model
+from pipeline.tasks.options import INTEGER, NUMBER, QueryOption
 from pipeline.tasks.semantic_answers import ANSWERS, mask_summary
 from tests.conftest import CLASSES
 from tests.factories import registered_model, repo_params, tracked_model
@@ -28,6 +29,45 @@ def test_options():
         with pytest.raises(api.ApiError, match=words) as err:
             api.parse_options(query, ANSWERS)
         assert err.value.status == 400
+
+
+TASK_OPTIONS = {"score_threshold": QueryOption(NUMBER, 0.0, 1.0, 0.5),
+                "max_instances": QueryOption(INTEGER, 1, 1000)}
+
+
+def test_task_query_options_are_parsed_with_their_defaults():
+    assert api.parse_options([], ANSWERS, task_options=TASK_OPTIONS) == api.Options(
+        "png", 0.5, {"score_threshold": 0.5, "max_instances": None})
+    got = api.parse_options([("max_instances", "7"), ("score_threshold", "0.25")], ANSWERS,
+                            task_options=TASK_OPTIONS)
+    assert got.task_options == {"score_threshold": 0.25, "max_instances": 7}
+    assert isinstance(got.task_options["max_instances"], int)
+    assert api.parse_options([("max_instances", "1000")], ANSWERS, task_options=TASK_OPTIONS
+                             ).task_options["max_instances"] == 1000
+
+
+@pytest.mark.parametrize("query,words", [
+    ([("score_threshold", "1.5")], r"score_threshold='1.5' is not a number from 0 to 1"),
+    ([("score_threshold", "nan")], "score_threshold='nan' is not a number"),
+    ([("score_threshold", "high")], "score_threshold='high'"),
+    ([("max_instances", "0")], r"max_instances='0' is not an integer from 1 to 1000"),
+    ([("max_instances", "1001")], "max_instances='1001'"),
+    ([("max_instances", "2.5")], "max_instances='2.5' is not an integer"),
+    ([("max_instances", "1_0")], "max_instances='1_0'"),
+    ([("max_instances", "3"), ("max_instances", "3")], "'max_instances' given more than once"),
+    ([("top_k", "3")], "unknown query parameter 'top_k'; accepted: format, alpha, score_threshold, "
+                       "max_instances"),
+])
+def test_task_query_options_refused_with_400_naming_them(query, words):
+    with pytest.raises(api.ApiError, match=words) as err:
+        api.parse_options(query, ANSWERS, task_options=TASK_OPTIONS)
+    assert err.value.status == 400
+
+
+def test_a_task_without_query_options_refuses_instance_ones():
+    refused = "unknown query parameter 'score_threshold'; accepted: format, alpha$"
+    with pytest.raises(api.ApiError, match=refused):
+        api.parse_options([("score_threshold", "0.5")], ANSWERS)
 
 
 def test_declared_length_checked_before_reading():
@@ -93,6 +133,9 @@ def test_service_answers_in_process(fitted):
     meta = service.metadata()
     assert meta["classes"] == CLASSES and meta["model"]["uri"] == "models:/m/1"
     assert meta["task"] == "semantic" and meta["answers"] == ANSWERS     # the model's task answers
+    assert meta["query_options"] == {}                      # and takes no query options of its own
+    reply = service.handle_predict(buf.getvalue(), "image/png", [("max_instances", "3")])
+    assert reply.status == 400 and "max_instances" in json.loads(reply.body)["error"]
 
 
 def test_resolve_model(fitted, env):
