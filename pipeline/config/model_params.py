@@ -63,6 +63,41 @@ class SmpModelParams(ModelParams):
         return self
 
 
-ModelParams.variants = {"smp": SmpModelParams}
+TORCHVISION_ARCHS = ("maskrcnn_mobilenet_v2_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+
+
+class TorchvisionModelParams(ModelParams):
+    """``family: torchvision``: torchvision's Mask R-CNN for ``prepare.task: instance``
+    (``pipeline.models.torchvision``). ``maskrcnn_mobilenet_v2_fpn``: an FPN over a MobileNetV2
+    whose ImageNet weights come from ``$SEG_WEIGHTS_DIR``; the ResNet-50 variants train from
+    scratch (``encoder_weights: null``: no other ImageNet weights are verified here)."""
+
+    family: Literal["torchvision"] = Field(...)
+    arch: Literal[TORCHVISION_ARCHS] = Field(...)
+    encoder_weights: Literal["imagenet"] | None = Field(...)
+    in_channels: Literal[3] = Field(..., description="RGB")
+    classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json (background excluded)")
+    image_scale: float = Field(..., ge=0.25, le=4.0, description=(
+        "every image (training crops and whole images alike) is resized by this factor inside the "
+        "model: small objects such as nuclei need more than 1"))
+    trainable_layers: int = Field(..., ge=0, le=6, description="backbone stages trained, from the top")
+    kwargs: dict[str, Any] = Field(..., description="other torchvision MaskRCNN keyword arguments")
+
+    def without_pretrained_weights(self) -> Self:
+        return self.model_copy(update={"encoder_weights": None})
+
+    @model_validator(mode="after")
+    def _weights_available(self) -> TorchvisionModelParams:
+        if self.encoder_weights is not None and self.arch != "maskrcnn_mobilenet_v2_fpn":
+            raise ValueError(
+                f"encoder_weights: no verified ImageNet weights for {self.arch}'s ResNet-50 backbone; "
+                "set it to null (trained from scratch) or use arch maskrcnn_mobilenet_v2_fpn")
+        limit = 6 if self.arch == "maskrcnn_mobilenet_v2_fpn" else 5
+        if self.trainable_layers > limit:
+            raise ValueError(f"trainable_layers: at most {limit} for {self.arch}")
+        return self
+
+
+ModelParams.variants = {"smp": SmpModelParams, "torchvision": TorchvisionModelParams}
 _MODEL_SPEC = TypeAdapter(Annotated[Union[tuple(ModelParams.variants.values())],  # noqa: UP007
                                     Field(discriminator="family")])

@@ -63,15 +63,22 @@ def collate(
     for i, (image, mask) in enumerate(pairs):
         batch_img[i, : image.shape[0], : image.shape[1]] = image
         batch_mask[i, : mask.shape[0], : mask.shape[1]] = mask
-    # Normalised in NumPy, single-threaded, not with torch ops: Ray Data runs this in its
-    # collate thread while the training step runs, and a torch op there starts a second
-    # OpenMP thread pool in the process. libgomp then counts more pool threads than CPUs
-    # and stops spin-waiting at its barriers, so every parallel region of the training
-    # step waits for a futex wake-up: on the 2-core machine a worker of 2 threads trained
-    # about a tenth slower, its two threads switching out ~1,500 times a step instead of ~30.
+    return normalise(batch_img, mean, std), torch.from_numpy(batch_mask)
+
+
+def normalise(batch_img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, (x / 255 - mean) / std per channel.
+
+    Normalised in NumPy, single-threaded, not with torch ops: Ray Data runs this in its
+    collate thread while the training step runs, and a torch op there starts a second
+    OpenMP thread pool in the process. libgomp then counts more pool threads than CPUs
+    and stops spin-waiting at its barriers, so every parallel region of the training
+    step waits for a futex wake-up: on the 2-core machine a worker of 2 threads trained
+    about a tenth slower, its two threads switching out ~1,500 times a step instead of ~30.
+    """
     std = np.asarray(std, np.float32)
     scale, shift = 1.0 / (255.0 * std), -np.asarray(mean, np.float32) / std
     x = batch_img.astype(np.float32)
     x *= scale
     x += shift
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(batch_mask)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

@@ -40,7 +40,7 @@ from segmentation_models_pytorch.losses import (
 )
 from torch import Tensor, nn
 
-from pipeline.config.params import LOSS_NAMES, LossParams
+from pipeline.config.params import INSTANCE_LOSS_NAMES, LOSS_NAMES, LossParams
 
 
 class Term(nn.Module):
@@ -220,6 +220,9 @@ def build_term(name: str, cfg: LossParams, ignore_index: int, weight: Tensor | N
             return TopKCrossEntropy(ignore_index, cfg.topk_fraction)
         case "boundary":
             return BoundaryCrossEntropy(ignore_index, cfg.boundary_width)
+    if name in INSTANCE_LOSS_NAMES:
+        raise ValueError(f"loss.terms: {name!r} weighs a Mask R-CNN loss of the instance task; semantic "
+                         f"segmentation takes {', '.join(LOSS_NAMES)}")
     raise ValueError(f"unknown loss term {name!r} in loss.terms; known: {', '.join(LOSS_NAMES)}")
 
 

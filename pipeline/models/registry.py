@@ -9,7 +9,7 @@ A family is a record of three plain functions over its own params class (a membe
 - ``ensure_weights(cfg)``: before any worker starts, fetch or verify pretrained weights,
   raising ``WeightsUnavailableError`` with one line when they cannot be had.
 
-Later families (torchvision, classic architectures, MONAI) add a params class and a record.
+Later families (classic architectures, MONAI) add a params class and a record.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config.params import ModelParams
 from pipeline.models import smp
+from pipeline.models import torchvision as tv
 from pipeline.models.base import ModelMeta, SegmentationModel
 
 
@@ -34,6 +35,7 @@ class ModelFamily:
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f for f in (
         ModelFamily("smp", smp.build, smp.normalisation, smp.ensure_weights),
+        ModelFamily("torchvision", tv.build, tv.normalisation, tv.ensure_weights),
     )
 }
 

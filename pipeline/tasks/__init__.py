@@ -1,6 +1,6 @@
 """Segmentation tasks (``pipeline.tasks.base.Task``), found by name.
 
-``prepare.task`` names the task: a built-in name (``semantic``) or ``module:Class``, a task
+``prepare.task`` names the task: a built-in name (``semantic``, ``instance``) or ``module:Class``, a task
 defined anywhere on the Python path (a plug-in; ``tests/tasks`` holds one). ``prepare``
 records the name in the prepared card, training in the model's meta; ``task_of_data`` and
 ``task_of_model`` find it there.
@@ -15,10 +15,11 @@ from pathlib import Path
 from pipeline.config import paths
 from pipeline.models.base import UNRECORDED_TASK
 from pipeline.tasks.base import Task
+from pipeline.tasks.instance import InstanceTask
 from pipeline.tasks.semantic import SemanticTask
 from pipeline.utils.io import read_json
 
-BUILTIN: dict[str, type[Task]] = {SemanticTask.name: SemanticTask}
+BUILTIN: dict[str, type[Task]] = {SemanticTask.name: SemanticTask, InstanceTask.name: InstanceTask}
 
 
 class TaskError(ValueError):

@@ -1,0 +1,173 @@
+"""Instance segmentation: each object its own mask, class and score.
+
+Targets are the prepared rows' ``instances`` (``pipeline.data.shards``; batches by
+``pipeline.data.instance_batches``); the model (family ``torchvision``, Mask R-CNN) takes
+its losses itself, and ``loss.terms`` weighs them (``INSTANCE_LOSS_TERMS``); validation
+gathers every image's predicted ``Instances`` and scores the split with COCOeval: mask AP
+over IoU 0.50:0.95 is the primary score, with AP50, AP75, box AP and the DSB 2018 score.
+The evaluate stage's scores and pictures: ``pipeline.tasks.instance_eval``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.data import instance_batches
+from pipeline.metrics.instance import Instances, coco_ap, dsb_score, encode
+from pipeline.tasks.base import Task
+
+# loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
+INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
+                       "classifier": "loss_classifier", "box_reg": "loss_box_reg", "mask": "loss_mask"}
+MASK_THRESHOLD = 0.5      # a predicted mask's pixels: probability above this
+AP_PLOT = "val_ap.json"
+
+
+class MaskRCNNLoss(nn.Module):
+    """The weighted sum of a Mask R-CNN's loss dict (``loss.terms`` weights by our names)."""
+
+    def __init__(self, weights: dict[str, float]):
+        super().__init__()
+        self.weights = {INSTANCE_LOSS_TERMS[name]: float(w) for name, w in weights.items()}
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(w * losses[key].float() for key, w in self.weights.items())
+
+
+def predicted_instances(output: dict[str, torch.Tensor], height: int, width: int) -> Instances:
+    """One image's model output (eval mode) -> ``Instances`` of the image's (height, width):
+    masks above ``MASK_THRESHOLD`` cropped to the image (the batch may pad it), RLE-encoded."""
+    masks = (output["masks"][:, 0, :height, :width] > MASK_THRESHOLD).cpu().numpy()
+    return Instances(height, width, classes=output["labels"].tolist(),
+                     boxes=output["boxes"].cpu().tolist(), masks=encode(masks),
+                     scores=output["scores"].cpu().tolist())
+
+
+class InstanceMetric:
+    """Every validation image's truth and predicted ``Instances``; scored at the end."""
+
+    def __init__(self, class_names: Sequence[str]):
+        self.class_names = list(class_names)
+        self.truth: list[Instances] = []
+        self.predicted: list[Instances] = []
+
+    def update(self, outputs: list[dict], targets: list[dict]) -> None:
+        for output, target in zip(outputs, targets, strict=True):
+            truth = target["truth"]
+            self.truth.append(truth)
+            self.predicted.append(predicted_instances(output, truth.height, truth.width))
+
+    def all_reduce(self) -> InstanceMetric:
+        """Every rank's images on every rank (so each computes the same scores)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.truth, self.predicted))
+            self.truth = [t for truth, _ in gathered for t in truth]
+            self.predicted = [p for _, predicted in gathered for p in predicted]
+        return self
+
+    def compute(self) -> dict[str, Any]:
+        if not self.truth:
+            raise ValueError("no validation images were scored")
+        masks = coco_ap(self.truth, self.predicted, self.class_names, "segm")
+        boxes = coco_ap(self.truth, self.predicted, self.class_names, "bbox")
+        return {"mask": masks, "box": boxes, "dsb_score": dsb_score(self.truth, self.predicted),
+                "images": len(self.truth)}
+
+
+def _nan_for_none(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class InstanceTask(Task):
+    name = "instance"
+    primary_metric = "mask_ap"
+    primary_label = "mask AP"
+    labels = {"mask_ap": "mask AP", "mask_ap50": "mask AP50", "mask_ap75": "mask AP75",
+              "box_ap": "box AP", "dsb_score": "DSB score"}
+    per_class_keys = ("mask_ap", "box_ap")
+    views = ("ap_table", "overlays")
+    target_column = "instances"
+
+    def train_transform(self, crop, scale, jitter, ignore_index):
+        return instance_batches.train_transform(crop, scale, jitter)
+
+    def collate(self, images, targets, *, mean, std, ignore_index, transform=None):
+        return instance_batches.collate(images, targets, mean=mean, std=std, ignore_index=ignore_index,
+                                        transform=transform)
+
+    def targets_to(self, targets, device):
+        return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                for t in targets]
+
+    def training_loss(self, model, images, targets, loss_fn):
+        return loss_fn(model(images, targets))
+
+    def validation_step(self, model, images, targets, loss_fn):
+        return model(images), None     # Mask R-CNN takes no losses in eval mode
+
+    def build_loss(self, loss_cfg, num_classes, ignore_index, class_weights) -> nn.Module:
+        unknown = sorted(set(loss_cfg.terms) - set(INSTANCE_LOSS_TERMS))
+        if unknown:
+            raise ValueError(
+                f"loss.terms: {', '.join(unknown)} are semantic-segmentation losses; the instance task "
+                f"weighs Mask R-CNN's own losses: {', '.join(INSTANCE_LOSS_TERMS)} "
+                "(e.g. terms: {rpn_objectness: 1, rpn_box: 1, classifier: 1, box_reg: 1, mask: 1})")
+        missing = sorted(set(INSTANCE_LOSS_TERMS) - set(loss_cfg.terms))
+        if missing:
+            raise ValueError(f"loss.terms: the instance task needs a weight for each of Mask R-CNN's "
+                             f"losses; missing {', '.join(missing)}")
+        return MaskRCNNLoss(dict(loss_cfg.terms))
+
+    def metric(self, num_classes: int, ignore_index: int, device: torch.device) -> InstanceMetric:
+        return InstanceMetric(self.class_names_for(num_classes))
+
+    @staticmethod
+    def class_names_for(num_classes: int) -> list[str]:
+        # COCOeval needs the class ids only; the names come back in epoch_metrics.
+        return [str(c) for c in range(num_classes)]
+
+    def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+        mask, box = computed["mask"], computed["box"]
+        out = {"val_mask_ap": _nan_for_none(mask["ap"]), "val_mask_ap50": _nan_for_none(mask["ap50"]),
+               "val_mask_ap75": _nan_for_none(mask["ap75"]), "val_box_ap": _nan_for_none(box["ap"]),
+               "val_dsb_score": computed["dsb_score"]}
+        for name, ap in zip(class_names, mask["per_class"].values(), strict=True):
+            out[f"val_ap_{name}"] = _nan_for_none(ap)
+        return out
+
+    def training_summary(self, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+        headline = {
+            f"best_val_{self.primary_metric}": best[f"val_{self.primary_metric}"],
+            "best_epoch": int(best["epoch"]) + 1,
+            "val_mask_ap50": best["val_mask_ap50"], "val_dsb_score": best["val_dsb_score"],
+        }
+        per_class = [{"class": k.removeprefix("val_ap_"), "mask_ap": v}
+                     for k, v in best.items() if k.startswith("val_ap_")]
+        return headline, {AP_PLOT: per_class}
+
+    # --- evaluate and serve: pipeline.tasks.instance_eval / instance_answers ----------------
+    def evaluate_split(self, model, data, cfg, predictor):
+        raise NotImplementedError
+
+    def report(self, evaluation):
+        raise NotImplementedError
+
+    def write_outputs(self, evaluation, data, cfg, out, full):
+        raise NotImplementedError
+
+    def plots(self, evaluation, full):
+        raise NotImplementedError
+
+    answers = {"json": "application/json"}
+
+    def predict(self, predictor, images):
+        raise NotImplementedError
+
+    def answer(self, *args, **kwargs):
+        raise NotImplementedError
