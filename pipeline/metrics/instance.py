@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
 AREA_RANGES = ("all", "small", "medium", "large")
 SMALL, LARGE = 32 ** 2, 96 ** 2     # COCO's area bounds (pixels) of small and large objects
 MAX_DETECTIONS = 300      # per image: DSB images hold up to a few hundred nuclei
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)     # COCOeval's recall thresholds
 
 
 @dataclass
@@ -149,8 +151,9 @@ def coco_ap(truth: Sequence[Instances], predicted: Sequence[Instances], class_na
             iou_type: str = "segm", max_detections: int = MAX_DETECTIONS) -> dict[str, Any]:
     """COCO AP of ``predicted`` against ``truth`` (one ``Instances`` each per image, in the
     same order): ``ap`` (IoU 0.50:0.95), ``ap50``, ``ap75``, ``ap_small``, ``ap_medium``,
-    ``ap_large`` and ``per_class`` {name: AP}; ``iou_type`` "segm" (masks) or "bbox".
-    A figure with nothing to score (no truth of that size or class) is None."""
+    ``ap_large``, ``per_class`` {name: AP} and ``pr_curve`` (``precision_recall``); ``iou_type``
+    "segm" (masks) or "bbox". A figure with nothing to score (no truth of that size or class)
+    is None."""
     from pycocotools.cocoeval import COCOeval
 
     if len(truth) != len(predicted):
@@ -179,7 +182,28 @@ def coco_ap(truth: Sequence[Instances], predicted: Sequence[Instances], class_na
         "ap": mean(area["all"]), "ap50": mean(area["all"][at[0.5]]), "ap75": mean(area["all"][at[0.75]]),
         "ap_small": mean(area["small"]), "ap_medium": mean(area["medium"]), "ap_large": mean(area["large"]),
         "per_class": {class_names[c]: mean(area["all"][:, :, k]) for k, c in enumerate(class_ids)},
+        "pr_curve": precision_recall(area["all"], ev.params.recThrs, at),
     }
+
+
+def precision_recall(precision: np.ndarray, recall: np.ndarray, at: dict[float, int]) -> dict[str, list]:
+    """COCOeval's interpolated precision at its 101 recall points, averaged over the classes
+    with truth (all object sizes, at the detection cap): at IoU 0.50, 0.75 and averaged over
+    0.50:0.95. ``precision``: (IoU thresholds, recall points, classes). None where no class
+    has truth."""
+
+    def curve(p: np.ndarray) -> list[float | None]:
+        # p: (recall points, classes) or (IoU thresholds, recall points, classes)
+        valid = np.where(p > -1, p, np.nan)
+        if valid.ndim == 3:
+            valid = np.nanmean(valid, axis=0) if not np.isnan(valid).all() else valid[0]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(valid, axis=1)
+        return [None if np.isnan(v) else round(float(v), 6) for v in means]
+
+    return {"recall": [round(float(r), 2) for r in recall], "0.50": curve(precision[at[0.5]]),
+            "0.75": curve(precision[at[0.75]]), "0.50:0.95": curve(precision)}
 
 
 def _empty(truth: Sequence[Instances], class_names: Sequence[str]) -> dict[str, Any]:
@@ -195,6 +219,9 @@ def _empty(truth: Sequence[Instances], class_names: Sequence[str]) -> dict[str, 
     def zero(found: bool) -> float | None:
         return 0.0 if found else None
 
+    flat = [zero(bool(classes))] * len(RECALL_POINTS)
     return {"ap": zero(bool(classes)), "ap50": zero(bool(classes)), "ap75": zero(bool(classes)),
             **{f"ap_{size}": zero(size in sizes) for size in AREA_RANGES[1:]},
-            "per_class": {name: zero(c in classes) for c, name in enumerate(class_names)}}
+            "per_class": {name: zero(c in classes) for c, name in enumerate(class_names)},
+            "pr_curve": {"recall": [round(float(r), 2) for r in RECALL_POINTS], "0.50": flat, "0.75": flat,
+                         "0.50:0.95": flat}}

@@ -143,3 +143,17 @@ def test_no_predictions_score_zero_where_there_is_something_to_find():
     result = coco_ap(truth, [instances(np.zeros((0, H, W)))], ["a", "b"])
     assert result["ap"] == 0.0 and result["ap_small"] == 0.0 and result["ap_medium"] is None
     assert result["per_class"] == {"a": None, "b": 0.0}
+
+
+def test_precision_recall_curve():
+    """Two objects, one found (score 0.9) and one false positive (0.8): precision 1 up to
+    recall 0.5 and nothing beyond; a perfect split has precision 1 everywhere."""
+    truth = [instances([square(0, 0, 10), square(30, 30, 12)])]
+    found = instances([square(0, 0, 10), square(50, 60, 8)], scores=[0.9, 0.8])
+    curve = coco_ap(truth, [found], ["a"])["pr_curve"]
+    assert len(curve["recall"]) == 101 and curve["recall"][50] == 0.5
+    assert curve["0.50"][:51] == [1.0] * 51 and curve["0.50"][51:] == [0.0] * 50
+    perfect = coco_ap(truth, truth and [instances([square(0, 0, 10), square(30, 30, 12)], scores=[1, 1])], ["a"])
+    assert perfect["pr_curve"]["0.50:0.95"] == [1.0] * 101
+    empty = coco_ap(truth, [instances(np.zeros((0, H, W)))], ["a"])["pr_curve"]
+    assert empty["0.50"] == [0.0] * 101
