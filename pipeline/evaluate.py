@@ -42,7 +42,6 @@ from pipeline.artifacts.model_dir import load_model, read_config
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams, load_params
 from pipeline.data import shards
-from pipeline.inference.predictor import Predictor
 from pipeline.models.base import SegmentationModel
 from pipeline.tasks import task_of_data, task_of_model
 from pipeline.tasks.base import EvaluateError, Task
@@ -75,16 +74,18 @@ def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def predictor_for(model: SegmentationModel, cfg: EvaluateParams) -> Predictor:
-    return Predictor(model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
-                     tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap, scales=cfg.scales)
+def predictor_for(model: SegmentationModel, cfg: EvaluateParams, task: Task | None = None) -> Any:
+    """What the model's task predicts with (``Task.predictor``), with ``cfg``'s inference settings."""
+    task = task if task is not None else task_of_model(model)
+    return task.predictor(model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
+                          tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap, scales=cfg.scales)
 
 
 def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams,
                    task: Task | None = None) -> Any:
     """Predict every image of ``cfg.split`` and count, as the model's task does; nothing is written."""
     task = task if task is not None else task_of_model(model)
-    return task.evaluate_split(model, data, cfg, predictor_for(model, cfg))
+    return task.evaluate_split(model, data, cfg, predictor_for(model, cfg, task))
 
 
 def full_report(ev: Any, data: Path, cfg: EvaluateParams, run_id: str | None = None,

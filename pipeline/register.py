@@ -307,6 +307,9 @@ def register(model_dir: Path, metrics_path: Path, data: Path, out: Path,
         raise RegisterError(f"MLflow run {run_id} logged no model (no model_uri tag)")
     if metrics.get("mlflow_run_id") != run_id:
         raise RegisterError(f"{metrics_path} evaluated run {metrics.get('mlflow_run_id')}, not {run_id}")
+    if cfg.onnx and not task.onnx_export:
+        raise RegisterError(f"register.onnx: models of the {task.name} task have no checked ONNX export "
+                            "here; set register.onnx: false")
     if metrics.get("primary_metric") != task.primary_metric:
         raise RegisterError(f"{metrics_path}: primary_metric is {metrics.get('primary_metric')!r}, but the "
                             f"model's task {task.name} ranks by {task.primary_metric!r} (evaluate again)")

@@ -5,11 +5,12 @@ example's, so the model is logged as a ``PythonModel`` around a saved model fold
 (``pipeline.artifacts.model_dir``): weights, smp config, class names, palette and normalisation.
 
 ``predict`` takes one (H, W, 3) uint8 RGB array, an (N, H, W, 3) batch, or a list of
-arrays of different sizes, and returns a list of (H, W) uint8 class-index masks, predicted
-with the inference settings the model records (``meta.inference``: the flip / multi-scale
-TTA and tiles its registered score was computed with), so a registered model reproduces
-its recorded score. Another setting: ``unwrap_python_model().predictor =
-Predictor.for_model(model, flip_tta=False)``.
+arrays of different sizes, and returns one prediction per image, as the model's task
+predicts (``Task.predict``: for semantic segmentation an (H, W) uint8 class-index mask, for
+instance segmentation the image's ``Instances``), with the inference settings the model
+records (``meta.inference``: the flip / multi-scale TTA and tiles its registered score was
+computed with), so a registered model reproduces its recorded score. Another setting:
+``unwrap_python_model().predictor = task.predictor(model, flip_tta=False)``.
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ PACKAGE = "segmentation-pipeline"
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline.artifacts.model_dir import load_model, read_config
-        from pipeline.inference.predictor import Predictor
+        from pipeline.tasks import task_of_model
 
         folder = Path(context.artifacts[MODEL_ARTIFACT])
         self.model = load_model(folder)
         self.config = read_config(folder)
-        self.predictor = Predictor.for_model(self.model)
+        self.task = task_of_model(self.model)
+        self.predictor = self.task.predictor(self.model)
 
     # No type hints here: MLflow would read them as an input schema to validate against.
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, np.ndarray) and model_input.ndim == 3:
             model_input = [model_input]
-        return [self.predictor.mask(np.asarray(image)) for image in model_input]
+        return [self.task.predict(self.predictor, [np.asarray(image)])[0] for image in model_input]
 
 
 def requirements() -> list[str]:

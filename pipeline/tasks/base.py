@@ -58,6 +58,7 @@ class Task(ABC):
     per_class_keys: ClassVar[tuple[str, ...]] = ()
     views: ClassVar[tuple[str, ...]] = ()
     target_column: ClassVar[str] = "mask"     # the prepared shards' column ``collate`` takes as targets
+    onnx_export: ClassVar[bool] = True        # register can export its models to ONNX and check them
 
     # --- data: prepared rows -> batches ------------------------------------------------------
     @abstractmethod

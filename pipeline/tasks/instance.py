@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.data import instance_batches
 from pipeline.metrics.instance import Instances, coco_ap, dsb_score, encode
+from pipeline.tasks import instance_eval
 from pipeline.tasks.base import Task
 
 # loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
@@ -93,6 +94,7 @@ class InstanceTask(Task):
     per_class_keys = ("mask_ap", "box_ap")
     views = ("ap_table", "overlays")
     target_column = "instances"
+    onnx_export = False       # Mask R-CNN's data-dependent output: no checked ONNX export (register.onnx: false)
 
     def train_transform(self, crop, scale, jitter, ignore_index):
         return instance_batches.train_transform(crop, scale, jitter)
@@ -151,23 +153,29 @@ class InstanceTask(Task):
                      for k, v in best.items() if k.startswith("val_ap_")]
         return headline, {AP_PLOT: per_class}
 
-    # --- evaluate and serve: pipeline.tasks.instance_eval / instance_answers ----------------
-    def evaluate_split(self, model, data, cfg, predictor):
-        raise NotImplementedError
+    # --- the evaluate stage: pipeline.tasks.instance_eval ------------------------------------
+    def evaluate_split(self, model, data, cfg, predictor) -> instance_eval.Evaluation:
+        return instance_eval.evaluate_split(model, data, cfg, predictor)
 
-    def report(self, evaluation):
-        raise NotImplementedError
+    def report(self, evaluation: instance_eval.Evaluation) -> dict[str, Any]:
+        return instance_eval.report(evaluation)
 
-    def write_outputs(self, evaluation, data, cfg, out, full):
-        raise NotImplementedError
+    def write_outputs(self, evaluation, data, cfg, out, full) -> None:
+        instance_eval.write_outputs(evaluation, data, cfg, out, full)
 
-    def plots(self, evaluation, full):
-        raise NotImplementedError
+    def plots(self, evaluation, full) -> dict[str, list[dict]]:
+        return instance_eval.plots(evaluation, full)
 
+    # --- serving: pipeline.inference.instances, pipeline.tasks.instance_answers --------------
     answers = {"json": "application/json"}
 
-    def predict(self, predictor, images):
-        raise NotImplementedError
+    def predictor(self, model, **overrides):
+        from pipeline.inference.instances import InstancePredictor
 
-    def answer(self, *args, **kwargs):
+        return InstancePredictor.for_model(model, **overrides)
+
+    def predict(self, predictor, images):
+        return predictor.instances(images)
+
+    def answer(self, options, image, prediction, meta):
         raise NotImplementedError

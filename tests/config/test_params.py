@@ -346,3 +346,12 @@ def test_model_kwargs_aux_params_is_refused_naming_the_key(tmp_path):
         load_params(ModelParams, path)
     line = str(err.value).splitlines()[1]
     assert line.startswith("  model.kwargs.aux_params: ") and "classification head" in line
+
+
+@pytest.mark.parametrize("recipe", sorted((paths.REPO_PARAMS_FILE.parent / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_recipe_is_a_whole_valid_params_file(recipe):
+    """recipes/*.yaml replace params.yaml whole (README): every section present and valid."""
+    data = read_params_file(recipe)
+    for name, model in SECTIONS.items():
+        parse_section(model, data.get(name), str(recipe))
