@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.config import paths
 from pipeline.config.params import DownloadParams, load_params
 from pipeline.data import fetch
-from pipeline.data.sources import SOURCES, Source
+from pipeline.data.sources import EXPORT_REQUIRES, EXPORTS, SOURCES, Source
 from pipeline.utils.io import write_json_atomic
 
 log = logging.getLogger("pipeline.download")
@@ -140,25 +140,38 @@ def _move_files(src_root: Path, dst_root: Path, files: list[Path]) -> None:
         f.replace(target)
 
 
-def folder_source(folder: Path) -> Source:
-    """A user's folder with ``images/`` and ``masks/`` (optionally split subfolders)."""
+def folder_source(folder: Path, dataset: str = "folder") -> Source:
+    """A user's folder: ``images/`` and ``masks/`` (optionally split subfolders) for
+    ``folder``, or an annotation export (``coco``, ``labelme``, ``via``, ``yolo``: see
+    ``pipeline.data.sources.EXPORTS``)."""
     folder = Path(folder).expanduser()
-    for sub in ("images", "masks"):
-        if not (folder / sub).is_dir():
-            raise DatasetError(f"download.folder {folder}: expected a subfolder {sub}/")
-    return Source(name="folder", archives=(), include=FOLDER_INCLUDE)
+    if not folder.is_dir():
+        raise DatasetError(f"download.folder {folder}: not a directory")
+    if dataset == "folder":
+        for sub in ("images", "masks"):
+            if not (folder / sub).is_dir():
+                raise DatasetError(f"download.folder {folder}: expected a subfolder {sub}/")
+        return Source(name="folder", archives=(), include=FOLDER_INCLUDE)
+    for pattern in EXPORT_REQUIRES[dataset]:
+        if not any(p.is_file() for p in folder.glob(pattern)):
+            raise DatasetError(
+                f"download.folder {folder}: a {dataset} export needs files matching {pattern!r} "
+                f"(it is made of {', '.join(EXPORTS[dataset][:3])}, ...)"
+            )
+    return Source(name=dataset, archives=(), include=EXPORTS[dataset])
 
 
-def fetch_folder(folder: Path, raw_dir: Path) -> tuple[Path, str]:
-    """Copy a user's folder into ``raw_dir/folder`` so that data.dvc versions it."""
-    source = folder_source(folder)
+def fetch_folder(folder: Path, raw_dir: Path, dataset: str = "folder") -> tuple[Path, str]:
+    """Copy a user's folder (``folder_source``) into ``raw_dir/<dataset>`` so that data.dvc
+    versions it."""
+    source = folder_source(folder, dataset)
     dest = raw_dir / source.name
     files = included_files(folder, source.include)
     digest = fetch.tree_digest(folder, files)
     if dest.is_dir() and fetch.tree_digest(dest, included_files(dest, source.include)) == digest:
         return dest, "already present and verified"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".staging-folder-") as tmp:
+    with tempfile.TemporaryDirectory(dir=raw_dir, prefix=f".staging-{source.name}-") as tmp:
         staging = Path(tmp) / source.name
         _copy_files(folder, staging, files)
         fetch.replace_dir(staging, dest)
@@ -178,9 +191,9 @@ def receipt(dataset: str, root: Path, include: tuple[str, ...]) -> dict:
 
 
 def run(cfg: DownloadParams, raw_dir: Path, receipt_path: Path) -> dict:
-    if cfg.dataset == "folder":
-        root, how = fetch_folder(Path(cfg.folder), raw_dir)
-        include = FOLDER_INCLUDE
+    if cfg.dataset == "folder" or cfg.dataset in EXPORTS:
+        root, how = fetch_folder(Path(cfg.folder), raw_dir, cfg.dataset)
+        include = folder_source(root, cfg.dataset).include
     else:
         source = SOURCES[cfg.dataset]
         root, how = fetch_dataset(source, raw_dir, paths.data_mirror(),

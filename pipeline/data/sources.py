@@ -89,4 +89,49 @@ VOC = Source(
     citation="Everingham et al. The PASCAL Visual Object Classes Challenge 2012.",
 )
 
-SOURCES: dict[str, Source] = {s.name: s for s in (CAMVID, PET, VOC)}
+DSB2018 = Source(
+    name="dsb2018",
+    archives=(
+        Archive(
+            url="https://github.com/yuanqing811/DSB2018_stage1_test/archive/refs/heads/master.zip",
+            filename="DSB2018_stage1_test-master.zip",
+            checksum=None,
+            subdir="DSB2018_stage1_test-master",
+        ),
+    ),
+    # A folder per image: images/<id>.png and masks/<nucleus>.png (one binary mask each).
+    include=("stage1_test/*/images/*.png", "stage1_test/*/masks/*.png"),
+    tree_sha256="2a05a73019a0900e91e132367720f14f244f9c3b702b53b9311e37bbf931e628",
+    homepage="https://bbbc.broadinstitute.org/BBBC038",
+    license="CC0 1.0 (BBBC038)",
+    citation="Caicedo et al. Nucleus segmentation across imaging experiments: the 2018 Data "
+             "Science Bowl. Nature Methods 16, 1247-1253 (2019).",
+)
+
+SOURCES: dict[str, Source] = {s.name: s for s in (CAMVID, PET, VOC, DSB2018)}
+
+
+def _any_case(suffix: str) -> str:
+    """``png`` -> ``[pP][nN][gG]``: a glob that matches the suffix in any case (``.JPG``)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
+
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
+
+
+def _images(under: str = "") -> tuple[str, ...]:
+    return tuple(f"{under}**/*.{_any_case(s)}" for s in IMAGE_SUFFIXES)
+
+
+# Annotation exports a user brings in ``download.folder``: the files each format is made of
+# (globs relative to the folder), and what the folder must hold to be that format at all.
+EXPORTS: dict[str, tuple[str, ...]] = {
+    "coco": ("*.json", *_images()),                       # instance JSON(s) at the root
+    "labelme": ("**/*.json", "labels.txt", *_images()),   # one JSON per image
+    "via": ("**/*.json", *_images()),                     # via_region_data.json / VIA 2 projects
+    "yolo": ("labels/**/*.txt", *_images("images/"), "*.yaml", "*.yml", "classes.txt"),
+}
+EXPORT_REQUIRES: dict[str, tuple[str, ...]] = {
+    "coco": ("*.json",), "labelme": ("**/*.json",), "via": ("**/*.json",),
+    "yolo": ("labels/**/*.txt", "images/**/*"),
+}
