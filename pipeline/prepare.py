@@ -1,5 +1,9 @@
 """Stage ``prepare``: check the raw dataset and write the canonical prepared form.
 
+``prepare.task: instance`` with an instance dataset (dsb2018, coco, labelme, via, yolo)
+goes to ``pipeline.data.instance_prepare``, which writes instance shards in the same
+layout and with the same checks and guarantees; what follows is the semantic path.
+
 Every image/mask pair is decoded and checked (unreadable image, missing mask, size
 mismatch, labels outside the class list, binary masks saved as 0/255, the same image
 in two splits). Strict mode fails with the whole list; lenient mode skips those files
@@ -17,38 +21,39 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
 from pipeline.config import paths
-from pipeline.config.params import PrepareParams, Resize, load_params
+from pipeline.config.params import INSTANCE_DATASETS, PrepareParams, Resize, load_params
 from pipeline.data import fetch
 from pipeline.data.card import class_statistics, render_markdown
 from pipeline.data.checks import Inspection, convert_sample, inspect_sample, invalid_values
 from pipeline.data.datasets import ClassSpec, Sample, class_spec, list_samples
+from pipeline.data.instance_prepare import prepare_instances
+from pipeline.data.problems import PrepareError, duplicate_problems, enforce, problem_report
+from pipeline.data.problems import map_workers as _map
 from pipeline.data.shards import shard_name, write_shard
 from pipeline.data.sources import SOURCES
 from pipeline.utils.io import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("pipeline.prepare")
 
-SPLIT_PRIORITY = {s: i for i, s in enumerate(paths.SPLITS)}  # a duplicate stays in train
+INSTANCE_TASK = "instance"
 
 
-class PrepareError(RuntimeError):
-    """Problems found in strict mode; the message lists every one."""
-
-
-def _map(fn: Callable, items: Iterable, workers: int) -> list:
-    items = list(items)
-    if workers <= 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(fn, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
+def check_task(dataset: str, task: str) -> None:
+    """An instance dataset needs ``task: instance``, and ``task: instance`` one of them."""
+    if dataset in INSTANCE_DATASETS and task != INSTANCE_TASK:
+        raise ValueError(
+            f"download.dataset {dataset!r} holds instance annotations; prepare.task is {task!r}: "
+            f"set prepare.task: {INSTANCE_TASK}")
+    if task == INSTANCE_TASK and dataset not in INSTANCE_DATASETS:
+        raise ValueError(
+            f"prepare.task {INSTANCE_TASK!r} needs an instance dataset (download.dataset one of "
+            f"{', '.join(INSTANCE_DATASETS)}); download.dataset {dataset!r} has semantic masks")
 
 
 def find_problems(
@@ -86,19 +91,8 @@ def find_problems(
                 f"label values {bad[:10]} outside classes 0..{spec.num_classes - 1} "
                 f"(ignore label {spec.ignore_index}) in {ins.sample.mask}"
             )
-    by_hash = defaultdict(list)
-    for ins in inspections:
-        if ins.image_sha1:
-            by_hash[ins.image_sha1].append(ins.sample)
-    for group in by_hash.values():
-        splits = {s.split for s in group}
-        if len(splits) > 1:
-            keep = min(group, key=lambda s: SPLIT_PRIORITY[s.split])
-            for s in group:
-                if s.split != keep.split:
-                    problems[s].append(
-                        f"same image as {keep.image} ({keep.split}) also in split {s.split}"
-                    )
+    for sample, reasons in duplicate_problems(inspections).items():
+        problems[sample].extend(reasons)
     return {s: p for s, p in problems.items() if p}, warnings, binary_255
 
 
@@ -106,25 +100,18 @@ def prepare(
     dataset: str, raw_root: Path, out: Path, cfg: PrepareParams, raw_digest: str = ""
 ) -> dict:
     """Check ``raw_root`` and write the prepared dataset to ``out``; returns the card."""
+    check_task(dataset, cfg.task)
+    if cfg.task == INSTANCE_TASK:
+        return prepare_instances(dataset, raw_root, out, cfg, raw_digest)
     spec = class_spec(dataset, cfg)
     samples = list_samples(dataset, raw_root, cfg)
     log.info("%s: checking %d image/mask pairs with %d worker(s)", dataset, len(samples), cfg.workers)
     inspections = _map(partial(inspect_sample, spec=spec), samples, cfg.workers)
     problems, warnings, binary_255 = find_problems(inspections, spec)
-    report = [
-        {"file": str(s.image), "split": s.split, "reasons": reasons}
-        for s, reasons in sorted(problems.items(), key=lambda kv: (kv[0].split, kv[0].id))
-    ]
+    report = problem_report(problems)
     for w in warnings:
         log.warning("%s", w["reason"])
-    if report and cfg.strict:
-        listing = "\n".join(f"  {r['file']}: {'; '.join(r['reasons'])}" for r in report)
-        raise PrepareError(
-            f"{len(report)} file(s) failed the checks (prepare.strict is true; set it to "
-            f"false to skip them and continue):\n{listing}"
-        )
-    for r in report:
-        log.warning("skipped %s: %s", r["file"], "; ".join(r["reasons"]))
+    enforce(report, cfg.strict)
     kept = [ins for ins in inspections if ins.sample not in problems]
 
     out.parent.mkdir(parents=True, exist_ok=True)

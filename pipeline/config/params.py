@@ -28,23 +28,29 @@ from pipeline.config.model_params import ModelParams, SmpModelParams  # noqa: F4
 from pipeline.config.paths import PARAMS_FILE, REPO_PARAMS_FILE
 from pipeline.config.section import ParamsError, Section
 
-DATASETS = ("camvid", "pet", "voc", "folder")
+SEMANTIC_DATASETS = ("camvid", "pet", "voc", "folder")
+# Instance segmentation: a public source (dsb2018) and annotation-tool exports read from
+# download.folder (pipeline.data.instance_formats).
+INSTANCE_DATASETS = ("dsb2018", "coco", "labelme", "via", "yolo")
+DATASETS = SEMANTIC_DATASETS + INSTANCE_DATASETS
+FOLDER_DATASETS = ("folder", "coco", "labelme", "via", "yolo")   # read from download.folder
 
 
 class DownloadParams(Section):
     section: ClassVar[str] = "download"
 
-    dataset: Literal["camvid", "pet", "voc", "folder"] = Field(..., description="which dataset to fetch")
-    folder: str | None = Field(..., description="dataset=folder: directory with images/ and masks/")
+    dataset: Literal[DATASETS] = Field(..., description="which dataset to fetch")
+    folder: str | None = Field(..., description="folder, coco, labelme, via, yolo: the user's directory")
     retries: int = Field(..., ge=0, le=20, description="extra attempts per file")
     timeout_s: float = Field(..., gt=0, le=3600, description="socket timeout")
 
     @model_validator(mode="after")
     def _folder_given_for_folder(self) -> DownloadParams:
-        if self.dataset == "folder" and not self.folder:
-            raise ValueError("folder: dataset 'folder' needs a directory path here")
-        if self.dataset != "folder" and self.folder:
-            raise ValueError(f"folder: only used with dataset 'folder', not {self.dataset!r}; set it to null")
+        if self.dataset in FOLDER_DATASETS and not self.folder:
+            raise ValueError(f"folder: dataset {self.dataset!r} needs a directory path here")
+        if self.dataset not in FOLDER_DATASETS and self.folder:
+            raise ValueError(f"folder: only used with dataset 'folder' or an annotation export "
+                             f"({', '.join(FOLDER_DATASETS[1:])}), not {self.dataset!r}; set it to null")
         return self
 
 
@@ -85,11 +91,14 @@ class PrepareParams(Section):
     val_fraction: float = Field(..., ge=0.0, lt=0.5)
     test_fraction: float = Field(..., ge=0.0, lt=0.5)
     seed: int = Field(..., ge=0)
-    # Only for dataset=folder: the class list, how masks encode it, and the ignore label.
-    classes: list[str] | None = Field(..., min_length=2, max_length=255)
+    # dataset=folder: the class list, how masks encode it, and the ignore label. Instance
+    # exports (labelme, via, yolo): the class list, where the export does not carry one.
+    classes: list[str] | None = Field(..., min_length=1, max_length=255)
     palette: list[tuple[int, int, int]] | None = Field(...)
     mask_format: Literal["index", "color"] = Field(...)
     ignore_index: int = Field(..., ge=0, le=255)
+    # dataset=via: the region attribute whose value names an instance's class; null: one class.
+    class_attribute: str | None = Field(..., min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _palette_fits_classes(self) -> PrepareParams:

@@ -105,3 +105,54 @@ def _resize_text(resize: dict) -> str:
     if resize["mode"] == "fixed":
         return "fixed {}x{} (HxW)".format(*resize["size"])
     return f"{resize['mode'].replace('_', ' ')} {resize['size']} px"
+
+
+def render_instance_markdown(card: dict) -> str:
+    """The card of an instance dataset (``task: instance``) as Markdown."""
+    src = card["source"]
+    lines = [
+        f"# Dataset card: {card['dataset']} (instance segmentation)",
+        "",
+        f"- Source: {src.get('homepage') or 'user folder'}",
+        f"- License: {src.get('license') or 'as given by the data owner'}",
+    ]
+    if src.get("citation"):
+        lines.append(f"- Cite: {src['citation']}")
+    lines += [
+        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
+        f"- Resize: train {_resize_text(card['resize']['train'])}, "
+        f"evaluation {_resize_text(card['resize']['eval'])}",
+        "",
+        "## Splits",
+        "",
+        "| split | images | instances | crowd | min size (HxW) | max size (HxW) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, s in card["splits"].items():
+        lines.append(f"| {split} | {s['images']} | {s['instances']} | {s['crowd']} | "
+                     f"{s['min_size']} | {s['max_size']} |")
+    names = card["classes"]["names"]
+    splits = list(card["splits"])
+    lines += [
+        "",
+        "## Classes (instances per split, crowd regions apart)",
+        "",
+        "| index | class | colour | " + " | ".join(splits) + " |",
+        "|---|---|---|" + "---|" * len(splits),
+    ]
+    for i, name in enumerate(names):
+        r, g, b = card["classes"]["palette"][i]
+        counts = " | ".join(str(card["statistics"][s]["instances"][name]) for s in splits)
+        lines.append(f"| {i} | {name} | `#{r:02x}{g:02x}{b:02x}` | {counts} |")
+    problems = card["problems"]
+    lines += [
+        "",
+        "## Checks",
+        "",
+        f"- Problems: {problems['errors']} file(s) with errors "
+        f"({'skipped' if not problems['strict'] else 'none allowed in strict mode'}), "
+        f"{problems['warnings']} warning(s); details in problems.json.",
+    ]
+    for note in card.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"

@@ -171,19 +171,8 @@ def convert_sample(
 
     ``binary_255`` maps mask value 255 to class 1 (binary masks saved as 0/255).
     """
-    image_bytes = sample.image.read_bytes()
-    with Image.open(io.BytesIO(image_bytes)) as stored:
-        fmt, turned = stored.format, orientation(stored) != 1
-        im = upright(stored)                 # a new image when turned (it has no format)
-        mode, (w, h) = im.mode, im.size
-        out_h, out_w = target_size(h, w, resize)
-        resized = (out_h, out_w) != (h, w)
-        if resized or turned or fmt not in PASS_THROUGH_IMAGE_FORMATS or mode != "RGB":
-            rgb = im.convert("RGB")
-            if resized:
-                rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR)
-            fmt = "JPEG" if fmt == "JPEG" else "PNG"
-            image_bytes = _encode(rgb, fmt)
+    image_bytes, fmt, (h, w), (out_h, out_w) = convert_image(sample.image.read_bytes(), resize)
+    resized = (out_h, out_w) != (h, w)
     mask_bytes = sample.mask.read_bytes()
     with Image.open(io.BytesIO(mask_bytes)) as m:
         canonical = m.format == "PNG" and m.mode == "L"
@@ -196,7 +185,28 @@ def convert_sample(
             mask_im = mask_im.resize((out_w, out_h), Image.Resampling.NEAREST)
         mask_bytes = _encode(mask_im, "PNG")
     return {"id": sample.id, "image": image_bytes, "mask": mask_bytes, "height": out_h,
-            "width": out_w, "image_format": fmt.lower()}
+            "width": out_w, "image_format": fmt}
+
+
+def convert_image(data: bytes, resize: Resize) -> tuple[bytes, str, tuple[int, int], tuple[int, int]]:
+    """Encoded image bytes -> (canonical bytes, format, displayed (h, w), output (h, w)).
+
+    Canonical: upright (EXIF orientation applied), RGB (grey, RGBA, palette converted), PNG
+    or JPEG, resized (bilinear) as ``resize`` says; already canonical bytes pass through.
+    """
+    with Image.open(io.BytesIO(data)) as stored:
+        fmt, turned = stored.format, orientation(stored) != 1
+        im = upright(stored)                 # a new image when turned (it has no format)
+        mode, (w, h) = im.mode, im.size
+        out_h, out_w = target_size(h, w, resize)
+        resized = (out_h, out_w) != (h, w)
+        if resized or turned or fmt not in PASS_THROUGH_IMAGE_FORMATS or mode != "RGB":
+            rgb = im.convert("RGB")
+            if resized:
+                rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR)
+            fmt = "JPEG" if fmt == "JPEG" else "PNG"
+            data = _encode(rgb, fmt)
+    return data, fmt.lower(), (h, w), (out_h, out_w)
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:

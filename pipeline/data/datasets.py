@@ -97,6 +97,9 @@ def class_spec(dataset: str, cfg: PrepareParams) -> ClassSpec:
         return BUILTIN[dataset]
     if cfg.classes is None:
         raise ValueError("dataset 'folder' needs prepare.classes: the list of class names")
+    if len(cfg.classes) < 2:
+        raise ValueError("prepare.classes: dataset 'folder' needs at least 2 classes (with the "
+                         "background); a one-class list is for instance datasets")
     palette = cfg.palette or voc_palette(len(cfg.classes))
     if cfg.ignore_index < len(cfg.classes):
         raise ValueError(
