@@ -318,3 +318,63 @@ def test_data_mirror_set_or_unset(tmp_path, monkeypatch):
     assert paths.data_mirror() is None
     monkeypatch.delenv(paths.ENV_DATA_MIRROR)
     assert paths.data_mirror() is None
+
+
+# -- instance exports --------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset, files, kept", [
+    ("coco", {"annotations.json": b"{}", "JPEGImages/a.JPG": b"a", "notes/x.json": b"{}"},
+     {"annotations.json", "JPEGImages/a.JPG"}),
+    ("labelme", {"labels.txt": b"car", "ann/a.json": b"{}", "ann/a.png": b"a", "readme.md": b"x"},
+     {"labels.txt", "ann/a.json", "ann/a.png"}),
+    ("via", {"train/via_region_data.json": b"{}", "train/b.jpeg": b"b"},
+     {"train/via_region_data.json", "train/b.jpeg"}),
+    ("yolo", {"images/train2017/a.jpg": b"a", "labels/train2017/a.txt": b"0 0 0 1 0 1 1",
+              "labels/train2017.cache": b"x", "data.yaml": b"names: [a]", "README.txt": b"x"},
+     {"images/train2017/a.jpg", "labels/train2017/a.txt", "data.yaml"}),
+])
+def test_an_export_is_copied_with_its_own_files_and_receipt(tmp_path, raw, monkeypatch, dataset, files, kept):
+    folder = write_tree(tmp_path / "export", files)
+    monkeypatch.delenv(paths.ENV_DATA_MIRROR, raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(default_params({"download": {"dataset": dataset, "folder": str(folder)}})))
+    receipt_path = tmp_path / "download.json"
+
+    download.main(["--raw", str(raw), "--receipt", str(receipt_path), "--params", str(params)])
+
+    assert set(read_tree(raw / dataset)) == kept
+    record = json.loads(receipt_path.read_text())
+    assert record["dataset"] == dataset and record["files"] == len(kept)
+    _, how = download.fetch_folder(folder, raw, dataset)
+    assert how == "already present and verified"
+
+
+def test_an_export_without_its_annotation_files_is_refused(tmp_path, raw):
+    folder = write_tree(tmp_path / "export", {"images/a.jpg": b"a"})
+    with pytest.raises(download.DatasetError, match="yolo export needs files matching 'labels/"):
+        download.fetch_folder(folder, raw, "yolo")
+    with pytest.raises(download.DatasetError, match="coco export needs files matching"):
+        download.fetch_folder(folder, raw, "coco")
+    assert not raw.exists()
+
+
+def test_dsb2018_source_is_the_public_archive_checked_by_its_tree_digest():
+    from pipeline.data.sources import SOURCES
+
+    dsb = SOURCES["dsb2018"]
+    assert dsb.archives[0].url.startswith("https://github.com/yuanqing811/DSB2018_stage1_test/")
+    assert dsb.archives[0].subdir == "DSB2018_stage1_test-master" and len(dsb.tree_sha256) == 64
+
+
+def test_the_dsb2018_source_is_fetched_through_the_mirror_logic(tmp_path, raw):
+    from pipeline.data.sources import DSB2018
+
+    mirror = tmp_path / "mirror"
+    write_tree(mirror / "dsb2018", {"stage1_test/x/images/x.png": b"i", "stage1_test/x/masks/m.png": b"m",
+                                    "README.md": b"not included"})
+    digest = fetch.tree_digest(mirror / "dsb2018", download.included_files(mirror / "dsb2018", DSB2018.include))
+    dest, how = download.fetch_dataset(dataclasses.replace(DSB2018, tree_sha256=digest), raw, mirror)
+    assert how == f"mirror {mirror / 'dsb2018'}" and set(read_tree(dest)) == {
+        "stage1_test/x/images/x.png", "stage1_test/x/masks/m.png"}
+    with pytest.raises(download.DatasetError, match="does not match"):     # the real digest: not this data
+        download.fetch_dataset(DSB2018, tmp_path / "raw2", mirror)

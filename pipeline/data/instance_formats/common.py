@@ -145,7 +145,8 @@ def assign_splits(records: list[ImageRecord], cfg: PrepareParams) -> None:
     (``prepare.val_fraction`` / ``test_fraction``, as for VOC). Without a train folder
     (COCO128's lone ``train2017/`` counts as train, and then carving gives val and test)
     every image is split by hash. Ids (unless the importer gave one) are the paths below the
-    folder all images share, without suffix, ``/`` written ``__``.
+    folder all images share, without suffix and without a split folder that gave the split,
+    ``/`` written ``__``.
     """
     present = {r.official for r in records} - {None}
     carve = tuple(s for s in SPLITS[1:] if s not in present) if "train" in present else SPLITS[1:]
@@ -163,7 +164,11 @@ def assign_splits(records: list[ImageRecord], cfg: PrepareParams) -> None:
     elif stems:
         common = len(stems[0]) - 1
     for r, parts in zip(records, stems, strict=True):
-        r.id = r.id or "__".join(parts[common:])
+        parts = parts[common:]
+        if "train" in present and r.official:      # the split folder says no more than the split
+            parts = [p for i, p in enumerate(parts)
+                     if i == len(parts) - 1 or split_named(f"{p}/x") != r.official] or parts
+        r.id = r.id or "__".join(parts)
 
 
 def check_unique_ids(records: list[ImageRecord]) -> None:
