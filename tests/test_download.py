@@ -333,7 +333,8 @@ def test_data_mirror_set_or_unset(tmp_path, monkeypatch):
               "labels/train2017.cache": b"x", "data.yaml": b"names: [a]", "README.txt": b"x"},
      {"images/train2017/a.jpg", "labels/train2017/a.txt", "data.yaml"}),
 ])
-def test_an_export_is_copied_with_its_own_files_and_receipt(tmp_path, raw, monkeypatch, dataset, files, kept):
+def test_an_export_is_copied_with_its_own_files_and_receipt(tmp_path, raw, monkeypatch, dataset, files,
+                                                             kept):
     folder = write_tree(tmp_path / "export", files)
     monkeypatch.delenv(paths.ENV_DATA_MIRROR, raising=False)
     params = tmp_path / "params.yaml"
@@ -372,7 +373,8 @@ def test_the_dsb2018_source_is_fetched_through_the_mirror_logic(tmp_path, raw):
     mirror = tmp_path / "mirror"
     write_tree(mirror / "dsb2018", {"stage1_test/x/images/x.png": b"i", "stage1_test/x/masks/m.png": b"m",
                                     "README.md": b"not included"})
-    digest = fetch.tree_digest(mirror / "dsb2018", download.included_files(mirror / "dsb2018", DSB2018.include))
+    tree = mirror / "dsb2018"
+    digest = fetch.tree_digest(tree, download.included_files(tree, DSB2018.include))
     dest, how = download.fetch_dataset(dataclasses.replace(DSB2018, tree_sha256=digest), raw, mirror)
     assert how == f"mirror {mirror / 'dsb2018'}" and set(read_tree(dest)) == {
         "stage1_test/x/images/x.png", "stage1_test/x/masks/m.png"}

@@ -46,7 +46,7 @@ def square(x0, y0, x1, y1):
 # -- COCO -----------------------------------------------------------------------------
 
 def coco_export(root, images=("a.png", "b.png"), annotations=None, categories=None):
-    for i, name in enumerate(images):
+    for name in images:
         image(root / "imgs" / name)
     full = np.zeros((H, W), np.uint8)
     full[5:15, 10:30] = 1
@@ -56,7 +56,8 @@ def coco_export(root, images=("a.png", "b.png"), annotations=None, categories=No
         "images": [{"id": i + 1, "file_name": f"imgs/{n}", "height": H, "width": W}
                    for i, n in enumerate(images)],
         "annotations": annotations if annotations is not None else [
-            {"id": 1, "image_id": 1, "category_id": 2, "segmentation": [square(10, 10, 20, 30)], "iscrowd": 0},
+            {"id": 1, "image_id": 1, "category_id": 2, "segmentation": [square(10, 10, 20, 30)],
+             "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 1, "segmentation": uncompressed, "iscrowd": 1},
             {"id": 3, "image_id": 2, "category_id": 1,
              "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}, "iscrowd": 0},
@@ -82,7 +83,8 @@ def test_coco_polygons_rle_and_crowd(tmp_path):
     out = tmp_path / "out"
     card = prepare("coco", tmp_path / "raw", out, cfg())
     classes = json.loads((out / "classes.json").read_text())
-    assert classes["names"] == ["cat", "dog"] and classes["isthing"] == [True, True]   # id order, no _background_
+    # category id order, and no _background_ (it has no annotations)
+    assert classes["names"] == ["cat", "dog"] and classes["isthing"] == [True, True]
     got = rows(out)
     _, inst = got["a"]
     assert inst.classes == [1, 0] and inst.iscrowd == [0, 1]
@@ -118,7 +120,8 @@ def test_coco_every_problem_kind_is_listed_in_strict_mode(tmp_path):
     with pytest.raises(PrepareError) as err:
         prepare("coco", root, tmp_path / "out", cfg())
     msg = str(err.value)
-    for reason in ("polygon outside the image", "degenerate polygon: 2 point(s)", "degenerate polygon: zero area",
+    for reason in ("polygon outside the image", "degenerate polygon: 2 point(s)",
+                   "degenerate polygon: zero area",
                    "unknown category_id 9", "duplicate annotation id", "image_id 42 is not an image",
                    "unreadable image", "missing image", "duplicate image id 1"):
         assert reason in msg, (reason, msg)
@@ -132,7 +135,8 @@ def test_lenient_mode_skips_images_or_instances_and_reports_which(tmp_path):
         {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square(10, 10, 70, 20)]},   # outside
         {"id": 2, "image_id": 2, "category_id": 1, "segmentation": [square(1, 1, 9, 9)]},
         {"id": 3, "image_id": 2, "category_id": 1, "segmentation": [[1, 1, 5, 5]]},            # degenerate
-        {"id": 4, "image_id": 3, "category_id": 1, "segmentation": [square(-0.8, 2, 5, 40.9)]},  # clipped
+        {"id": 4, "image_id": 3, "category_id": 1,
+         "segmentation": [square(-0.8, 2, 5, 40.9)]},                                          # clipped
     ])
     out = tmp_path / "out"
     card = prepare("coco", root, out, cfg(strict=False))
@@ -288,17 +292,19 @@ def test_via_class_attribute_without_a_class_list_names_the_values_found(tmp_pat
 # -- YOLO -----------------------------------------------------------------------------
 
 def yolo_export(root):
-    for i, stem in enumerate(("a", "b", "c")):
+    for stem in ("a", "b", "c"):
         image(root / "images" / "train" / f"{stem}.jpg")
     image(root / "images" / "val" / "d.jpg")
     labels = root / "labels"
     (labels / "train").mkdir(parents=True)
     (labels / "val").mkdir(parents=True)
-    (labels / "train" / "a.txt").write_text("1 0.1 0.25 0.5 0.25 0.5 0.75 0.1 0.75\n0 0.6 0.1 0.9 0.1 0.9 0.5\n")
+    (labels / "train" / "a.txt").write_text("1 0.1 0.25 0.5 0.25 0.5 0.75 0.1 0.75\n"
+                                            "0 0.6 0.1 0.9 0.1 0.9 0.5\n")
     (labels / "train" / "b.txt").write_text("0 0.1 0.1 0.2 0.1 0.2 0.2\n")
     (labels / "train" / "orphan.txt").write_text("0 0.1 0.1 0.2 0.1 0.2 0.2\n")    # no image
     (labels / "val" / "d.txt").write_text("1 0.2 0.2 0.4 0.2 0.4 0.4\n")         # c has no label
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames:\n  0: cat\n  1: dog\n")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\n"
+                                    "names:\n  0: cat\n  1: dog\n")
 
 
 def test_yolo_polygons_images_without_labels_and_labels_without_images(tmp_path):

@@ -1,6 +1,7 @@
 """The instance datasets in ../shared/datasets through download and prepare (skipped without them)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_coco128_seg_yolo_with_its_real_inconsistencies(tmp_path):
     assert len(orphans) == len(problems["errors"]) == 2
     assert "2 image(s) without a label file" in problems["warnings"][0]["reason"]
     # The README's 941 instances are in all 128 label files; the 2 without an image hold 12.
-    orphan_lines = sum(len(open(e["file"]).read().splitlines()) for e in orphans)
+    orphan_lines = sum(len(Path(e["file"]).read_text().splitlines()) for e in orphans)
     assert sum(s["instances"] for s in card["splits"].values()) + orphan_lines == 941
 
 
