@@ -342,6 +342,33 @@ def test_try_it_with_the_server_down_then_up(app, workspace):
         server.shutdown()
 
 
+def test_try_it_shows_an_instance_answer_and_sends_the_tasks_query_options(app, workspace):
+    from tests.inference.test_instances import BlobNet
+    from tests.serving.test_instance_answers import META
+
+    StandIn.service = Service(BlobNet(META), ModelRef(uri="models:/cells/1", name="cells", version="1"),
+                              ServeParams.defaults(threads=1))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page(app, "try_it")
+        app.text_input(key="serve-url").set_value(f"http://127.0.0.1:{server.server_port}").run()
+        assert app.slider(key="option-score_threshold").value == 0.5          # /metadata's default
+        app.slider(key="option-score_threshold").set_value(0.0)
+        app.number_input(key="option-max_instances").set_value(1)
+        app.radio(key="source").set_value("a test image").run()
+        app.button(key="segment").click().run()
+        assert not app.exception and not app.error
+        assert len(app.get("image")) == 1                                     # the overlay
+        table = app.dataframe[0].value
+        assert list(table.columns) == ["#", "class", "score", "area (px)", "box"] and len(table) == 1
+        app.slider(key="option-score_threshold").set_value(1.0)              # no blob scores 1
+        app.button(key="segment").click().run()
+        assert not app.exception and len(app.dataframe[0].value) == 0
+    finally:
+        server.shutdown()
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

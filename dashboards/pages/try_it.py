@@ -21,6 +21,30 @@ def formats(meta: dict | None) -> tuple[str | None, str | None]:
     return picture, next((f for f, media in answers.items() if media == JSON), None)
 
 
+def query_controls(meta: dict | None) -> dict:
+    """An input for each of the task's own query parameters (/metadata's ``query_options``,
+    e.g. instance segmentation's score threshold); the values set (None: left out)."""
+    chosen = {}
+    for name, spec in (meta or {}).get("query_options", {}).items():
+        label, helps, key = name.replace("_", " "), spec.get("description"), f"option-{name}"
+        low, high, default = spec["minimum"], spec["maximum"], spec["default"]
+        if spec["type"] == "integer":
+            value = st.number_input(label, int(low), int(high), default, step=1, key=key, help=helps)
+        else:
+            value = st.slider(label, float(low), float(high), float(low if default is None else default),
+                              key=key, help=helps)
+        if value is not None:
+            chosen[name] = value
+    return chosen
+
+
+def instance_table(instances: list[dict]) -> pd.DataFrame:
+    """One row per instance of an instance answer (its RLE left out)."""
+    return pd.DataFrame([{"#": i["index"], "class": i["class"], "score": round(i["score"], 3),
+                          "area (px)": i["area"], "box": ", ".join(f"{v:.0f}" for v in i["box"])}
+                         for i in instances], columns=["#", "class", "score", "area (px)", "box"])
+
+
 def area_chart(classes: list[dict]) -> go.Figure:
     areas = pd.DataFrame([{"class": c["name"], "share": c["fraction"], "pixels": c["pixels"],
                            "colour": data.rgb_hex(c["color"])} for c in classes])
@@ -66,13 +90,15 @@ else:
         path = data.eval_file(src, run_id, eval_key, entry["files"]["image"])
         payload, name = path.read_bytes(), path.name
 
+options = query_controls(meta)
 if payload is not None and st.button("Segment", type="primary", key="segment"):
     picture_format, json_format = formats(meta)
+    declared = content_type(Path(name))
     try:
         if meta is None:
             get_json(url, "/metadata")              # says why the server does not answer
-        picture = picture_format and post_image(url, payload, content_type(Path(name)), picture_format)
-        summary = json_format and post_image(url, payload, content_type(Path(name)), json_format)
+        picture = picture_format and post_image(url, payload, declared, picture_format, options=options)
+        summary = json_format and post_image(url, payload, declared, json_format, options=options)
     except Unreachable as exc:
         st.error(f"The model server does not answer: {exc}")
     except ServerError as exc:
@@ -86,5 +112,8 @@ if payload is not None and st.button("Segment", type="primary", key="segment"):
         classes = answer.get("classes")
         if classes and all({"name", "fraction", "pixels", "color"} <= c.keys() for c in classes):
             right.plotly_chart(area_chart(answer["classes"]), key="areas")      # a class-area answer
+        elif isinstance(answer.get("instances"), list):                          # an instance answer
+            right.caption(f"{len(answer['instances'])} instances")
+            right.dataframe(instance_table(answer["instances"]), hide_index=True, key="instances")
         elif answer:
             right.json(answer, expanded=1)

@@ -22,6 +22,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -56,9 +57,10 @@ def content_type(path: Path) -> str:
 
 
 def post_image(url: str, data: bytes, declared: str, fmt: str = "png", alpha: float | None = None,
-               timeout: float = 120.0) -> Answer:
-    """POST ``data`` to ``url``/predict; the answer, or ``ServerError`` / ``Unreachable``."""
-    query = {"format": fmt} | ({"alpha": f"{alpha:g}"} if alpha is not None else {})
+               timeout: float = 120.0, options: dict[str, Any] | None = None) -> Answer:
+    """POST ``data`` to ``url``/predict; the answer, or ``ServerError`` / ``Unreachable``.
+    ``options``: the task's own query parameters (``/metadata``'s ``query_options``)."""
+    query = {"format": fmt} | ({"alpha": f"{alpha:g}"} if alpha is not None else {}) | (options or {})
     request = urllib.request.Request(f"{url.rstrip('/')}/predict?{urllib.parse.urlencode(query)}", data=data,
                                      headers={"Content-Type": declared}, method="POST")
     try:

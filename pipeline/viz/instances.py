@@ -29,6 +29,8 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 def colours(n: int) -> np.ndarray:
     """(n, 3) uint8 RGB, distinct for neighbours: hue i x golden ratio, saturation 0.75,
     value alternating 0.95 / 0.75."""
+    if n == 0:
+        return np.zeros((0, 3), np.uint8)
     i = np.arange(n, dtype=np.float32)
     hsv = np.stack([(i * GOLDEN % 1.0) * 360.0, np.full(n, 0.75, np.float32),
                     np.where(i % 2 == 0, 0.95, 0.75).astype(np.float32)], axis=1)

@@ -249,6 +249,10 @@ def test_same_size_images_go_through_together_and_match_one_at_a_time():
     for image, got in zip(images, batch, strict=True):
         assert as_set(got) == as_set(predictor.instances([image])[0])
         assert (got.height, got.width) == image.shape[:2]
+    blank = draw(200, 260, [])
+    assert len(predictor.instances([blank])[0]) == 0
+    tiled = InstancePredictor(model, tile_above_pixels=4096, tile_size=(64, 80))
+    assert len(tiled.instances([blank])[0]) == 0
 
 
 def test_settings_come_from_the_model_and_flip_or_scales_are_refused():

@@ -101,6 +101,16 @@ def test_png_answer_is_16_bit_above_255_instances():
     assert Image.open(io.BytesIO(few)).mode == "L"
 
 
+def test_every_answer_of_no_instances():
+    image, none = draw(20, 30, []), Instances(20, 30)
+    body, _ = instance_answers.answer(options(), image, none, META)
+    assert body == {"width": 30, "height": 20, "instances": []}
+    picture = Image.open(io.BytesIO(instance_answers.answer(options("png"), image, none, META)[0]))
+    assert picture.mode == "L" and not np.array(picture).any() and json.loads(picture.text["instances"]) == []
+    jpeg, _ = instance_answers.answer(options("overlay"), image, none, META)
+    assert np.array(Image.open(io.BytesIO(jpeg))).shape == (20, 30, 3)
+
+
 def test_overlay_answer_is_a_jpeg_of_the_image():
     image = draw(48, 64, [("circle", (20, 20, 8), 220, False)])
     pred = boxes(48, 64, [(12, 12, 29, 29)], [0.9])

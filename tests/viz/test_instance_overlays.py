@@ -62,11 +62,14 @@ def test_overlay_fills_outlines_and_labels_each_instance_in_its_own_colour():
     np.testing.assert_array_equal(plain[70, 40], image[70, 40])
 
 
-def test_overlay_labels_at_most_max_labels_and_refuses_a_size_mismatch():
+def test_overlay_label_cap_no_instances_and_a_size_mismatch():
     image = np.zeros((60, 60, 3), np.uint8)
     inst = squares(60, 60, [(30, 30, 50, 50)], [0.7])
     unlabelled = overlay(image, inst, ["cell"], max_labels=0)
     assert not unlabelled[:30].any()                          # nothing drawn above the box
     assert overlay(image, inst, ["cell"])[:30].any()
+    empty = Instances(60, 60)
+    np.testing.assert_array_equal(overlay(image, empty, ["cell"]), image)
+    assert colours(0).shape == (0, 3)
     with pytest.raises(ValueError, match="60x60"):
         overlay(np.zeros((50, 60, 3), np.uint8), inst, ["cell"])
