@@ -226,3 +226,50 @@ def repo_params(path: Path, **sections: dict) -> Path:
 
     path.write_text(yaml.safe_dump(default_params(sections)))
     return path
+
+
+def make_nuclei_dataset(root: Path, n: int = 16, size: tuple[int, int] = (64, 80), seed: int = 0,
+                        per_image: tuple[int, int] = (2, 5)) -> Path:
+    """A DSB 2018 layout (``root/stage1_test/<id>/images/<id>.png`` and one 0/255 mask PNG per
+    object in ``masks/``): dark images with bright, separate discs ("nuclei"); returns
+    ``root``, the ``download.dataset: dsb2018`` folder."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for i in range(n):
+        image_id = f"{i:04d}" + "ab" * 4
+        folder = root / "stage1_test" / image_id
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        image = rng.integers(0, 30, (h, w, 3), dtype=np.uint8)
+        taken = np.zeros((h, w), bool)
+        for k in range(rng.integers(*per_image, endpoint=True)):
+            for _ in range(20):          # a disc that touches no other
+                r = int(rng.integers(5, 10))
+                cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
+                disc = cv2.circle(np.zeros((h, w), np.uint8), (cx, cy), r, 1, -1).astype(bool)
+                if not (cv2.dilate(disc.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & taken).any():
+                    break
+            taken |= disc
+            image[disc] = rng.integers(170, 230)
+            Image.fromarray(disc.astype(np.uint8) * 255).save(folder / "masks" / f"m{k:02d}.png")
+        Image.fromarray(image).save(folder / "images" / f"{image_id}.png")
+    return root
+
+
+def instance_params(path: Path, **sections: dict) -> Path:
+    """``recipes/dsb2018.yaml`` written to ``path`` with each given section's keys replaced
+    by those given: the instance task's whole params file."""
+    import yaml
+
+    from pipeline.config import paths
+    from pipeline.config.params import SECTIONS, parse_section
+
+    data = yaml.safe_load((paths.REPO_PARAMS_FILE.parent / "recipes" / "dsb2018.yaml").read_text())
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
+    for name, model in SECTIONS.items():
+        parse_section(model, data.get(name), str(path))
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.data.augment import normalise
-from pipeline.data.shards import decode_image
-from pipeline.metrics.instance import Instances
+from pipeline.data.shards import decode_image, decode_instances
 
 MIN_PIXELS = 4     # an instance cropped to fewer pixels than this is no longer a target
 
@@ -59,17 +58,6 @@ def decode_masks(instances: Sequence[dict], height: int, width: int) -> np.ndarr
     return np.ascontiguousarray(rle.decode(codes).transpose(2, 0, 1))
 
 
-def truth_of(instances: Sequence[dict], height: int, width: int) -> Instances:
-    """A row's instances as ``Instances`` (RLE counts as str, crowd flags kept)."""
-    return Instances(
-        height, width,
-        classes=[int(i["class"]) for i in instances],
-        boxes=[[float(v) for v in i["box"]] for i in instances],
-        masks=[{"size": [height, width], "counts": bytes(i["rle"]).decode("ascii")} for i in instances],
-        iscrowd=[int(bool(i["iscrowd"])) for i in instances],
-    )
-
-
 def boxes_of(masks: np.ndarray) -> np.ndarray:
     """(K, 4) float32 tight boxes x0 y0 x1 y1 (x1, y1 one past the last pixel) of (K, H, W) masks."""
     boxes = np.zeros((len(masks), 4), np.float32)
@@ -94,7 +82,7 @@ def _targets(image: np.ndarray, instances: Sequence[dict], transform: A.Compose 
     target = {"boxes": torch.from_numpy(boxes_of(masks)), "labels": torch.from_numpy(labels),
               "masks": torch.from_numpy(np.ascontiguousarray(masks))}
     if transform is None:
-        target["truth"] = truth_of(instances, h, w)
+        target["truth"] = decode_instances({"height": h, "width": w, "instances": instances})
     return image, target
 
 

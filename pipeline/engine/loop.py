@@ -177,23 +177,27 @@ def evaluate(
     outputs over all ``batches``, and the mean loss per image; when a default process group
     is initialised, over the batches of every rank (each rank must call it; a rank with no
     batches adds nothing). ``channels_last``: pass the images in NHWC, for a model converted
-    to it. The loss is 0.0 without a ``loss_fn`` (or when the task's ``validation_step``
-    gives none). ``task`` (default: semantic segmentation) moves the targets and runs the
-    model (``Task.targets_to``, ``Task.validation_step``)."""
+    to it. The loss is NaN when batches came but none gave a loss (no ``loss_fn``, or a task
+    whose ``validation_step`` takes none: Mask R-CNN computes no losses in eval mode), 0.0
+    without batches. ``task`` (default: semantic segmentation) moves the targets and runs
+    the model (``Task.targets_to``, ``Task.validation_step``)."""
     model.eval()
     task = task or _default_task()
-    total_loss, images = 0.0, 0
+    total_loss, images, loss_images = 0.0, 0, 0
     layout = memory_format(channels_last)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True, memory_format=layout), task.targets_to(y, device)
         outputs, loss = task.validation_step(model, x, y, loss_fn)
         if loss is not None:
             total_loss += loss.item() * x.shape[0]
+            loss_images += x.shape[0]
         images += x.shape[0]
         metric.update(outputs, y)
     metric.all_reduce()
-    total_loss, images = _all_reduce_sums(total_loss, images)
-    return metric, total_loss / max(1, images)
+    total_loss, images, loss_images = _all_reduce_sums(total_loss, images, loss_images)
+    if images and not loss_images:      # batches, but no loss taken
+        return metric, math.nan
+    return metric, total_loss / max(1, loss_images)
 
 
 def _default_task() -> Task:

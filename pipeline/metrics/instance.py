@@ -18,8 +18,6 @@ as missed.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +117,8 @@ def dsb_score(truth: Sequence[Instances], predicted: Sequence[Instances]) -> flo
 def _coco(truth: Sequence[Instances], predicted: Sequence[Instances], class_names: Sequence[str]):
     from pycocotools.coco import COCO
 
+    _quiet_pycocotools()
+
     images, annotations, detections = [], [], []
     for image_id, (t, p) in enumerate(zip(truth, predicted, strict=True), start=1):
         images.append({"id": image_id, "height": t.height, "width": t.width})
@@ -135,10 +135,23 @@ def _coco(truth: Sequence[Instances], predicted: Sequence[Instances], class_name
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
                   "categories": [{"id": c, "name": n} for c, n in enumerate(class_names)]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        dt = gt.loadRes(detections) if detections else None
+    gt.createIndex()
+    dt = gt.loadRes(detections) if detections else None
     return gt, dt
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _quiet_pycocotools() -> None:
+    """pycocotools prints progress ("creating index...", "DONE (t=0.02s)") with ``print``;
+    its two modules get a ``print`` of their own that says nothing. (Redirecting stdout is
+    not enough: Ray Train replaces the built-in ``print`` in its workers with one that also
+    logs every line.)"""
+    from pycocotools import coco, cocoeval
+
+    coco.print = cocoeval.print = _silent
 
 
 def _area(mask: dict[str, Any]) -> int:
@@ -165,9 +178,8 @@ def coco_ap(truth: Sequence[Instances], predicted: Sequence[Instances], class_na
         return _empty(truth, class_names)
     ev = COCOeval(gt, dt, iouType=iou_type)
     ev.params.maxDets = [1, 10, max_detections]
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.evaluate()
-        ev.accumulate()
+    ev.evaluate()
+    ev.accumulate()
     # precision: [IoU thresholds, recall points, classes, area ranges, max detections]
     precision = ev.eval["precision"][..., -1]
 

@@ -18,14 +18,14 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.data import instance_batches
-from pipeline.metrics.instance import Instances, coco_ap, dsb_score, encode
-from pipeline.tasks import instance_eval
+from pipeline.inference.instances import InstancePredictor, to_instances
+from pipeline.metrics.instance import Instances, coco_ap, dsb_score
+from pipeline.tasks import instance_answers, instance_eval
 from pipeline.tasks.base import Task
 
 # loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
 INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
                        "classifier": "loss_classifier", "box_reg": "loss_box_reg", "mask": "loss_mask"}
-MASK_THRESHOLD = 0.5      # a predicted mask's pixels: probability above this
 AP_PLOT = "val_ap.json"
 
 
@@ -40,15 +40,6 @@ class MaskRCNNLoss(nn.Module):
         return sum(w * losses[key].float() for key, w in self.weights.items())
 
 
-def predicted_instances(output: dict[str, torch.Tensor], height: int, width: int) -> Instances:
-    """One image's model output (eval mode) -> ``Instances`` of the image's (height, width):
-    masks above ``MASK_THRESHOLD`` cropped to the image (the batch may pad it), RLE-encoded."""
-    masks = (output["masks"][:, 0, :height, :width] > MASK_THRESHOLD).cpu().numpy()
-    return Instances(height, width, classes=output["labels"].tolist(),
-                     boxes=output["boxes"].cpu().tolist(), masks=encode(masks),
-                     scores=output["scores"].cpu().tolist())
-
-
 class InstanceMetric:
     """Every validation image's truth and predicted ``Instances``; scored at the end."""
 
@@ -61,7 +52,7 @@ class InstanceMetric:
         for output, target in zip(outputs, targets, strict=True):
             truth = target["truth"]
             self.truth.append(truth)
-            self.predicted.append(predicted_instances(output, truth.height, truth.width))
+            self.predicted.append(to_instances(output, truth.height, truth.width))
 
     def all_reduce(self) -> InstanceMetric:
         """Every rank's images on every rank (so each computes the same scores)."""
@@ -167,15 +158,14 @@ class InstanceTask(Task):
         return instance_eval.plots(evaluation, full)
 
     # --- serving: pipeline.inference.instances, pipeline.tasks.instance_answers --------------
-    answers = {"json": "application/json"}
+    answers = instance_answers.ANSWERS
+    query_options = instance_answers.QUERY_OPTIONS
 
     def predictor(self, model, **overrides):
-        from pipeline.inference.instances import InstancePredictor
-
         return InstancePredictor.for_model(model, **overrides)
 
     def predict(self, predictor, images):
         return predictor.instances(images)
 
     def answer(self, options, image, prediction, meta):
-        raise NotImplementedError
+        return instance_answers.answer(options, image, prediction, meta)

@@ -31,6 +31,7 @@ from pipeline.metrics.instance import Instances, coco_ap, dsb_image_score
 from pipeline.tasks.base import EvaluateError
 from pipeline.tasks.semantic_eval import file_stem
 from pipeline.utils.io import read_json, write_json_atomic
+from pipeline.viz import instances as draw
 from pipeline.viz import overlays
 
 INDEX_FILE = "index.json"
@@ -137,8 +138,6 @@ def _area(mask: dict) -> int:
 
 def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, full: dict[str, Any]) -> None:
     """The evaluation folder, written beside ``out`` and renamed into place."""
-    from pipeline.viz import instances as draw
-
     out = Path(out)
     staging = out.with_name(f".{out.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -154,7 +153,7 @@ def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, fu
     for image_id, image, _ in shards.iter_instance_samples(data, cfg.split):
         if image_id in chosen:
             k = by_id[image_id]
-            picture = draw.panel(image, ev.truth[k], ev.predicted[k], ev.class_names, title=image_id)
+            picture = panel(image, ev.truth[k], ev.predicted[k], ev.class_names, title=image_id)
             (staging / f"{PANELS}/{file_stem(image_id)}.jpg").write_bytes(overlays.jpeg(picture))
     truth, results = coco_files(ev)
     write_json_atomic(staging / TRUTH_FILE, truth)
@@ -169,6 +168,15 @@ def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, fu
     })
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
+
+
+def panel(image: np.ndarray, truth: Instances, predicted: Instances, names: list[str], title: str = "") -> np.ndarray:
+    """Image | truth | prediction (each instance in its own colour, labelled), as one RGB picture."""
+    views = [overlays.titled(image, title or "image"),
+             overlays.titled(draw.overlay(image, truth, names), f"truth: {len(truth)}"),
+             overlays.titled(draw.overlay(image, predicted, names), f"prediction: {len(predicted)}")]
+    gap = np.full((views[0].shape[0], 4, 3), 255, np.uint8)
+    return np.hstack([views[0], gap, views[1], gap, views[2]])
 
 
 def plots(ev: Evaluation, full: dict[str, Any]) -> dict[str, list[dict]]:

@@ -116,12 +116,17 @@ def _field(record: Mapping[str, Any], key: str) -> Any:
         raise ValueError(f"progress record has no {key!r}: {dict(record)}") from None
 
 
+def _val_loss(value: float) -> str:
+    """The validation loss, or nothing for a task that takes none (NaN)."""
+    return "" if math.isnan(value) else f"  val loss {value:.4f}"
+
+
 def epoch_line(record: Mapping[str, Any], elapsed_s: float, left_s: float | None = None) -> str:
     """One epoch for a person: ``record`` holds ``epoch`` (0-based), ``epochs``, ``train_loss``,
     ``val_loss``, ``val_score`` (labelled ``score_label``) and ``train_images_per_s`` (all workers together);
     ``elapsed_s`` is the time since training started, ``left_s`` an estimate of what is left."""
     line = (f"epoch {int(_field(record, 'epoch')) + 1}/{int(_field(record, 'epochs'))}"
-            f"  train loss {_field(record, 'train_loss'):.4f}  val loss {_field(record, 'val_loss'):.4f}"
+            f"  train loss {_field(record, 'train_loss'):.4f}{_val_loss(_field(record, 'val_loss'))}"
             f"  val {_field(record, 'score_label')} {_field(record, 'val_score'):.4f}"
             f"  {_field(record, 'train_images_per_s'):.1f} img/s"
             f"  elapsed {format_duration(elapsed_s)}")

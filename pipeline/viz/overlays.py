@@ -94,7 +94,7 @@ def legend(names: Sequence[str], palette: Sequence[Sequence[int]], width: int,
     return strip
 
 
-def _titled(image: np.ndarray, title: str) -> np.ndarray:
+def titled(image: np.ndarray, title: str) -> np.ndarray:
     bar = np.full((24, image.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, title, (6, 17), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([bar, image])
@@ -104,10 +104,10 @@ def panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: Sequenc
           palette: Sequence[Sequence[int]], ignore_index: int | None, title: str = "") -> np.ndarray:
     """Image | truth | prediction | errors over a legend, as one RGB picture."""
     views = [
-        _titled(image, title or "image"),
-        _titled(blend(image, colorize(truth, palette), 0.6), "truth"),
-        _titled(blend(image, colorize(pred, palette), 0.6), "prediction"),
-        _titled(blend(image, error_map(truth, pred, ignore_index), 0.7), "errors"),
+        titled(image, title or "image"),
+        titled(blend(image, colorize(truth, palette), 0.6), "truth"),
+        titled(blend(image, colorize(pred, palette), 0.6), "prediction"),
+        titled(blend(image, error_map(truth, pred, ignore_index), 0.7), "errors"),
     ]
     gap = np.full((views[0].shape[0], 4, 3), 255, np.uint8)
     row = np.hstack([v for view in views for v in (view, gap)][:-1])

@@ -157,3 +157,15 @@ def test_precision_recall_curve():
     assert perfect["pr_curve"]["0.50:0.95"] == [1.0] * 101
     empty = coco_ap(truth, [instances(np.zeros((0, H, W)))], ["a"])["pr_curve"]
     assert empty["0.50"] == [0.0] * 101
+
+
+def test_pycocotools_prints_nothing_even_through_a_patched_print(monkeypatch):
+    """Ray Train replaces the built-in print in its workers with one that logs every line
+    (redirecting stdout does not silence it): pycocotools' progress chatter must not reach it."""
+    import builtins
+
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    truth = [instances([square(0, 0, 10)])]
+    coco_ap(truth, [instances([square(0, 0, 10)], scores=[1.0])], ["a"])
+    assert printed == []

@@ -105,7 +105,7 @@ def test_mask_rcnn_trains_through_the_engine_loop_and_scores():
     metric, loss = evaluate(model, val, task.metric(2, 255, torch.device("cpu")), torch.device("cpu"), loss_fn,
                             task=task)
     scores = task.epoch_metrics(metric.compute(), ["square", "wide"])
-    assert loss == 0.0
+    assert np.isnan(loss)                 # Mask R-CNN takes no losses in eval mode
     assert {"val_mask_ap", "val_mask_ap50", "val_box_ap", "val_dsb_score", "val_ap_square", "val_ap_wide"} <= set(scores)
     assert 0.0 <= scores["val_dsb_score"] <= 1.0
 

@@ -1,0 +1,123 @@
+"""``task: instance`` through every stage on tiny generated nuclei: prepare (dsb2018 layout),
+train (Mask R-CNN, two Ray Train workers, one MLflow run), evaluate (COCO AP that anyone can
+recompute from the files written), register (gated on mask AP) and the served answers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from pipeline import train as train_stage
+from pipeline.artifacts.model_dir import load_model
+from pipeline.config.params import PrepareParams
+from pipeline.evaluate import evaluate
+from pipeline.prepare import prepare
+from pipeline.register import RegisterError, register
+from pipeline.tasks.instance_eval import PREDICTIONS_FILE, TRUTH_FILE
+from tests.conftest import only_run
+from tests.factories import instance_params, make_nuclei_dataset
+
+TINY = {
+    "model": {"encoder_weights": None, "image_scale": 1.0,
+              "kwargs": {"box_detections_per_img": 50, "rpn_pre_nms_top_n_train": 200,
+                         "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 200,
+                         "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64,
+                         "box_score_thresh": 0.0}},     # an untrained model still answers something
+    "train": {"epochs": 2, "batch_size": 2, "val_batch_size": 2, "crop_size": [64, 64], "warmup_epochs": 0.2,
+              "num_workers": 2, "cpus_per_worker": 0.5, "threads_per_worker": 1},
+    "evaluate": {"overlays": {"samples": 2, "worst_per_class": 1}},
+    "register": {"model_name": "tiny-nuclei"},
+}
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nuclei")
+    make_nuclei_dataset(root / "raw", n=16)
+    cfg = PrepareParams.defaults(task="instance", workers=1, val_fraction=0.2, test_fraction=0.25)
+    prepare("dsb2018", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.shutdown()
+        train_stage.init_ray()
+        yield
+        ray.shutdown()
+
+
+def recompute_ap(folder) -> float:
+    """Mask AP from the evaluation folder's COCO files alone, with pycocotools as any user would
+    (the detection cap at the largest image's count, as the report reads it)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = json.loads((folder / TRUTH_FILE).read_text())
+    gt.createIndex()
+    dt = gt.loadRes(json.loads((folder / PREDICTIONS_FILE).read_text()))
+    ev = COCOeval(gt, dt, iouType="segm")
+    ev.params.maxDets = [1, 10, 300]
+    ev.evaluate()
+    ev.accumulate()
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    return float(precision[precision > -1].mean())
+
+
+def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, local_ray):
+    params = instance_params(env / "params.yaml", **TINY)
+    summary = train_stage.train(nuclei, env / "model", env / "metrics.json", params, env / "ray_results",
+                                plots_dir=env / "plots")
+    assert set(summary) >= {"best_val_mask_ap", "best_epoch", "val_mask_ap50", "val_dsb_score"}
+    assert json.loads((env / "plots" / "val_ap.json").read_text())[0]["class"] == "nucleus"
+    client, run = only_run(os.environ["MLFLOW_TRACKING_URI"])
+    history = client.get_metric_history(run.info.run_id, "val_mask_ap")
+    assert [m.step for m in history] == [0, 1]
+
+    model = load_model(env / "model")
+    assert type(model).__name__ == "InstanceModel" and model.meta.task == "instance"
+
+    full = evaluate(env / "model", nuclei, env / "evaluation", env / "eval.json", env / "eval-plots", params)
+    card = json.loads((nuclei / "card.json").read_text())
+    assert full["primary_metric"] == "mask_ap" and full["images"] == card["splits"]["test"]["images"] > 0
+    assert full["instances"]["truth"] > 0 and full["instances"]["predicted"] > 0
+    assert set(json.loads((env / "eval.json").read_text())) == {"eval_key", "mask_ap", "mask_ap50", "mask_ap75",
+                                                                 "box_ap", "dsb_score"}
+    assert recompute_ap(env / "evaluation") == pytest.approx(full["mask_ap"], abs=1e-9)
+    index = json.loads((env / "evaluation" / "index.json").read_text())
+    panels = [e["files"]["panel"] for e in index["images"] if e["files"]]
+    assert panels and all((env / "evaluation" / p).is_file() for p in panels)
+    pr = json.loads((env / "eval-plots" / "precision_recall.json").read_text())
+    assert {row["iou"] for row in pr} == {"0.50", "0.75", "0.50:0.95"} and len(pr) == 303
+
+    with pytest.raises(RegisterError, match="register.onnx"):
+        register(env / "model", env / "evaluation" / "evaluate.json", nuclei, env / "registry.json",
+                 instance_params(env / "onnx.yaml", **{**TINY, "register": {**TINY["register"], "onnx": True}}))
+    decision = register(env / "model", env / "evaluation" / "evaluate.json", nuclei, env / "registry.json", params)
+    assert decision.promoted and decision.score_metric == "mask_ap"
+    version = client.get_model_version("tiny-nuclei", decision.version)
+    assert version.tags["task"] == "instance" and version.tags["score_metric"] == "mask_ap"
+
+    from pipeline.serving import api
+    from pipeline.tasks import get_task
+
+    task = get_task("instance")
+    image = np.zeros((70, 90, 3), np.uint8)
+    image[20:36, 30:46] = 200
+    (prediction,) = task.predict(task.predictor(model), [image])
+    options = api.parse_options([("format", "json"), ("score_threshold", "0")], task.answers,
+                                task_options=task.query_options)
+    body, _ = task.answer(options, image, prediction, model.meta)
+    assert body["width"] == 90 and len(body["instances"]) == len(prediction)
+    png, media = task.answer(api.parse_options([("format", "png")], task.answers,
+                                               task_options=task.query_options), image, prediction, model.meta)
+    assert media == "image/png" and Image.open(io.BytesIO(png)).size == (90, 70)
