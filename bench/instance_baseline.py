@@ -42,7 +42,8 @@ def train_plain(data: Path, cfg: TrainParams, model_cfg: ModelParams, epochs: in
     classes = read_json(data / paths.CLASSES_FILE)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.num_workers * (cfg.threads_per_worker or 1))
-    model = build_model(model_cfg, classes["num_classes"], ModelMeta(class_names=classes["names"], task="instance"))
+    meta = ModelMeta(class_names=classes["names"], task="instance")
+    model = build_model(model_cfg, classes["num_classes"], meta)
     mean, std = model.meta.mean, model.meta.std
     table = shards.read_split(data, "train", columns=["image", "instances"])
     images, targets = table.column("image").to_pylist(), table.column("instances").to_pylist()
@@ -51,8 +52,12 @@ def train_plain(data: Path, cfg: TrainParams, model_cfg: ModelParams, epochs: in
     total, warmup = epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    def factor(step: int) -> float:        # linear warm-up, then cosine, per step (as the pipeline's)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     transform = instance_batches.train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter)
     generator = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -71,7 +76,8 @@ def train_plain(data: Path, cfg: TrainParams, model_cfg: ModelParams, epochs: in
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             schedule.step()
-        print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, {elapsed:.0f} s", flush=True)
     return model.eval(), time.perf_counter() - start
 
 

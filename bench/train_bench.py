@@ -71,7 +71,8 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, config["num_classes"]).to(memory_format=memory_format(cfg.channels_last))
-    loss_fn = task.build_loss(loss_cfg, config["num_classes"], config["ignore_index"], config["class_weights"])
+    loss_fn = task.build_loss(loss_cfg, config["num_classes"], config["ignore_index"],
+                              config["class_weights"])
     optimizer = build_optimizer(model, cfg)
     steps = config["n_train"] // cfg.batch_size
     scheduler = build_scheduler(optimizer, cfg, steps)
@@ -139,7 +140,8 @@ def main() -> None:
             ray_runs.append(ray_rate(data, ray_cfg, model_cfg, loss_cfg, Path(tmp) / f"ray{i}"))
             plain_runs.append(torch_rate(data, plain_cfg, model_cfg, loss_cfg))
     torch_img_s, ray_img_s = statistics.mean(plain_runs), statistics.mean(ray_runs)
-    print(f"{n} images, {model_cfg.arch}/{getattr(model_cfg, 'encoder_name', model_cfg.family)}, crop {cfg.crop_size}, "
+    backbone = getattr(model_cfg, "encoder_name", model_cfg.family)
+    print(f"{n} images, {model_cfg.arch}/{backbone}, crop {cfg.crop_size}, "
           f"global batch {plain_cfg.batch_size}, {plain_cfg.threads_per_worker} threads in all")
     print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s  (1 process x {plain_cfg.threads_per_worker} "
           f"threads, batch {plain_cfg.batch_size}; runs: {', '.join(f'{r:.2f}' for r in plain_runs)})")

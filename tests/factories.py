@@ -249,7 +249,8 @@ def make_nuclei_dataset(root: Path, n: int = 16, size: tuple[int, int] = (64, 80
                 r = int(rng.integers(5, 10))
                 cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
                 disc = cv2.circle(np.zeros((h, w), np.uint8), (cx, cy), r, 1, -1).astype(bool)
-                if not (cv2.dilate(disc.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & taken).any():
+                near = cv2.dilate(disc.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+                if not (near & taken).any():
                     break
             taken |= disc
             image[disc] = rng.integers(170, 230)

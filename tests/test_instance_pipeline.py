@@ -90,7 +90,8 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
     card = json.loads((nuclei / "card.json").read_text())
     assert full["primary_metric"] == "mask_ap" and full["images"] == card["splits"]["test"]["images"] > 0
     assert full["instances"]["truth"] > 0 and full["instances"]["predicted"] > 0
-    assert set(json.loads((env / "eval.json").read_text())) == {"eval_key", "mask_ap", "mask_ap50", "mask_ap75",
+    assert set(json.loads((env / "eval.json").read_text())) == {"eval_key", "mask_ap", "mask_ap50",
+                                                                 "mask_ap75",
                                                                  "box_ap", "dsb_score"}
     assert recompute_ap(env / "evaluation") == pytest.approx(full["mask_ap"], abs=1e-9)
     index = json.loads((env / "evaluation" / "index.json").read_text())
@@ -99,10 +100,11 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
     pr = json.loads((env / "eval-plots" / "precision_recall.json").read_text())
     assert {row["iou"] for row in pr} == {"0.50", "0.75", "0.50:0.95"} and len(pr) == 303
 
+    report = env / "evaluation" / "evaluate.json"
+    with_onnx = instance_params(env / "onnx.yaml", **{**TINY, "register": {**TINY["register"], "onnx": True}})
     with pytest.raises(RegisterError, match="register.onnx"):
-        register(env / "model", env / "evaluation" / "evaluate.json", nuclei, env / "registry.json",
-                 instance_params(env / "onnx.yaml", **{**TINY, "register": {**TINY["register"], "onnx": True}}))
-    decision = register(env / "model", env / "evaluation" / "evaluate.json", nuclei, env / "registry.json", params)
+        register(env / "model", report, nuclei, env / "registry.json", with_onnx)
+    decision = register(env / "model", report, nuclei, env / "registry.json", params)
     assert decision.promoted and decision.score_metric == "mask_ap"
     version = client.get_model_version("tiny-nuclei", decision.version)
     assert version.tags["task"] == "instance" and version.tags["score_metric"] == "mask_ap"
@@ -118,6 +120,6 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
                                 task_options=task.query_options)
     body, _ = task.answer(options, image, prediction, model.meta)
     assert body["width"] == 90 and len(body["instances"]) == len(prediction)
-    png, media = task.answer(api.parse_options([("format", "png")], task.answers,
-                                               task_options=task.query_options), image, prediction, model.meta)
+    as_png = api.parse_options([("format", "png")], task.answers, task_options=task.query_options)
+    png, media = task.answer(as_png, image, prediction, model.meta)
     assert media == "image/png" and Image.open(io.BytesIO(png)).size == (90, 70)

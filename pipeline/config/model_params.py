@@ -76,7 +76,8 @@ class TorchvisionModelParams(ModelParams):
     arch: Literal[TORCHVISION_ARCHS] = Field(...)
     encoder_weights: Literal["imagenet"] | None = Field(...)
     in_channels: Literal[3] = Field(..., description="RGB")
-    classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json (background excluded)")
+    classes: int | None = Field(..., ge=1, le=1024,
+                                description="null: from classes.json (background excluded)")
     image_scale: float = Field(..., ge=0.25, le=4.0, description=(
         "every image (training crops and whole images alike) is resized by this factor inside the "
         "model: small objects such as nuclei need more than 1"))

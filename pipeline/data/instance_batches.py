@@ -92,7 +92,8 @@ def collate(images: Sequence[bytes], targets: Sequence[Sequence[dict]], *, mean:
     """Encoded rows -> (images (N, 3, H, W) float32 normalised, one target dict per image).
     Images of different sizes are padded bottom/right to the largest (masks with 0: the
     padding belongs to no object). ``ignore_index`` plays no part (the signature is the task's)."""
-    pairs = [_targets(decode_image(data), rows, transform) for data, rows in zip(images, targets, strict=True)]
+    pairs = [_targets(decode_image(data), rows, transform)
+             for data, rows in zip(images, targets, strict=True)]
     h = max(image.shape[0] for image, _ in pairs)
     w = max(image.shape[1] for image, _ in pairs)
     batch = np.zeros((len(pairs), h, w, 3), np.uint8)

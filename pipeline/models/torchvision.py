@@ -126,7 +126,8 @@ def _mobilenet_maskrcnn(cfg: TorchvisionModelParams, classes: int) -> nn.Module:
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("classifier.") for k in missing):
             file = ENCODER_WEIGHT_FILES[BACKBONE_WEIGHTS].name
-            raise RuntimeError(f"{file} does not fit MobileNetV2: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(f"{file} does not fit MobileNetV2: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     backbone = _mobilenet_extractor(net, fpn=True, trainable_layers=cfg.trainable_layers,
                                     returned_layers=list(MOBILENET_STAGES))
     maps = [str(k) for k in range(len(MOBILENET_STAGES))]
@@ -151,7 +152,8 @@ def _check_kwargs(cfg: TorchvisionModelParams, maskrcnn: type) -> None:
     accepted |= set(inspect.signature(FasterRCNN.__init__).parameters) - {"self", "backbone", "kwargs"}
     unknown = sorted(set(cfg.kwargs) - accepted)
     if unknown:
-        raise ValueError(f"model.kwargs: {', '.join(map(repr, unknown))} not taken by torchvision's MaskRCNN; "
+        raise ValueError(f"model.kwargs: {', '.join(map(repr, unknown))} not taken by torchvision's "
+                         "MaskRCNN; "
                          f"accepted: {', '.join(sorted(accepted - set(_OWN_KEYS)))}")
 
 
@@ -178,6 +180,7 @@ def ensure_weights(cfg: TorchvisionModelParams) -> None:
 
 def _no_weights_dir_message() -> str:
     file = ENCODER_WEIGHT_FILES[BACKBONE_WEIGHTS].name
-    return (f"model.encoder_weights: imagenet for {BACKBONE_WEIGHTS} needs ${paths.ENV_WEIGHTS_DIR}, a folder "
+    return (f"model.encoder_weights: imagenet for {BACKBONE_WEIGHTS} needs ${paths.ENV_WEIGHTS_DIR}, "
+            "a folder "
             f"holding {file} (torchvision's ImageNet checkpoint); the torchvision family downloads "
             "nothing. Set the variable, or model.encoder_weights: null")

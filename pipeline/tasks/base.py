@@ -76,7 +76,8 @@ class Task(ABC):
         """``collate``'s targets on ``device``."""
         return targets.to(device, non_blocking=True)
 
-    def training_loss(self, model: nn.Module, images: torch.Tensor, targets: Any, loss_fn: nn.Module) -> torch.Tensor:
+    def training_loss(self, model: nn.Module, images: torch.Tensor, targets: Any,
+                      loss_fn: nn.Module) -> torch.Tensor:
         """One training step's scalar loss. The engine calls it under autocast when mixed
         precision is on; here the forward runs under it and the loss, in float32, outside."""
         outputs = model(images)

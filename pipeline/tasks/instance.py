@@ -85,7 +85,7 @@ class InstanceTask(Task):
     per_class_keys = ("mask_ap", "box_ap")
     views = ("ap_table", "overlays")
     target_column = "instances"
-    onnx_export = False       # Mask R-CNN's data-dependent output: no checked ONNX export (register.onnx: false)
+    onnx_export = False       # Mask R-CNN: no checked ONNX export here (register.onnx: false)
 
     def train_transform(self, crop, scale, jitter, ignore_index):
         return instance_batches.train_transform(crop, scale, jitter)

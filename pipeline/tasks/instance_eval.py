@@ -98,7 +98,8 @@ def image_scores(ev: Evaluation) -> list[dict[str, Any]]:
     out = []
     for t, p in zip(ev.truth, ev.predicted, strict=True):
         ap50 = coco_ap([t], [p], ev.class_names, "segm")["ap50"] if len(t) else None
-        out.append({"dsb_score": dsb_image_score(t, p), "mask_ap50": ap50, "truth": len(t), "predicted": len(p)})
+        out.append({"dsb_score": dsb_image_score(t, p), "mask_ap50": ap50, "truth": len(t),
+                    "predicted": len(p)})
     return out
 
 
@@ -170,7 +171,8 @@ def write_outputs(ev: Evaluation, data: Path, cfg: EvaluateParams, out: Path, fu
     staging.rename(out)
 
 
-def panel(image: np.ndarray, truth: Instances, predicted: Instances, names: list[str], title: str = "") -> np.ndarray:
+def panel(image: np.ndarray, truth: Instances, predicted: Instances, names: list[str],
+          title: str = "") -> np.ndarray:
     """Image | truth | prediction (each instance in its own colour, labelled), as one RGB picture."""
     views = [overlays.titled(image, title or "image"),
              overlays.titled(draw.overlay(image, truth, names), f"truth: {len(truth)}"),
@@ -184,5 +186,6 @@ def plots(ev: Evaluation, full: dict[str, Any]) -> dict[str, list[dict]]:
     bars = [{"class": name} | full["per_class"][name] for name in ev.class_names]
     curve = full["pr_curve"]
     rows = [{"iou": iou, "recall": r, "precision": p}
-            for iou in ("0.50", "0.75", "0.50:0.95") for r, p in zip(curve["recall"], curve[iou], strict=True)]
+            for iou in ("0.50", "0.75", "0.50:0.95")
+            for r, p in zip(curve["recall"], curve[iou], strict=True)]
     return {AP_PLOT: bars, PR_PLOT: rows}

@@ -153,7 +153,7 @@ def test_precision_recall_curve():
     curve = coco_ap(truth, [found], ["a"])["pr_curve"]
     assert len(curve["recall"]) == 101 and curve["recall"][50] == 0.5
     assert curve["0.50"][:51] == [1.0] * 51 and curve["0.50"][51:] == [0.0] * 50
-    perfect = coco_ap(truth, truth and [instances([square(0, 0, 10), square(30, 30, 12)], scores=[1, 1])], ["a"])
+    perfect = coco_ap(truth, [instances([square(0, 0, 10), square(30, 30, 12)], scores=[1, 1])], ["a"])
     assert perfect["pr_curve"]["0.50:0.95"] == [1.0] * 101
     empty = coco_ap(truth, [instances(np.zeros((0, H, W)))], ["a"])["pr_curve"]
     assert empty["0.50"] == [0.0] * 101

@@ -99,14 +99,16 @@ def test_mask_rcnn_trains_through_the_engine_loop_and_scores():
     norm = {"mean": MEAN, "std": STD, "ignore_index": 255}
     batches = [task.collate([r[0] for r in rows[i:i + 2]], [r[1] for r in rows[i:i + 2]], transform=transform,
                             **norm) for i in (0, 2)]
-    stats = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, torch.device("cpu"), task=task)
+    cpu = torch.device("cpu")
+    stats = train_one_epoch(model, batches, loss_fn, optimizer, scheduler, cfg, cpu, task=task)
     assert stats["steps"] == 2 and np.isfinite(stats["loss"]) and stats["loss"] > 0
     val = [task.collate([r[0] for r in rows], [r[1] for r in rows], **norm)]
-    metric, loss = evaluate(model, val, task.metric(2, 255, torch.device("cpu")), torch.device("cpu"), loss_fn,
+    metric, loss = evaluate(model, val, task.metric(2, 255, cpu), cpu, loss_fn,
                             task=task)
     scores = task.epoch_metrics(metric.compute(), ["square", "wide"])
     assert np.isnan(loss)                 # Mask R-CNN takes no losses in eval mode
-    assert {"val_mask_ap", "val_mask_ap50", "val_box_ap", "val_dsb_score", "val_ap_square", "val_ap_wide"} <= set(scores)
+    assert {"val_mask_ap", "val_mask_ap50", "val_box_ap", "val_dsb_score", "val_ap_square",
+            "val_ap_wide"} <= set(scores)
     assert 0.0 <= scores["val_dsb_score"] <= 1.0
 
 
