@@ -274,3 +274,64 @@ def instance_params(path: Path, **sections: dict) -> Path:
         parse_section(model, data.get(name), str(path))
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+class ServeProcess:
+    """``python -m pipeline.serve --params <params>`` started in ``cwd`` with ``env``, its output
+    in ``log``; ``request`` talks to it over real HTTP on 127.0.0.1. A context manager: ready
+    (its log says "serving") on entry, stopped with SIGINT (then SIGKILL) on exit."""
+
+    def __init__(self, params: Path, port: int, cwd: Path, env: dict, log: Path, timeout_s: float = 240):
+        self.params, self.cwd, self.env, self.log, self.timeout_s = params, cwd, env, log, timeout_s
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def __enter__(self) -> ServeProcess:
+        import subprocess
+        import sys
+        import time
+
+        with open(self.log, "w") as out:
+            cmd = [sys.executable, "-m", "pipeline.serve", "--params", str(self.params)]
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        while "serving" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                headers: dict | None = None) -> tuple[int, str, bytes]:
+        """(status, media type, body) of one request; HTTP errors are answers too."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=dict(headers or {}))
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.headers.get_content_type(), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get_content_type(), exc.read()
+
+    def predict(self, body: bytes, content_type: str = "image/png", query: str = "",
+                ) -> tuple[int, str, bytes]:
+        return self.request("POST", f"/predict{query}", body, content_type)

@@ -1,6 +1,7 @@
 """``task: instance`` through every stage on tiny generated nuclei: prepare (dsb2018 layout),
 train (Mask R-CNN, two Ray Train workers, one MLflow run), evaluate (COCO AP that anyone can
-recompute from the files written), register (gated on mask AP) and the served answers."""
+recompute from the files written), register (gated on mask AP) and the champion served over
+HTTP."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from pipeline.config.params import PrepareParams
 from pipeline.evaluate import evaluate
 from pipeline.prepare import prepare
 from pipeline.register import RegisterError, register
+from pipeline.tasks import get_task
 from pipeline.tasks.instance_eval import PREDICTIONS_FILE, TRUTH_FILE
 from tests.conftest import only_run
-from tests.factories import instance_params, make_nuclei_dataset
+from tests.factories import ServeProcess, free_port, instance_params, make_nuclei_dataset
 
 TINY = {
     "model": {"encoder_weights": None, "image_scale": 1.0,
@@ -109,17 +111,34 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
     version = client.get_model_version("tiny-nuclei", decision.version)
     assert version.tags["task"] == "instance" and version.tags["score_metric"] == "mask_ap"
 
-    from pipeline.serving import api
-    from pipeline.tasks import get_task
-
+    # The champion served over HTTP answers what the model predicts in-process.
     task = get_task("instance")
     image = np.zeros((70, 90, 3), np.uint8)
     image[20:36, 30:46] = 200
     (prediction,) = task.predict(task.predictor(model), [image])
-    options = api.parse_options([("format", "json"), ("score_threshold", "0")], task.answers,
-                                task_options=task.query_options)
-    body, _ = task.answer(options, image, prediction, model.meta)
-    assert body["width"] == 90 and len(body["instances"]) == len(prediction)
-    as_png = api.parse_options([("format", "png")], task.answers, task_options=task.query_options)
-    png, media = task.answer(as_png, image, prediction, model.meta)
-    assert media == "image/png" and Image.open(io.BytesIO(png)).size == (90, 70)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    port = free_port()
+    serve_params = instance_params(env / "serve.yaml", **{**TINY, "serve": {"port": port, "threads": 1}})
+    with ServeProcess(serve_params, port, env, dict(os.environ), env / "serve.log") as server:
+        status, _, meta = server.request("GET", "/metadata")
+        meta = json.loads(meta)
+        assert status == 200 and meta["task"] == "instance" and set(meta["query_options"]) == {
+            "score_threshold", "max_instances"}
+        status, media, body = server.predict(buf.getvalue(), query="?score_threshold=0")
+        answer = json.loads(body)
+        assert status == 200 and media == "application/json" and answer["width"] == 90
+        assert [i["score"] for i in answer["instances"]] == pytest.approx(prediction.scores, abs=1e-6)
+        assert [i["mask"] for i in answer["instances"]] == prediction.masks
+        status, _, body = server.predict(buf.getvalue(), query="?score_threshold=0&max_instances=2")
+        assert len(json.loads(body)["instances"]) == min(2, len(prediction))
+        status, media, png = server.predict(buf.getvalue(), query="?format=png&score_threshold=0")
+        ids = Image.open(io.BytesIO(png))
+        assert media == "image/png" and ids.size == (90, 70)
+        assert len(json.loads(ids.text["instances"])) == len(prediction)
+        status, media, _ = server.predict(buf.getvalue(), query="?format=overlay")
+        assert status == 200 and media == "image/jpeg"
+        for bad in ("?max_instances=0", "?score_threshold=2", "?score_threshold=x", "?min_score=0.5"):
+            status, _, body = server.predict(buf.getvalue(), query=bad)
+            assert status == 400 and bad[1:].split("=")[0] in json.loads(body)["error"], (bad, body)
+        assert server.request("GET", "/health")[0] == 200

@@ -5,13 +5,9 @@ import http.client
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +22,7 @@ from pipeline.inference.predictor import Predictor
 from pipeline.models.base import InferenceSettings
 from pipeline.serving.service import ModelRef, Service, replica_threads
 from tests.conftest import CLASSES
-from tests.factories import displayed, free_port, registered_model, rotated_jpeg
+from tests.factories import ServeProcess, displayed, free_port, registered_model, rotated_jpeg
 
 NAME = "served-unet"
 MAX_BODY = 300_000
@@ -47,24 +43,13 @@ def picture(h, w, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-class Server:
-    def __init__(self, url: str, model, log: Path):
-        self.url, self.model, self.log = url, model, log
+class Server(ServeProcess):
+    """The served model and the predictor that gives the same masks in-process."""
+
+    def __init__(self, params: Path, port: int, cwd: Path, env: dict, log: Path, model):
+        super().__init__(params, port, cwd, env, log)
+        self.model = model
         self.predictor = Predictor(model, tile_above_pixels=TILE_ABOVE, tile_size=(32, 48), tile_overlap=0.25)
-
-    def request(self, method, path, body=None, content_type=None, headers=None):
-        """(status, content type, body) of one request; errors are answers, not raised."""
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={**({"Content-Type": content_type} if content_type else {}),
-                                              **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, r.headers.get_content_type(), r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.headers.get_content_type(), exc.read()
-
-    def predict(self, body, content_type="image/png", query=""):
-        return self.request("POST", f"/predict{query}", body, content_type)
 
 
 @pytest.fixture(scope="module")
@@ -91,28 +76,8 @@ def server(fitted, tmp_path_factory):
         "serve": {"port": port, "max_batch_size": 4, "max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS,
                   "tile_above_pixels": TILE_ABOVE, "tile_size": [32, 48], "threads": 1},
     })))
-    log = tmp / "serve.log"
-    with open(log, "w") as out:
-        cmd = [sys.executable, "-m", "pipeline.serve", "--params", str(tmp / "params.yaml")]
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", model, log)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-            if "serving" in log.read_text():
-                break
-            time.sleep(0.5)
+    with Server(tmp / "params.yaml", port, tmp, env, tmp / "serve.log", model) as srv:
         yield srv
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def mask_of(body: bytes) -> np.ndarray:
