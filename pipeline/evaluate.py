@@ -1,7 +1,7 @@
 """Stage ``evaluate``: the trained model on the test split at native resolution.
 
     python -m pipeline.evaluate --model models/train --data data/prepared \\
-        --out evaluation --metrics metrics/evaluate.json --plots metrics/plots
+        --out evaluation --metrics metrics/evaluate.json --plots metrics/plots/evaluate
 
 Every image is predicted whole (sliding-window tiles above ``evaluate.tile_above_pixels``,
 optional flip and multi-scale TTA; ``pipeline.inference.predictor``); the model's task
@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
     parser.add_argument("--out", type=Path, default=paths.EVAL_OUT)
     parser.add_argument("--metrics", type=Path, default=paths.EVAL_METRICS)
-    parser.add_argument("--plots", type=Path, default=paths.PLOTS_DIR)
+    parser.add_argument("--plots", type=Path, default=paths.EVAL_PLOTS)
     parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
     return parser.parse_args(argv)
 

@@ -2,7 +2,7 @@
 ``pipeline.engine.loop``, one MLflow run per training, the best checkpoint as output.
 
     python -m pipeline.train --data data/prepared --out models/train --metrics metrics/train.json \\
-        --plots metrics/plots
+        --plots metrics/plots/train
 
 ``--metrics`` holds the headline (best validation mIoU and pixel accuracy, best epoch, ...);
 the best epoch's per-class validation IoU goes to ``--plots``/``val_iou.json``.
@@ -313,7 +313,7 @@ def write_summary(best: dict[str, Any], images_per_s: float, metrics_path: Path,
 
 def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS_FILE,
           storage: Path = paths.RAY_RESULTS, track: bool = True,
-          plots_dir: Path = paths.PLOTS_DIR) -> dict[str, Any]:
+          plots_dir: Path = paths.TRAIN_PLOTS) -> dict[str, Any]:
     """Train, export the best model to ``out``; returns the summary written to
     ``metrics_path`` (and the best epoch's per-class IoU to ``plots_dir``)."""
     cfg = load_params(TrainParams, params)
@@ -354,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=paths.PREPARED_DIR)
     parser.add_argument("--out", type=Path, default=paths.TRAIN_OUT)
     parser.add_argument("--metrics", type=Path, default=paths.TRAIN_METRICS)
-    parser.add_argument("--plots", type=Path, default=paths.PLOTS_DIR)
+    parser.add_argument("--plots", type=Path, default=paths.TRAIN_PLOTS)
     parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
     parser.add_argument("--storage", type=Path, default=paths.RAY_RESULTS)
     return parser.parse_args(argv)

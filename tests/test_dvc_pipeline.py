@@ -144,8 +144,8 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     assert "three-epochs" in dvc(repo, "exp", "show", "--json", env=env)
     assert "miou" in dvc(repo, "metrics", "diff", env=env)
     plots = json.loads(dvc(repo, "plots", "diff", "HEAD", "--json", env=env, stdout_only=True))
-    assert {"metrics/plots/per_class.json", "metrics/plots/confusion.json",
-            "metrics/plots/val_iou.json"} <= set(plots["data"])
+    assert {"metrics/plots/evaluate/per_class.json", "metrics/plots/evaluate/confusion.json",
+            "metrics/plots/train/val_iou.json"} <= set(plots["data"])
 
     assert len(runs()) == 3
     experiment = [r for r in runs() if r.data.tags.get("dvc_exp") == "three-epochs"]
@@ -178,12 +178,12 @@ def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
         # The best epoch as the Ray worker reports it, for CamVid's 11 classes.
         best = {"val_miou": miou, "epoch": 6, "val_pixel_accuracy": 0.877742, "val_mean_dice": 0.7021,
                 "val_fwiou": 0.80123, "val_loss": 0.4, "lr": 1e-4} | {f"val_iou_{c}": 0.5 for c in CAMVID}
-        write_summary(best, 2.473579791200771, repo / paths.TRAIN_METRICS, repo / paths.PLOTS_DIR,
+        write_summary(best, 2.473579791200771, repo / paths.TRAIN_METRICS, repo / paths.TRAIN_PLOTS,
                       SemanticTask())
         params = repo_params(tmp_path / "params.yaml", evaluate={
             "flip_tta": flip_tta, "scales": [1.0], "overlays": {"samples": 1, "worst_per_class": 1}})
         evaluate(repo / paths.TRAIN_OUT, coded, repo / paths.EVAL_OUT, repo / paths.EVAL_METRICS,
-                 repo / paths.PLOTS_DIR, params, track=False)
+                 repo / paths.EVAL_PLOTS, params, track=False)
 
     def widest(out: str) -> int:
         assert "miou" in out and "best_val_miou" in out, out
@@ -200,4 +200,4 @@ def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
     assert widest(diff) <= 200, diff
     assert "eval_key" in diff                                   # the settings changed, and DVC says so
     plots = json.loads(dvc(repo, "plots", "show", "--json", env=env, stdout_only=True))
-    assert {"metrics/plots/per_class.json", "metrics/plots/val_iou.json"} <= set(plots["data"])
+    assert {"metrics/plots/evaluate/per_class.json", "metrics/plots/train/val_iou.json"} <= set(plots["data"])

@@ -40,6 +40,7 @@ PREDICTIONS_FILE = "predictions.json"
 PANELS = "overlays"
 AP_PLOT = "per_class_ap.json"
 PR_PLOT = "precision_recall.json"
+PR_COLUMNS = {"0.50": "precision_iou50", "0.75": "precision_iou75", "0.50:0.95": "precision_iou50_95"}
 
 
 @dataclass
@@ -182,10 +183,10 @@ def panel(image: np.ndarray, truth: Instances, predicted: Instances, names: list
 
 
 def plots(ev: Evaluation, full: dict[str, Any]) -> dict[str, list[dict]]:
-    """DVC plots data: per-class mask and box AP; the precision-recall curves as long rows."""
+    """DVC plots data: per-class mask and box AP; the precision-recall curves, one row per
+    recall point with the precision at mask IoU 0.50, 0.75 and averaged over 0.50:0.95."""
     bars = [{"class": name} | full["per_class"][name] for name in ev.class_names]
     curve = full["pr_curve"]
-    rows = [{"iou": iou, "recall": r, "precision": p}
-            for iou in ("0.50", "0.75", "0.50:0.95")
-            for r, p in zip(curve["recall"], curve[iou], strict=True)]
+    rows = [{"recall": r, **{column: curve[iou][k] for iou, column in PR_COLUMNS.items()}}
+            for k, r in enumerate(curve["recall"])]
     return {AP_PLOT: bars, PR_PLOT: rows}
