@@ -201,3 +201,38 @@ def test_dvc_metrics_show_and_diff_fit_a_200_column_terminal(coded, tmp_path):
     assert "eval_key" in diff                                   # the settings changed, and DVC says so
     plots = json.loads(dvc(repo, "plots", "show", "--json", env=env, stdout_only=True))
     assert {"metrics/plots/evaluate/per_class.json", "metrics/plots/train/val_iou.json"} <= set(plots["data"])
+
+
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATASETS / "dsb2018").is_dir(), reason="needs ../shared/datasets/dsb2018")
+def test_the_instance_recipe_through_dvc_repro(tmp_path):
+    """recipes/dsb2018.yaml as the params file (README, "Instance segmentation"), shortened:
+    the real DSB 2018 nuclei from the mirror through every stage, DVC's output checks included."""
+    repo, env = scratch_repo(tmp_path)
+    env = env | {"RAY_AUTH_MODE": "disabled", "SEG_DATA_MIRROR": str(SHARED_DATASETS)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    params = yaml.safe_load((REPO / "recipes" / "dsb2018.yaml").read_text())
+    params["model"] |= {"encoder_weights": None, "image_scale": 1.0,
+                        "kwargs": {"box_detections_per_img": 100, "rpn_pre_nms_top_n_train": 300,
+                                   "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300,
+                                   "rpn_post_nms_top_n_test": 150, "box_batch_size_per_image": 64}}
+    params["train"] |= {"epochs": 1, "crop_size": [64, 64], "warmup_epochs": 0.2, "threads_per_worker": 1}
+    params["evaluate"]["overlays"] = {"samples": 1, "worst_per_class": 1}
+    params["register"] |= {"model_name": "nuclei"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+    out = dvc(repo, "repro", env=env)
+    assert "test: mask AP " in out
+    card = json.loads((repo / "data/prepared/card.json").read_text())
+    assert card["task"] == "instance" and sum(s["instances"] for s in card["splits"].values()) == 4152
+    headline = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(headline) == {"eval_key", "mask_ap", "mask_ap50", "mask_ap75", "box_ap", "dsb_score"}
+    decision = json.loads((repo / "models/registry.json").read_text())
+    assert decision["promoted"] and decision["score_metric"] == "mask_ap" and decision["onnx_uri"] is None
+    assert "Data and pipelines are up to date" in dvc(repo, "repro", env=env)
+    plots = json.loads(dvc(repo, "plots", "show", "--json", env=env, stdout_only=True))
+    assert {"metrics/plots/train/val_ap.json", "metrics/plots/evaluate/per_class_ap.json",
+            "metrics/plots/evaluate/precision_recall.json"} <= set(plots["data"])
