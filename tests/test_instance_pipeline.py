@@ -100,7 +100,8 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
     panels = [e["files"]["panel"] for e in index["images"] if e["files"]]
     assert panels and all((env / "evaluation" / p).is_file() for p in panels)
     pr = json.loads((env / "eval-plots" / "precision_recall.json").read_text())
-    assert len(pr) == 101 and set(pr[0]) == {"recall", "precision_iou50", "precision_iou75", "precision_iou50_95"}
+    assert len(pr) == 101
+    assert set(pr[0]) == {"recall", "precision_iou50", "precision_iou75", "precision_iou50_95"}
     assert [row["precision_iou50"] for row in pr] == full["pr_curve"]["0.50"]
 
     report = env / "evaluation" / "evaluate.json"
