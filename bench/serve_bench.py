@@ -1,12 +1,17 @@
 """Serving over HTTP (Ray Serve) against the same predict() in-process, with Serve's own floor.
 
-    python bench/serve_bench.py [--quick] [--size 360x480]
+    python bench/serve_bench.py [--quick] [--size 360x480] [--params params.yaml]
+        [--model-dir models/train] [--image FILE] [--query '?format=json']
 
-A model of params.yaml's architecture (random weights, the same compute as the trained
-one) is registered in a temporary MLflow store and served by ``pipeline.serve``'s
-application on a free loopback port, with the serve section's settings and the torch
-thread count of this process. Beside it runs a no-op deployment that echoes the body:
-the floor that Ray Serve itself costs. The payload is one JPEG street-like scene.
+A model of the params' architecture (random weights, the same compute as the trained
+one; or ``--model-dir``, a trained model folder such as the train stage's) is registered in
+a temporary MLflow store and served by ``pipeline.serve``'s application on a free loopback
+port, with the serve section's settings and the torch thread count of this process. Beside
+it runs a no-op deployment that echoes the body: the floor that Ray Serve itself costs. The
+payload is one JPEG street-like scene, or ``--image`` (sent as its own bytes), posted to
+``/predict`` with ``--query`` (the task's default answer without). For instance
+segmentation: ``--params recipes/dsb2018.yaml --model-dir models/train --image <a DSB image>
+--query '?format=json'``.
 
 - latency, one client (sequential requests on a kept-alive connection): p50/p95 of
   ``POST /predict`` against ``Service.predict([image])`` in-process, and of the echo;
@@ -66,8 +71,9 @@ def scene(h: int, w: int) -> np.ndarray:
     return np.clip(cv2.GaussianBlur(img, (3, 3), 0) + noise, 0, 255).astype(np.uint8)
 
 
-def register_random_model(tmp: Path, cfg: ModelParams):
-    """A random-weight model of ``cfg`` registered as ``NAME``@champion in a store under tmp."""
+def register_model(tmp: Path, cfg: ModelParams, model_dir: Path | None = None):
+    """``model_dir``'s model, or a random-weight model of ``cfg``, registered as
+    ``NAME``@champion in a store under tmp."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -76,6 +82,15 @@ def register_random_model(tmp: Path, cfg: ModelParams):
     from pipeline.artifacts.model_dir import save_model
     from pipeline.register import model_version
 
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if model_dir is not None:
+        with mlflow.start_run(experiment_id=tracking.experiment_id(client)) as run:
+            model_uri = log_model(model_dir)
+        client.set_registered_model_alias(NAME, "champion",
+                                          model_version(client, NAME, run.info.run_id, model_uri).version)
+        return uri
     classes_file = paths.PREPARED_DIR / paths.CLASSES_FILE
     if classes_file.is_file():
         classes = read_json(classes_file)
@@ -85,9 +100,6 @@ def register_random_model(tmp: Path, cfg: ModelParams):
         palette = [[(37 * i) % 256, (91 * i) % 256, (53 * i) % 256] for i in range(11)]
     torch.manual_seed(0)
     model = build_model(cfg, len(names), ModelMeta(names, palette))
-    uri = tracking.tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
     with mlflow.start_run(experiment_id=tracking.experiment_id(client)) as run:
         save_model(tmp / "model", model, cfg, len(names))
         model_uri = log_model(tmp / "model")
@@ -113,12 +125,13 @@ def free_port() -> int:
 class Client:
     """One kept-alive HTTP connection."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, content_type: str = "image/jpeg"):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        self.content_type = content_type
 
     def post(self, path: str, body: bytes) -> float:
         start = time.perf_counter()
-        self.conn.request("POST", path, body=body, headers={"Content-Type": "image/jpeg"})
+        self.conn.request("POST", path, body=body, headers={"Content-Type": self.content_type})
         answer = self.conn.getresponse()
         data = answer.read()
         if answer.status != 200:
@@ -147,7 +160,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q) * 1000)
 
 
-def http_throughput(port: int, body: bytes, clients: int, seconds: float) -> float:
+def http_throughput(port: int, body: bytes, clients: int, seconds: float, path: str = "/predict",
+                    content_type: str = "image/jpeg") -> float:
     """Images/s answered with ``clients`` connections sending back to back for ``seconds``."""
     done, lock = [0], threading.Lock()
     start = time.perf_counter()
@@ -155,10 +169,10 @@ def http_throughput(port: int, body: bytes, clients: int, seconds: float) -> flo
     ends = []
 
     def run() -> None:
-        client = Client(port)
-        client.post("/predict", body)                      # connection set up before the clock matters
+        client = Client(port, content_type)
+        client.post(path, body)                            # connection set up before the clock matters
         while time.perf_counter() < deadline:
-            client.post("/predict", body)
+            client.post(path, body)
             with lock:
                 done[0] += 1
         ends.append(time.perf_counter())
@@ -185,6 +199,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and shorter runs")
     parser.add_argument("--size", default="360x480", help="HxW of the test image")
+    parser.add_argument("--params", type=Path, default=paths.PARAMS_FILE)
+    parser.add_argument("--model-dir", type=Path, help="a trained model folder (default: random weights)")
+    parser.add_argument("--image", type=Path, help="the payload (default: a generated JPEG scene)")
+    parser.add_argument("--query", default="", help="e.g. '?format=json'")
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     n_latency, seconds = (30, 8.0) if args.quick else (100, 25.0)
@@ -196,15 +214,25 @@ def main() -> None:
     from pipeline.serve import APP_NAME, application, init_ray, wait_healthy
     from pipeline.serving.service import Service, load_segmentation_model, resolve_model
 
-    image = scene(h, w)
-    body = jpeg(image, quality=90)
+    if args.image:
+        from pipeline.data.images import decode_image
+
+        body = args.image.read_bytes()
+        image = decode_image(body)
+        h, w = image.shape[:2]
+    else:
+        image = scene(h, w)
+        body = jpeg(image, quality=90)
+    predict = "/predict" + args.query
+    content_type = "image/png" if args.image and args.image.suffix.lower() == ".png" else "image/jpeg"
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DVC_ROOT"] = tmp                       # the MLflow store lives in tmp
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        model_cfg = load_params(ModelParams).without_pretrained_weights()
-        uri = register_random_model(Path(tmp), model_cfg)
-        cfg = load_params(ServeParams).model_copy(update={"threads": threads, "port": free_port()})
+        model_cfg = load_params(ModelParams, args.params).without_pretrained_weights()
+        uri = register_model(Path(tmp), model_cfg, args.model_dir and args.model_dir.resolve())
+        cfg = load_params(ServeParams, args.params)
+        cfg = cfg.model_copy(update={"threads": threads, "port": free_port()})
         ref = resolve_model("champion", NAME, uri)
         service = Service(load_segmentation_model(ref.uri, uri), ref, cfg)
 
@@ -220,11 +248,11 @@ def main() -> None:
         serve.run(Echo.bind(), name="echo", route_prefix="/echo")
         wait_healthy(f"http://127.0.0.1:{cfg.port}", 300)
 
-        client = Client(cfg.port)
+        client = Client(cfg.port, content_type)
         before = health(cfg.port)
         floor, inproc, served = interleaved([lambda: client.post("/echo", body),
                                              lambda: service.predict([image]),
-                                             lambda: client.post("/predict", body)], n_latency)
+                                             lambda: client.post(predict, body)], n_latency)
         after = health(cfg.port)
         # The replica's own predict time: what HTTP adds beyond it is Serve plus our decoding,
         # batching and encoding, free of the in-process/replica difference in forward speed.
@@ -233,12 +261,13 @@ def main() -> None:
         rates = {}
         for clients in (1, 4, 8):
             local = inproc_throughput(service, image, clients, seconds)
-            remote = http_throughput(cfg.port, body, clients, seconds)
+            remote = http_throughput(cfg.port, body, clients, seconds, predict, content_type)
             rates[clients] = (local, remote)
         serve.shutdown()
         ray.shutdown()
 
-    print(f"{h}x{w} JPEG of {len(body) / 1024:.0f} KB, {model_cfg.arch}/{model_cfg.encoder_name}, "
+    backbone = getattr(model_cfg, "encoder_name", model_cfg.family)
+    print(f"{h}x{w} image of {len(body) / 1024:.0f} KB ({predict}), {model_cfg.arch}/{backbone}, "
           f"{threads} torch threads, max_batch_size {cfg.max_batch_size}, "
           f"batch_wait_timeout_s {cfg.batch_wait_timeout_s}")
     print(f"latency, one client   : HTTP p50 {pct(served, 50):7.1f} ms  p95 {pct(served, 95):7.1f} ms | "
