@@ -8,7 +8,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config.params import PrepareParams, default_params
 from pipeline.prepare import prepare
-from tests.factories import fit_tiny_model, make_colour_coded_dataset, make_folder_dataset
+from tests.factories import (
+    fit_tiny_model,
+    make_colour_coded_dataset,
+    make_folder_dataset,
+    make_nuclei_dataset,
+)
 from tests.http_server import LoopbackServer
 
 CLASSES = ["background", "road", "car"]
@@ -36,6 +41,17 @@ def coded(tmp_path_factory):
     make_colour_coded_dataset(root / "raw", n=20)
     cfg = PrepareParams.defaults(classes=CLASSES, workers=1, val_fraction=0.2, test_fraction=0.25)
     prepare("folder", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    """16 generated 64x80 images of bright discs in the DSB 2018 layout, prepared as an
+    instance dataset (tests.factories.make_nuclei_dataset)."""
+    root = tmp_path_factory.mktemp("nuclei")
+    make_nuclei_dataset(root / "raw", n=16)
+    cfg = PrepareParams.defaults(task="instance", workers=1, val_fraction=0.2, test_fraction=0.25)
+    prepare("dsb2018", root / "raw", root / "prepared", cfg)
     return root / "prepared"
 
 

@@ -16,14 +16,12 @@ from PIL import Image
 
 from pipeline import train as train_stage
 from pipeline.artifacts.model_dir import load_model
-from pipeline.config.params import PrepareParams
 from pipeline.evaluate import evaluate
-from pipeline.prepare import prepare
 from pipeline.register import RegisterError, register
 from pipeline.tasks import get_task
 from pipeline.tasks.instance_eval import PREDICTIONS_FILE, TRUTH_FILE
 from tests.conftest import only_run
-from tests.factories import ServeProcess, free_port, instance_params, make_nuclei_dataset
+from tests.factories import ServeProcess, free_port, instance_params
 
 TINY = {
     "model": {"encoder_weights": None, "image_scale": 1.0,
@@ -36,15 +34,6 @@ TINY = {
     "evaluate": {"overlays": {"samples": 2, "worst_per_class": 1}},
     "register": {"model_name": "tiny-nuclei"},
 }
-
-
-@pytest.fixture(scope="module")
-def nuclei(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nuclei")
-    make_nuclei_dataset(root / "raw", n=16)
-    cfg = PrepareParams.defaults(task="instance", workers=1, val_fraction=0.2, test_fraction=0.25)
-    prepare("dsb2018", root / "raw", root / "prepared", cfg)
-    return root / "prepared"
 
 
 @pytest.fixture(scope="module")
