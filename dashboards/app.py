@@ -12,9 +12,9 @@ st.set_page_config(page_title="Segmentation results", page_icon=":material/layer
 VIEWS = [st.Page(file, title=title, icon=icon)
          for file, title, icon in data.view_pages(ui.task(ui.sources()))]
 PAGES = [
-    st.Page("pages/overview.py", title="Champion", icon=":material/emoji_events:", default=True),
+    st.Page("app_pages/overview.py", title="Champion", icon=":material/emoji_events:", default=True),
     *VIEWS,
-    st.Page("pages/runs.py", title="Runs", icon=":material/compare_arrows:"),
-    st.Page("pages/try_it.py", title="Try it", icon=":material/upload:"),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/compare_arrows:"),
+    st.Page("app_pages/try_it.py", title="Try it", icon=":material/upload:"),
 ]
 st.navigation(PAGES).run()

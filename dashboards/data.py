@@ -44,10 +44,24 @@ ENV_MLFLOW_UI = "MLFLOW_UI_URL"
 LOSS_CURVES = ("train_loss", "val_loss", "lr")
 # The evaluation pages a task's ``views`` can name: view -> (page file, title, icon).
 VIEW_PAGES = {
-    "per_class": ("pages/per_class.py", "Per-class IoU", ":material/bar_chart:"),
-    "confusion": ("pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
-    "overlays": ("pages/overlays.py", "Overlays", ":material/image:"),
+    "per_class": ("app_pages/per_class.py", "Per-class IoU", ":material/bar_chart:"),
+    "confusion": ("app_pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
+    "overlays": ("app_pages/overlays.py", "Overlays", ":material/image:"),
+    "ap_table": ("app_pages/ap_table.py", "Average precision", ":material/query_stats:"),
 }
+# An instance report's AP figures (pipeline.tasks.instance_eval.report): row label -> (mask key, box key).
+AP_ROWS = {
+    "AP @ IoU 0.50:0.95": ("mask_ap", "box_ap"),
+    "AP50": ("mask_ap50", "box_ap50"),
+    "AP75": ("mask_ap75", "box_ap75"),
+    "AP small objects": ("mask_ap_small", "box_ap_small"),
+    "AP medium objects": ("mask_ap_medium", "box_ap_medium"),
+    "AP large objects": ("mask_ap_large", "box_ap_large"),
+}
+PR_IOUS = ("0.50", "0.75", "0.50:0.95")      # the IoU thresholds of an instance report's pr_curve
+# Per-class score -> the prefix of its per-epoch validation metric (the tasks' ``epoch_metrics``:
+# semantic ``val_iou_<class>``, instance ``val_ap_<class>``, the class's mask AP).
+VAL_PER_CLASS = {"iou": "val_iou_", "mask_ap": "val_ap_"}
 
 
 @dataclass(frozen=True)
@@ -302,22 +316,32 @@ def curves(src: Sources, run_ids: list[str], keys: tuple[str, ...]) -> pd.DataFr
     return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
 
 
-def per_class_iou(table: pd.DataFrame) -> pd.DataFrame:
-    """Long table (run_id, key, class, IoU) of every evaluation record in a runs table."""
+def per_class_scores(table: pd.DataFrame, score: str = "iou") -> pd.DataFrame:
+    """Long table (run_id, key, class, ``score``) of every evaluation record in a runs table:
+    each record's per-class ``score`` (one of its task's ``per_class_keys``)."""
     rows = []
     for _, row in table.iterrows():
         for key, rec in records.run_records(_prefixed(row, "metrics.", float), {}).items():
-            for cls, iou in rec["per_class"].get("iou", {}).items():
-                rows.append({"run_id": row["run_id"], "key": key, "class": cls, "IoU": iou})
-    return pd.DataFrame(rows, columns=["run_id", "key", "class", "IoU"])
+            for cls, value in rec["per_class"].get(score, {}).items():
+                rows.append({"run_id": row["run_id"], "key": key, "class": cls, score: value})
+    return pd.DataFrame(rows, columns=["run_id", "key", "class", score])
 
 
-def val_iou(table: pd.DataFrame) -> pd.DataFrame:
-    """Long table (run_id, class, IoU) of the last validation's per-class IoU."""
-    cols = [c for c in table.columns if c.startswith("metrics.val_iou_")]
-    long = table.melt(id_vars=["run_id"], value_vars=cols, var_name="class", value_name="IoU")
-    long["class"] = long["class"].str.removeprefix("metrics.val_iou_")
-    return long.dropna(subset=["IoU"])
+def val_per_class(table: pd.DataFrame, score: str = "iou") -> pd.DataFrame:
+    """Long table (run_id, class, ``score``) of the last validation's per-class ``score``
+    (``VAL_PER_CLASS``; empty for a score validation does not log per class)."""
+    prefix = VAL_PER_CLASS.get(score)
+    cols = [c for c in table.columns if prefix and c.startswith(f"metrics.{prefix}")]
+    if not cols:
+        return pd.DataFrame(columns=["run_id", "class", score])
+    long = table.melt(id_vars=["run_id"], value_vars=cols, var_name="class", value_name=score)
+    long["class"] = long["class"].str.removeprefix(f"metrics.{prefix}")
+    return long.dropna(subset=[score])
+
+
+def per_class_label(task: Task, score: str) -> str:
+    """How people read a per-class score: ``IoU``, else the task's label of it."""
+    return "IoU" if score == "iou" else score_label(task, score)
 
 
 def run_link(src: Sources, experiment_id: str, run_id: str) -> str:
@@ -333,3 +357,54 @@ def picture(src: Sources, run_id: str, key: str, relative: str) -> np.ndarray:
     """An RGB picture, or a class-index mask (palette PNG) as a 2-D array."""
     with Image.open(eval_file(src, run_id, key, relative)) as im:
         return np.asarray(im if im.mode in ("P", "L") else im.convert("RGB"))
+
+
+def ap_table(report: dict[str, Any]) -> pd.DataFrame:
+    """An instance report's AP figures, one row each (``AP_ROWS``): columns AP, mask, box; a
+    figure the report lacks or has nothing to score (no truth of that size) is None."""
+    return pd.DataFrame([{"AP": label, "mask": report.get(mask), "box": report.get(box)}
+                         for label, (mask, box) in AP_ROWS.items()], columns=["AP", "mask", "box"])
+
+
+def class_ap_table(report: dict[str, Any], colours: dict[str, list[int]]) -> pd.DataFrame:
+    """One row per class of an instance report: mask AP, box AP (None: no truth of the class), colour."""
+    return pd.DataFrame([{"class": name, "mask AP": s.get("mask_ap"), "box AP": s.get("box_ap"),
+                          "colour": rgb_hex(colours.get(name, (128, 128, 128)))}
+                         for name, s in report.get("per_class", {}).items()],
+                        columns=["class", "mask AP", "box AP", "colour"])
+
+
+def pr_curves(report: dict[str, Any]) -> pd.DataFrame:
+    """An instance report's precision-recall curves as a long table (IoU, recall, precision):
+    COCOeval's interpolated precision at its 101 recall points at IoU 0.50, 0.75 and averaged
+    over 0.50:0.95 (None where no class has truth); empty when the report has no curve."""
+    curve = report.get("pr_curve") or {}
+    rows = [{"IoU": iou, "recall": r, "precision": p}
+            for iou in PR_IOUS if iou in curve for r, p in zip(curve["recall"], curve[iou], strict=True)]
+    return pd.DataFrame(rows, columns=["IoU", "recall", "precision"])
+
+
+def panel_images(index: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """id -> entry of the images an instance evaluation drew (``files.panel``: image | truth |
+    prediction side by side; ``pipeline.tasks.instance_eval``); empty for other indexes."""
+    return {im["id"]: im for im in index.get("images", []) if "panel" in im.get("files", {})}
+
+
+def prepared_image(src: Sources, split: str, image_id: str) -> tuple[bytes, str] | None:
+    """(encoded bytes, file name) of image ``image_id`` of the workspace's prepared ``split``
+    (``data/prepared``): the test images of an evaluation that kept no plain picture of them
+    (instance evaluations draw panels); None when the workspace has no such image."""
+    import pyarrow.compute as pc
+
+    from pipeline.data import shards
+
+    columns = ["id", "image", "image_format"]
+    try:
+        table = shards.read_split(src.root / paths.PREPARED_DIR, split, columns=columns)
+    except FileNotFoundError:          # no prepared split in this workspace
+        return None
+    found = table.filter(pc.equal(table["id"], image_id))
+    if found.num_rows == 0:
+        return None
+    row = found.slice(0, 1).to_pylist()[0]
+    return row["image"], f"{Path(image_id).name}.{row['image_format'] or 'png'}"

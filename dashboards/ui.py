@@ -68,6 +68,11 @@ def picture(src: data.Sources, run_id: str, key: str, relative: str):
     return data.picture(src, run_id, key, relative)
 
 
+@st.cache_data(ttl=TTL_S, show_spinner=False, max_entries=50)
+def prepared_image(src: data.Sources, split: str, image_id: str) -> tuple[bytes, str] | None:
+    return data.prepared_image(src, split, image_id)
+
+
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def curves(src: data.Sources, run_ids: tuple[str, ...], keys: tuple[str, ...]) -> pd.DataFrame:
     return data.curves(src, list(run_ids), keys)
@@ -79,10 +84,12 @@ def no_results(src: data.Sources) -> None:
     st.stop()
 
 
-def pick_record(src: data.Sources, key: str) -> tuple[str, str]:
-    """A select box of the evaluation records, the champion's recorded one first; returns
-    (run id, evaluation key)."""
+def pick_record(src: data.Sources, key: str, metric: str | None = None) -> tuple[str, str]:
+    """A select box of the evaluation records (only those ranked by ``metric``, when given:
+    the records of one task), the champion's recorded one first; returns (run id, evaluation key)."""
     table = evaluations(src)
+    if metric is not None:
+        table = table[table["metric"] == metric]
     if table.empty:
         no_results(src)
     labels = versions(src)

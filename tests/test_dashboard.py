@@ -5,6 +5,7 @@ import copy
 import json
 import shutil
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -79,7 +80,7 @@ def app(workspace, monkeypatch, tmp_path):
 
 
 def page(at: AppTest, name: str) -> AppTest:
-    at.switch_page(f"pages/{name}.py")
+    at.switch_page(f"app_pages/{name}.py")
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     return at
@@ -279,12 +280,12 @@ def test_the_evaluation_pages_are_the_ones_the_task_names():
     from pipeline.tasks.semantic import SemanticTask
 
     assert [file for file, *_ in data.view_pages(SemanticTask())] == [
-        "pages/per_class.py", "pages/confusion.py", "pages/overlays.py"]
+        "app_pages/per_class.py", "app_pages/confusion.py", "app_pages/overlays.py"]
 
     class NoPictures(SemanticTask):
         views = ("per_class",)
 
-    assert [file for file, *_ in data.view_pages(NoPictures())] == ["pages/per_class.py"]
+    assert [file for file, *_ in data.view_pages(NoPictures())] == ["app_pages/per_class.py"]
 
     class Unknown(SemanticTask):
         name = "unknown-views"
@@ -374,25 +375,27 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (apt-get install chromium)")
-def test_in_a_real_browser(workspace, tmp_path):
-    """`streamlit run` on a loopback port, driven by Playwright on Debian's chromium."""
+@contextmanager
+def served_dashboard(root: Path, tmp_path: Path):
+    """`streamlit run` of the workspace ``root`` on a loopback port and a Playwright tab on
+    Debian's chromium; yields ``visit(path, selector) -> tab``, which opens a page and waits
+    for ``selector`` and for the page to finish running, with no exception shown."""
     import os
     import subprocess
     import sys
     import time
     import urllib.request
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace['root'] / 'mlflow.db'}",
-           "DVC_ROOT": str(workspace["root"]), "TMPDIR": str(tmp_path), "SEG_SERVE_URL": "http://127.0.0.1:9"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "DVC_ROOT": str(root), "TMPDIR": str(tmp_path), "SEG_SERVE_URL": "http://127.0.0.1:9"}
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.address",
            "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
     log = tmp_path / "streamlit.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=workspace["root"])
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -408,27 +411,37 @@ def test_in_a_real_browser(workspace, tmp_path):
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_FLAGS)
             tab = browser.new_page(viewport={"width": 1400, "height": 1000})
 
-            def visit(path: str, selector: str) -> None:
+            def visit(path: str, selector: str):
                 tab.goto(f"{url}/{path}")
                 tab.wait_for_selector(selector, timeout=60_000)
                 tab.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
                 assert tab.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
+                return tab
 
-            visit("per_class", ".js-plotly-plot .bars")                  # the IoU bar chart
-            # Switch the run: the older, non-champion one, read from MLflow artifacts.
-            tab.locator('[data-testid="stSelectbox"]').first.click()
-            tab.get_by_role("option").nth(1).click()
-            expect(tab.locator('[data-testid="stMetricValue"]').first).to_contain_text(
-                f"{workspace['bad']['miou']:.3f}", timeout=60_000)
-            tab.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
-            tab.wait_for_selector(".js-plotly-plot .bars", timeout=60_000)
-            tab.screenshot(path=str(tmp_path / "per_class.png"), full_page=True)
-            visit("confusion", ".js-plotly-plot .heatmaplayer")          # the confusion matrix
-            visit("overlays", '[data-testid="stImage"] img')             # an overlay image
-            tab.screenshot(path=str(tmp_path / "overlays.png"), full_page=True)
-            visit("", '[data-testid="stMetricValue"]')                   # the champion
+            yield visit
             browser.close()
-        assert (tmp_path / "per_class.png").stat().st_size > 10_000
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (apt-get install chromium)")
+def test_in_a_real_browser(workspace, tmp_path):
+    """`streamlit run` on a loopback port, driven by Playwright on Debian's chromium."""
+    from playwright.sync_api import expect
+
+    with served_dashboard(workspace["root"], tmp_path) as visit:
+        tab = visit("per_class", ".js-plotly-plot .bars")                # the IoU bar chart
+        # Switch the run: the older, non-champion one, read from MLflow artifacts.
+        tab.locator('[data-testid="stSelectbox"]').first.click()
+        tab.get_by_role("option").nth(1).click()
+        expect(tab.locator('[data-testid="stMetricValue"]').first).to_contain_text(
+            f"{workspace['bad']['miou']:.3f}", timeout=60_000)
+        tab.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
+        tab.wait_for_selector(".js-plotly-plot .bars", timeout=60_000)
+        tab.screenshot(path=str(tmp_path / "per_class.png"), full_page=True)
+        visit("confusion", ".js-plotly-plot .heatmaplayer")              # the confusion matrix
+        visit("overlays", '[data-testid="stImage"] img')                 # an overlay image
+        tab.screenshot(path=str(tmp_path / "overlays.png"), full_page=True)
+        visit("", '[data-testid="stMetricValue"]')                       # the champion
+    assert (tmp_path / "per_class.png").stat().st_size > 10_000

@@ -1,15 +1,19 @@
-"""Test images with truth, prediction and errors: opacity, class toggles, worst images per class."""
+"""Test images with truth, prediction and errors: opacity, class toggles, worst images per class.
+An instance evaluation's record holds drawn panels instead (``dashboards.panels``)."""
 
 import numpy as np
 import streamlit as st
 
-from dashboards import ui
+from dashboards import data, panels, ui
 from pipeline.viz import overlays
 
 src = ui.sources()
 st.title("Overlays")
 run_id, eval_key = ui.pick_record(src, key="overlays-run")
 index = ui.index(src, run_id, eval_key)
+if data.panel_images(index):
+    panels.show(src, run_id, eval_key, index)
+    st.stop()
 names = [c["name"] for c in index["classes"]]
 palette = [c["color"] for c in index["classes"]]
 by_id = {im["id"]: im for im in index["images"] if "image" in im.get("files", {})}

@@ -1,5 +1,5 @@
-"""All MLflow runs; compare two or more: per-class IoU of their evaluations side by side and
-training curves."""
+"""All MLflow runs; compare two or more: per-class scores of their evaluations (IoU, or mask AP
+for instance runs) side by side and training curves."""
 
 import plotly.express as px
 import streamlit as st
@@ -40,15 +40,18 @@ if len(chosen) < 2:
     st.stop()
 picked = table[table["run_id"].isin(chosen)]
 names = dict(zip(picked["run_id"], picked["label"], strict=True))
-ious = data.per_class_iou(picked)
-if ious.empty:
-    ious, source = data.val_iou(picked), "last validation"
-    ious["run"] = ious["run_id"].map(names)
+score = (task.per_class_keys or ("iou",))[0]            # IoU for semantic, mask AP for instance
+per_class = data.per_class_scores(picked, score)
+if per_class.empty:
+    per_class, source = data.val_per_class(picked, score), "last validation"
+    per_class["run"] = per_class["run_id"].map(names)
 else:
     source = "test evaluations"
-    ious["run"] = ious["run_id"].map(names) + " · " + ious["key"]       # one series per record
-if not ious.empty:
-    fig = px.bar(ious, x="class", y="IoU", color="run", barmode="group", title=f"Per-class IoU ({source})")
+    per_class["run"] = per_class["run_id"].map(names) + " · " + per_class["key"]       # one series per record
+if not per_class.empty:
+    label = data.per_class_label(task, score)
+    fig = px.bar(per_class, x="class", y=score, color="run", barmode="group", labels={score: label},
+                 title=f"Per-class {label} ({source})")
     fig.update_layout(yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key="compare-iou")
 history = ui.curves(src, tuple(chosen), data.curve_keys(task))

@@ -47,14 +47,21 @@ with left:
         st.dataframe(pd.DataFrame([{"split": k, **v} for k, v in card["splits"].items()]), hide_index=True)
 with right:
     if card is not None:
+        # Semantic cards give each class's share of the training pixels; instance cards count
+        # each class's objects per split.
         freq = card.get("train_statistics", {}).get("frequency", {})
+        if freq:
+            title, hover, ticks = "Class frequency (training pixels)", "%{x:.2%} of training pixels", ".0%"
+        else:
+            freq = card.get("statistics", {}).get("train", {}).get("instances", {})
+            title, hover, ticks = "Instances per class (training split)", "%{x:,} instances", ","
         colours = dict(zip(card["classes"]["names"], card["classes"]["palette"], strict=True))
         names = sorted(freq, key=freq.get)
         fig = go.Figure(go.Bar(x=[freq[n] for n in names], y=names, orientation="h",
                                marker_color=[data.rgb_hex(colours[n]) for n in names],
                                marker_line_color="#333", marker_line_width=0.5,
-                               hovertemplate="%{y}: %{x:.2%} of training pixels<extra></extra>"))
-        fig.update_layout(title="Class frequency (training pixels)", height=360, xaxis_tickformat=".0%",
+                               hovertemplate=f"%{{y}}: {hover}<extra></extra>"))
+        fig.update_layout(title=title, height=360, xaxis_tickformat=ticks,
                           margin=dict(l=10, r=10, t=40, b=10))
         st.plotly_chart(fig, key="class-frequency")
 

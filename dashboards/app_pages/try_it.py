@@ -84,11 +84,20 @@ else:
     else:
         run_id, eval_key = champ.run_id, champ.eval_key
         index = ui.index(src, run_id, eval_key)
-        ids = [im["id"] for im in index["images"] if "image" in im.get("files", {})]
+        kept = {im["id"]: im["files"]["image"] for im in index["images"] if "image" in im.get("files", {})}
+        # An evaluation that kept no plain pictures (instance panels): the workspace's prepared split.
+        ids = list(kept) or [im["id"] for im in index["images"]]
         picked = st.selectbox("Test image", ids, key="test-image")
-        entry = next(im for im in index["images"] if im["id"] == picked)
-        path = data.eval_file(src, run_id, eval_key, entry["files"]["image"])
-        payload, name = path.read_bytes(), path.name
+        if picked in kept:
+            path = data.eval_file(src, run_id, eval_key, kept[picked])
+            payload, name = path.read_bytes(), path.name
+        elif picked is not None:
+            found = ui.prepared_image(src, index.get("split", "test"), picked)
+            if found is None:
+                st.info(f"The evaluation kept no picture of {picked} and the workspace's prepared data "
+                        "does not hold it: upload an image instead.")
+            else:
+                payload, name = found
 
 options = query_controls(meta)
 if payload is not None and st.button("Segment", type="primary", key="segment"):
