@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -17,11 +18,10 @@ from streamlit.testing.v1 import AppTest
 
 from pipeline import train as train_stage
 from pipeline.config import paths
-from pipeline.config.params import PrepareParams, ServeParams
+from pipeline.config.params import ServeParams
 from pipeline.evaluate import evaluate
-from pipeline.prepare import prepare
 from pipeline.register import register
-from tests.factories import instance_params, make_nuclei_dataset
+from tests.factories import instance_params
 from tests.test_dashboard import APP, CHROMIUM, StandIn, chart, page, served_dashboard
 from tests.test_instance_pipeline import TINY
 
@@ -43,20 +43,18 @@ def recipe() -> dict:
 
 
 @pytest.fixture(scope="module")
-def instance_workspace(tmp_path_factory):
+def instance_workspace(nuclei, tmp_path_factory):
     """A repository root as the pipeline leaves it for an instance champion: data/prepared,
     mlflow.db, evaluation/ of the champion's record, and a second record of the same run
     (tiled, another evaluation key) only in MLflow."""
     root = tmp_path_factory.mktemp("instance-workspace")
     prepared = root / paths.PREPARED_DIR
+    shutil.copytree(nuclei, prepared)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DVC_ROOT", str(root))
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.chdir(root)
-        make_nuclei_dataset(root / "raw", n=16)
-        prepare("dsb2018", root / "raw", prepared, PrepareParams.defaults(
-            task="instance", workers=1, val_fraction=0.2, test_fraction=0.25))
         params = instance_params(root / "params.yaml", **recipe())
         ray.shutdown()
         train_stage.init_ray()
