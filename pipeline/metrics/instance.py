@@ -13,7 +13,8 @@ as missed.
   figures here are read from the array at ``max_detections`` itself.
 - ``dsb_score``: the Data Science Bowl 2018 metric: per image, the mean over IoU thresholds
   0.50:0.05:0.95 of TP / (TP + FP + FN), predictions matched one-to-one to truth (highest
-  IoU first), then the mean over images. Classes and scores play no part.
+  IoU first), then the mean over images. Classes play no part; scores only choose the
+  predictions that count (``DEFAULT_MIN_SCORE``, the served answers' default).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ AREA_RANGES = ("all", "small", "medium", "large")
 SMALL, LARGE = 32 ** 2, 96 ** 2     # COCO's area bounds (pixels) of small and large objects
 MAX_DETECTIONS = 300      # per image: DSB images hold up to a few hundred nuclei
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)     # COCOeval's recall thresholds
+DEFAULT_MIN_SCORE = 0.5   # the confidence of an answer: served instances and the DSB score's predictions
 
 
 @dataclass
@@ -46,6 +48,16 @@ class Instances:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+    def above(self, min_score: float) -> Instances:
+        """The instances scoring at least ``min_score`` (all of them for truth, which has no scores)."""
+        if not self.scores or min_score <= 0:
+            return self
+        keep = [k for k, score in enumerate(self.scores) if score >= min_score]
+        return Instances(self.height, self.width, classes=[self.classes[k] for k in keep],
+                         boxes=[self.boxes[k] for k in keep], masks=[self.masks[k] for k in keep],
+                         scores=[self.scores[k] for k in keep],
+                         iscrowd=[self.iscrowd[k] for k in keep] if self.iscrowd else [])
 
 
 def encode(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -105,13 +117,19 @@ def dsb_image_score(truth: Instances, predicted: Instances) -> float:
     return float(np.mean(scores))
 
 
-def dsb_score(truth: Sequence[Instances], predicted: Sequence[Instances]) -> float:
-    """The DSB 2018 score of a split: the mean of ``dsb_image_score`` over its images."""
+def dsb_score(truth: Sequence[Instances], predicted: Sequence[Instances],
+              min_score: float = DEFAULT_MIN_SCORE) -> float:
+    """The DSB 2018 score of a split: the mean of ``dsb_image_score`` over its images, counting
+    the predictions that score at least ``min_score``. Unlike AP, which ranks predictions by
+    score, the DSB score counts every prediction it is given as an answer: a model's
+    low-confidence guesses would all be false positives. The default is the confidence the
+    served model answers with by default (``format=json``'s ``score_threshold``)."""
     if len(truth) != len(predicted):
         raise ValueError(f"{len(truth)} images of truth, {len(predicted)} of predictions")
     if not truth:
         raise ValueError("no images to score")
-    return float(np.mean([dsb_image_score(t, p) for t, p in zip(truth, predicted, strict=True)]))
+    pairs = zip(truth, predicted, strict=True)
+    return float(np.mean([dsb_image_score(t, p.above(min_score)) for t, p in pairs]))
 
 
 def _coco(truth: Sequence[Instances], predicted: Sequence[Instances], class_names: Sequence[str]):

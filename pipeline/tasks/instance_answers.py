@@ -28,7 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline.inference.instances import select
-from pipeline.metrics.instance import Instances
+from pipeline.metrics.instance import DEFAULT_MIN_SCORE, Instances
 from pipeline.tasks.base import JSON
 from pipeline.tasks.options import INTEGER, NUMBER, QueryOption
 from pipeline.viz import instances as pictures
@@ -37,7 +37,8 @@ from pipeline.viz import overlays
 ANSWERS = {"json": JSON, "png": "image/png", "overlay": "image/jpeg"}
 SCORE_THRESHOLD, MAX_INSTANCES = "score_threshold", "max_instances"
 QUERY_OPTIONS = {
-    SCORE_THRESHOLD: QueryOption(NUMBER, 0.0, 1.0, 0.5, "answer the instances scoring at least this"),
+    SCORE_THRESHOLD: QueryOption(NUMBER, 0.0, 1.0, DEFAULT_MIN_SCORE,
+                                 "answer the instances scoring at least this"),
     MAX_INSTANCES: QueryOption(INTEGER, 1, 1000, None, "answer at most this many, the highest-scored "
                                                        "(default: all)"),
 }

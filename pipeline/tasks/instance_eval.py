@@ -27,7 +27,7 @@ from pipeline.artifacts import records
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams
 from pipeline.data import shards
-from pipeline.metrics.instance import Instances, coco_ap, dsb_image_score
+from pipeline.metrics.instance import DEFAULT_MIN_SCORE, Instances, coco_ap, dsb_image_score
 from pipeline.tasks.base import EvaluateError
 from pipeline.tasks.semantic_eval import file_stem
 from pipeline.utils.io import read_json, write_json_atomic
@@ -95,12 +95,13 @@ def report(ev: Evaluation) -> dict[str, Any]:
 
 
 def image_scores(ev: Evaluation) -> list[dict[str, Any]]:
-    """Per image: the DSB score, mask AP50, and the counts of true and predicted instances."""
+    """Per image: the DSB score (of the predictions scoring at least ``DEFAULT_MIN_SCORE``),
+    mask AP50, and the counts of true and predicted instances."""
     out = []
     for t, p in zip(ev.truth, ev.predicted, strict=True):
         ap50 = coco_ap([t], [p], ev.class_names, "segm")["ap50"] if len(t) else None
-        out.append({"dsb_score": dsb_image_score(t, p), "mask_ap50": ap50, "truth": len(t),
-                    "predicted": len(p)})
+        out.append({"dsb_score": dsb_image_score(t, p.above(DEFAULT_MIN_SCORE)), "mask_ap50": ap50,
+                    "truth": len(t), "predicted": len(p)})
     return out
 
 

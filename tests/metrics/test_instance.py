@@ -169,3 +169,12 @@ def test_pycocotools_prints_nothing_even_through_a_patched_print(monkeypatch):
     truth = [instances([square(0, 0, 10)])]
     coco_ap(truth, [instances([square(0, 0, 10)], scores=[1.0])], ["a"])
     assert printed == []
+
+
+def test_the_dsb_score_counts_the_answers_not_the_low_confidence_guesses():
+    """AP ranks predictions by score; the DSB score takes those scoring at least min_score."""
+    truth = [instances([square(0, 0, 10), square(30, 30, 12)])]
+    guesses = instances([square(0, 0, 10), square(30, 30, 12), square(50, 60, 8)], scores=[0.9, 0.8, 0.1])
+    assert dsb_score(truth, [guesses]) == pytest.approx(1.0)                  # default: 0.5
+    assert dsb_score(truth, [guesses], min_score=0.0) == pytest.approx(2 / 3)
+    assert len(guesses.above(0.85)) == 1 and guesses.above(0.85).scores == [0.9]
