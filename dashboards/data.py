@@ -386,8 +386,9 @@ def pr_curves(report: dict[str, Any]) -> pd.DataFrame:
 
 def panel_images(index: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """id -> entry of the images an instance evaluation drew (``files.panel``: image | truth |
-    prediction side by side; ``pipeline.tasks.instance_eval``); empty for other indexes."""
-    return {im["id"]: im for im in index.get("images", []) if "panel" in im.get("files", {})}
+    prediction side by side; ``pipeline.tasks.instance_eval``); empty for other indexes (a
+    semantic evaluation draws a panel too, beside its image, truth, prediction and error views)."""
+    return {im["id"]: im for im in index.get("images", []) if set(im.get("files", {})) == {"panel"}}
 
 
 def prepared_image(src: Sources, split: str, image_id: str) -> tuple[bytes, str] | None:
