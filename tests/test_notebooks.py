@@ -2,9 +2,10 @@
 and find what they say they find: each one ends by printing its key numbers as one line,
 ``RESULT {...json...}``, which these tests check.
 
-The kernel starts in ``tmp_path`` with ``NB_DATA`` pointing at a tiny prepared dataset;
-the notebooks that train or serve keep their MLflow store and Ray storage in a temporary
-directory of their own (under ``TMPDIR``, here ``tmp_path``).
+The kernel starts in ``tmp_path`` with ``NB_DATA`` pointing at a tiny prepared dataset
+(for 06, tiny generated nuclei prepared as an instance dataset); the notebooks that train or
+serve keep their MLflow store and Ray storage in a temporary directory of their own (under
+``TMPDIR``, here ``tmp_path``).
 """
 
 import json
@@ -17,10 +18,15 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
+from pipeline.config.params import PrepareParams
+from pipeline.prepare import prepare
+from pipeline.tasks.instance import INSTANCE_LOSS_TERMS
+from tests.factories import make_nuclei_dataset
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
 TESTED = ("01-data.ipynb", "02-upsampling.ipynb", "03-losses-and-metrics.ipynb",
-          "04-train-and-compare.ipynb", "05-serve-and-query.ipynb")
+          "04-train-and-compare.ipynb", "05-serve-and-query.ipynb", "06-instance.ipynb")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,16 @@ def nb_env(tmp_path, monkeypatch, coded):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    """16 generated 64x80 images of bright discs in the DSB 2018 layout, prepared as an instance dataset."""
+    root = tmp_path_factory.mktemp("nuclei")
+    make_nuclei_dataset(root / "raw", n=16)
+    cfg = PrepareParams.defaults(task="instance", workers=1, val_fraction=0.2, test_fraction=0.25)
+    prepare("dsb2018", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
 
 
 def run_notebook(name: str, kernel: str, cwd: Path, timeout: int) -> dict:
@@ -144,6 +160,44 @@ def test_serve_notebook_answers_with_the_images_size(kernel, nb_env):
     assert result["model_uri"] == "models:/notebook-unet/1"
     assert result["agreement"] > 0.99 and result["rle_matches"]
     assert result["val_miou"] > 0.5          # a few dozen steps learn the colour-coded classes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_instance_notebook_stores_trains_and_serves_the_same_instances(kernel, nb_env, nuclei, monkeypatch):
+    monkeypatch.setenv("NB_DATA", str(nuclei))
+    monkeypatch.delenv("SEG_WEIGHTS_DIR", raising=False)      # random backbone: the same run on every machine
+    result = run_notebook("06-instance.ipynb", kernel, nb_env, 360)
+    assert (result["dataset"], result["task"], result["classes"]) == ("dsb2018", "instance", ["nucleus"])
+    h, w = result["image_size"]
+    assert (h, w) == (64, 80) and result["instances"] >= 2
+    # Part 1: RLE decodes to the mask and encodes back to the same counts; it is column-major,
+    # far smaller than dense masks; a polygon through the boundary pixels' centres loses a ring.
+    assert result["rle_roundtrip"] and result["column_major"]
+    assert result["rle_bytes"]["compressed"] * 20 < result["rle_bytes"]["dense"]
+    assert 0.5 < result["polygon_iou"] < 0.95
+    # Part 2: the heads' shapes at model.image_scale 2, and Mask R-CNN's five losses.
+    shapes = result["shapes"]
+    assert shapes["inside the model (image_scale)"] == [1, 3, 2 * h, 2 * w]
+    assert shapes["FPN map 0"] == [1, 256, 2 * h // 8, 2 * w // 8]
+    proposals = shapes["proposals"][0]
+    assert shapes["box RoIAlign"] == [proposals, 256, 7, 7] and shapes["class logits"] == [proposals, 2]
+    detections = shapes["detections: boxes"][0]
+    assert shapes["mask logits"] == [detections, 2, 28, 28]
+    assert shapes["masks pasted at image size"] == [detections, 1, h, w]
+    assert result["loss_keys"] == sorted(INSTANCE_LOSS_TERMS.values())
+    # Part 3: the loss falls; the task's metric scores the validation images.
+    losses = result["train_loss"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result["val_images"] == 2
+    assert all(0 <= v <= 1 for v in result["val"].values())
+    # Part 4: the server answers what the model answers in process, in all three forms.
+    assert result["served_count"] == result["local_count"] > 0
+    assert result["mask_agreement"] > 0.95
+    assert result["overlay_size"] == result["png_size"] == result["query_size"] == [h, w]
+    assert result["png_mode"] == "L" and result["png_text_count"] == result["served_count"]
+    assert 0 < result["png_max_id"] <= result["served_count"] and result["png_within_masks"]
+    assert not list(nb_env.glob("nb06-*")), "the notebook's temporary directory was left behind"
 
 
 def test_every_notebook_is_tested():
