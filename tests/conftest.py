@@ -60,6 +60,21 @@ def fitted(coded):
     return fit_tiny_model(coded)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """The local cluster as the train stage starts it (``init_ray``), shared by the module."""
+    import ray
+
+    from pipeline import train as train_stage
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.shutdown()
+        train_stage.init_ray()
+        yield
+        ray.shutdown()
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

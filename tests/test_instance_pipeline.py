@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import train as train_stage
@@ -34,16 +33,6 @@ TINY = {
     "evaluate": {"overlays": {"samples": 2, "worst_per_class": 1}},
     "register": {"model_name": "tiny-nuclei"},
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.shutdown()
-        train_stage.init_ray()
-        yield
-        ray.shutdown()
 
 
 def recompute_ap(folder) -> float:

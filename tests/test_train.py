@@ -25,17 +25,6 @@ from pipeline.tasks.semantic import VAL_IOU_PLOT
 from tests.conftest import CLASSES, only_run, write_params
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """The local cluster as the train stage starts it (``init_ray``), shared by the module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.shutdown()
-        train_stage.init_ray()
-        yield
-        ray.shutdown()
-
-
 def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local_ray):
     params = write_params(env / "params.yaml")
     summary = train_stage.train(prepared, env / "model", env / "metrics.json", params, env / "ray_results",

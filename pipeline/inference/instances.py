@@ -34,13 +34,13 @@ Flip test-time augmentation and multi-scale prediction are defined for class pro
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.inference.predictor import _check, window_starts
+from pipeline.inference.predictor import _check, inference_settings, window_starts
 from pipeline.inference.rle import from_crop
 from pipeline.inference.tensors import to_tensor
 from pipeline.metrics.instance import Instances, encode, mask_iou
@@ -220,10 +220,7 @@ class InstancePredictor:
     def for_model(cls, model: nn.Module, **overrides) -> InstancePredictor:
         """A predictor with the settings the model records (``model.meta.inference``), each
         replaced by an override that is not None; none recorded: this class's defaults."""
-        recorded = model.meta.inference
-        settings = {} if recorded is None else asdict(recorded)
-        settings |= {k: v for k, v in overrides.items() if v is not None}
-        return cls(model, **settings)
+        return cls(model, **inference_settings(model, overrides))
 
     def settings(self) -> InferenceSettings:
         return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,

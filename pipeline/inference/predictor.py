@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,6 +68,14 @@ def _coverage(length: int, tile: int, starts: list[int]) -> torch.Tensor:
     return hits
 
 
+def inference_settings(model, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The inference settings the model records (``model.meta.inference``; none: {}), each
+    replaced by an override that is not None: a predictor's keywords (any task's)."""
+    recorded = model.meta.inference
+    settings = {} if recorded is None else asdict(recorded)
+    return settings | {k: v for k, v in overrides.items() if v is not None}
+
+
 @dataclass
 class Predictor:
     model: SegmentationModel
@@ -81,10 +90,7 @@ class Predictor:
         """A predictor with the settings the model records (``model.meta.inference``), each
         replaced by an override that is not None. A model that records none (logged by
         training, before any evaluation) starts from this class's defaults: plain prediction."""
-        recorded = model.meta.inference
-        settings = {} if recorded is None else asdict(recorded)
-        settings |= {k: v for k, v in overrides.items() if v is not None}
-        return cls(model, **settings)
+        return cls(model, **inference_settings(model, overrides))
 
     def settings(self) -> InferenceSettings:
         return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
