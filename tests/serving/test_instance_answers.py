@@ -11,37 +11,16 @@ from PIL import Image
 from pycocotools import mask as rle
 
 from pipeline.config.params import ServeParams
-from pipeline.inference.instances import InstancePredictor
 from pipeline.metrics.instance import Instances, encode
 from pipeline.models.base import ModelMeta
 from pipeline.serving import api
 from pipeline.serving.service import ModelRef, Service
 from pipeline.tasks import instance_answers
+from pipeline.tasks.instance import InstanceTask
 from pipeline.tasks.instance_answers import ANSWERS, QUERY_OPTIONS
-from pipeline.tasks.semantic import SemanticTask
 from tests.inference.test_instances import AWAY, CLASSES, MEAN, STD, BlobNet, draw
 
-
-class StandInInstanceTask(SemanticTask):
-    """The serving part of an instance task, for these tests (the training parts are
-    semantic's and unused here)."""
-
-    name = "instance-answers-stand-in"
-    answers = ANSWERS
-    query_options = QUERY_OPTIONS
-
-    def predictor(self, model, **overrides):
-        return InstancePredictor.for_model(model, **overrides)
-
-    def predict(self, predictor, images):
-        return predictor.instances(images)
-
-    def answer(self, options, image, prediction, meta):
-        return instance_answers.answer(options, image, prediction, meta)
-
-
-STAND_IN = f"{__name__}:StandInInstanceTask"
-META = ModelMeta(CLASSES, mean=MEAN, std=STD, task=STAND_IN)
+META = ModelMeta(CLASSES, mean=MEAN, std=STD, task=InstanceTask.name)
 
 
 def options(fmt="json", alpha=0.5, **task):
@@ -155,7 +134,7 @@ def test_the_service_answers_instances_and_applies_the_query_parameters(service)
 
 def test_metadata_lists_the_instance_query_options(service):
     meta = service.metadata()
-    assert meta["task"] == STAND_IN and meta["answers"] == ANSWERS
+    assert meta["task"] == InstanceTask.name and meta["answers"] == ANSWERS
     assert meta["query_options"] == {
         "score_threshold": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.5,
                             "description": QUERY_OPTIONS["score_threshold"].description},
