@@ -50,6 +50,25 @@ INSTANCE_SCHEMA = pa.schema([
     ("instances", pa.list_(INSTANCE_TYPE)),
     ("ignore", pa.binary()),
 ])
+# Panoptic datasets (``task: panoptic``): ``panoptic`` is a COCO panoptic PNG (RGB, segment id
+# R + 256 G + 256^2 B, 0 = void) of the row's height x width, ``segments`` each segment id's
+# class (0-based), iscrowd, area (pixels) and box (x0, y0, x1, y1, the tight box).
+SEGMENT_TYPE = pa.struct([
+    ("id", pa.int32()),
+    ("class", pa.int32()),
+    ("iscrowd", pa.bool_()),
+    ("area", pa.int64()),
+    ("box", pa.list_(pa.float32(), 4)),
+])
+PANOPTIC_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("image_format", pa.string()),
+    ("panoptic", pa.binary()),
+    ("segments", pa.list_(SEGMENT_TYPE)),
+])
 ROW_GROUP_ROWS = 16   # small row groups let readers stream a few images at a time
 # Encoded PNG/JPEG does not compress further: spend no CPU on the binary columns.
 COMPRESSION = {"id": "zstd", "image": "none", "mask": "none", "height": "zstd",
@@ -60,6 +79,19 @@ INSTANCE_COMPRESSION = {"id": "zstd", "image": "none", "height": "zstd", "width"
                         "instances.list.element.box.list.element": "zstd",
                         "instances.list.element.iscrowd": "zstd",
                         "instances.list.element.rle": "zstd", "ignore": "zstd"}
+# Panoptic PNGs are compressed already.
+PANOPTIC_COMPRESSION = {"id": "zstd", "image": "none", "height": "zstd", "width": "zstd",
+                        "image_format": "zstd", "panoptic": "none",
+                        **{f"segments.list.element.{leaf}": "zstd"
+                           for leaf in ("id", "class", "iscrowd", "area", "box.list.element")}}
+
+
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    for known, compression in ((INSTANCE_SCHEMA, INSTANCE_COMPRESSION),
+                               (PANOPTIC_SCHEMA, PANOPTIC_COMPRESSION)):
+        if schema is known:
+            return compression
+    return COMPRESSION
 
 
 def shard_name(index: int) -> str:
@@ -72,7 +104,7 @@ def write_shard(rows: list[dict], path: Path, schema: pa.Schema = SCHEMA) -> Pat
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(
         table, path, row_group_size=ROW_GROUP_ROWS,
-        compression=INSTANCE_COMPRESSION if schema is INSTANCE_SCHEMA else COMPRESSION,
+        compression=_compression(schema),
         use_dictionary=["image_format"], write_statistics=["id", "height", "width"],
     )
     return path
@@ -131,3 +163,20 @@ def iter_instance_samples(prepared: Path, split: str) -> Iterator[tuple[str, np.
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
             for row in batch.to_pylist():
                 yield row["id"], decode_image(row["image"]), decode_instances(row)
+
+
+def decode_panoptic(row: dict):
+    """A prepared panoptic row (``PANOPTIC_SCHEMA``) -> its truth as ``Panoptic``."""
+    from pipeline.metrics.panoptic_types import Panoptic, Segment, decode_png
+
+    segments = [Segment(id=int(s["id"]), category=int(s["class"]), iscrowd=bool(s["iscrowd"]))
+                for s in (row["segments"] or [])]
+    return Panoptic(ids=decode_png(row["panoptic"]), segments=segments)
+
+
+def iter_panoptic_samples(prepared: Path, split: str):
+    """(id, image (H, W, 3) uint8, ``Panoptic``) for every row of a panoptic split."""
+    for path in shard_paths(prepared, split):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
+            for row in batch.to_pylist():
+                yield row["id"], decode_image(row["image"]), decode_panoptic(row)
