@@ -63,14 +63,19 @@ class SmpModelParams(ModelParams):
         return self
 
 
-TORCHVISION_ARCHS = ("maskrcnn_mobilenet_v2_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+PANOPTIC_ARCH = "panoptic_fpn_mobilenet_v2"      # Panoptic FPN (pipeline.models.panoptic_fpn)
+# The archs over a MobileNetV2, whose ImageNet weights are the verified file in $SEG_WEIGHTS_DIR.
+MOBILENET_ARCHS = ("maskrcnn_mobilenet_v2_fpn", PANOPTIC_ARCH)
+TORCHVISION_ARCHS = MOBILENET_ARCHS + ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 
 
 class TorchvisionModelParams(ModelParams):
     """``family: torchvision``: torchvision's Mask R-CNN for ``prepare.task: instance``
     (``pipeline.models.torchvision``). ``maskrcnn_mobilenet_v2_fpn``: an FPN over a MobileNetV2
     whose ImageNet weights come from ``$SEG_WEIGHTS_DIR``; the ResNet-50 variants train from
-    scratch (``encoder_weights: null``: no other ImageNet weights are verified here)."""
+    scratch (``encoder_weights: null``: no other ImageNet weights are verified here).
+    ``panoptic_fpn_mobilenet_v2``: Panoptic FPN for ``prepare.task: panoptic``, that Mask R-CNN
+    for the thing classes beside a semantic FPN branch (``pipeline.models.panoptic_fpn``)."""
 
     family: Literal["torchvision"] = Field(...)
     arch: Literal[TORCHVISION_ARCHS] = Field(...)
@@ -89,11 +94,11 @@ class TorchvisionModelParams(ModelParams):
 
     @model_validator(mode="after")
     def _weights_available(self) -> TorchvisionModelParams:
-        if self.encoder_weights is not None and self.arch != "maskrcnn_mobilenet_v2_fpn":
+        if self.encoder_weights is not None and self.arch not in MOBILENET_ARCHS:
             raise ValueError(
                 f"encoder_weights: no verified ImageNet weights for {self.arch}'s ResNet-50 backbone; "
-                "set it to null (trained from scratch) or use arch maskrcnn_mobilenet_v2_fpn")
-        limit = 6 if self.arch == "maskrcnn_mobilenet_v2_fpn" else 5
+                f"set it to null (trained from scratch) or use arch {' or '.join(MOBILENET_ARCHS)}")
+        limit = 6 if self.arch in MOBILENET_ARCHS else 5
         if self.trainable_layers > limit:
             raise ValueError(f"trainable_layers: at most {limit} for {self.arch}")
         return self

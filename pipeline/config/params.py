@@ -117,15 +117,18 @@ class PrepareParams(Section):
 LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary")
 # The instance task's terms: weights of Mask R-CNN's own losses (pipeline.tasks.instance).
 INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask")
+# The panoptic task's: those of its Mask R-CNN and its semantic branch's (pipeline.models.panoptic_fpn).
+PANOPTIC_LOSS_NAMES = INSTANCE_LOSS_NAMES + ("semantic",)
 
 
 class LossParams(Section):
     """A weighted sum of named losses, e.g. ``terms: {ce: 0.5, dice: 0.5}``; for the instance
-    task, weights of Mask R-CNN's losses (``INSTANCE_LOSS_NAMES``; the task checks which apply)."""
+    task, weights of Mask R-CNN's losses (``INSTANCE_LOSS_NAMES``), for the panoptic task those
+    and Panoptic FPN's semantic branch's (``PANOPTIC_LOSS_NAMES``); the task checks which apply."""
 
     section: ClassVar[str] = "loss"
 
-    terms: dict[Literal[LOSS_NAMES + INSTANCE_LOSS_NAMES], float] = Field(..., min_length=1)
+    terms: dict[Literal[LOSS_NAMES + PANOPTIC_LOSS_NAMES], float] = Field(..., min_length=1)
     # weighted_ce's class weights: a list (one per class) or a scheme from prepare's card.
     class_weights: Literal["median_frequency", "enet"] | list[float] | None = Field(...)
     focal_gamma: float = Field(..., ge=0, le=10)

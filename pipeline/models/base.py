@@ -46,7 +46,9 @@ class ModelMeta:
     given; ``build_model`` fills in the encoder's); ``palette`` holds one (r, g, b) in
     0..255 per class; ``ignore_index`` is the mask label that marks pixels without a
     class (left out of losses and metrics); ``inference`` the settings a registered model was
-    scored with, which its pyfunc and Serve predict with unless told otherwise.
+    scored with, which its pyfunc and Serve predict with unless told otherwise;
+    ``thing_classes`` the 0-based class indices that are countable things (classes.json's
+    ``isthing``; the panoptic task's, empty otherwise), the others being stuff.
     """
 
     class_names: tuple[str, ...] = ()
@@ -56,12 +58,14 @@ class ModelMeta:
     ignore_index: int = IGNORE_INDEX
     inference: InferenceSettings | None = None   # what its recorded score used; None: not recorded
     task: str = UNRECORDED_TASK     # its pipeline.tasks name
+    thing_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.inference, dict):
             object.__setattr__(self, "inference", InferenceSettings(**self.inference))
         # Accept lists (from JSON or YAML) and store tuples, so the object stays hashable.
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "thing_classes", tuple(int(c) for c in self.thing_classes))
         object.__setattr__(self, "palette", tuple(tuple(int(c) for c in rgb) for rgb in self.palette))
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
@@ -76,6 +80,15 @@ class ModelMeta:
             raise ValueError("palette entries must be (r, g, b) with values in 0..255")
         if self.mean is not None and (len(self.mean) != len(self.std) or any(s <= 0 for s in self.std)):
             raise ValueError("mean and std need one value per channel, and std must be positive")
+        self._check_thing_classes()
+
+    def _check_thing_classes(self) -> None:
+        things = self.thing_classes
+        if len(set(things)) != len(things) or any(c < 0 for c in things):
+            raise ValueError(f"thing_classes: expected distinct 0-based class indices, got {list(things)}")
+        if self.class_names and any(c >= len(self.class_names) for c in things):
+            raise ValueError(f"thing_classes: {list(things)} names classes beyond the "
+                             f"{len(self.class_names)} class names (0-based indices)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""

@@ -14,6 +14,10 @@ with ``meta.mean``/``meta.std`` by the caller, and resized by one fixed factor,
 transform would resize each image to a minimum side, so a crop and the whole image it came
 from would be seen at different scales). Classes are 0-based here as everywhere in the
 pipeline; torchvision's background class 0 stays inside ``InstanceModel``.
+
+``panoptic_fpn_mobilenet_v2`` (Panoptic FPN: this Mask R-CNN for the thing classes beside a
+semantic branch on the same FPN) is built by ``pipeline.models.panoptic_fpn`` from the
+pieces here.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import paths
-from pipeline.config.model_params import TorchvisionModelParams
+from pipeline.config.model_params import PANOPTIC_ARCH, TorchvisionModelParams
 from pipeline.models.base import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegmentationModel
 from pipeline.models.weights import ENCODER_WEIGHT_FILES, WeightsUnavailableError, read_encoder_weights
 
 BACKBONE_WEIGHTS = "mobilenet_v2"           # the key of its file in ENCODER_WEIGHT_FILES
 MOBILENET_STAGES = (2, 3, 4)                # stages whose outputs the FPN takes: strides 8, 16, 32
+FPN_MAPS = tuple(str(k) for k in range(len(MOBILENET_STAGES)))  # the FPN's maps of those stages, finest first
 ANCHOR_SIZES = ((16,), (32,), (64,), (128,))  # one per FPN map (three stages + the max-pooled level)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # Keys the family sets itself; model.kwargs must not repeat them.
@@ -39,12 +44,15 @@ _OWN_KEYS = ("num_classes", "min_size", "max_size", "image_mean", "image_std", "
              "box_roi_pool", "mask_roi_pool", "weights", "weights_backbone", "trainable_backbone_layers")
 
 
-def _transform_class():
+def fixed_scale_transform(scale: float) -> nn.Module:
+    """``FixedScaleTransform(scale)``, the detection transform every model of the family uses."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
     class FixedScaleTransform(GeneralizedRCNNTransform):
         """torchvision's detection transform with one fixed resize factor and no
-        normalisation (the inputs come normalised)."""
+        normalisation (the inputs come normalised). A target's instance masks and its
+        ``semantic`` map (H, W) of class indices, if any, are resized with the image
+        (nearest)."""
 
         def __init__(self, scale: float):
             super().__init__(min_size=1, max_size=1, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
@@ -63,11 +71,18 @@ def _transform_class():
                 size = image.shape[-2:]
                 target = dict(target, boxes=resize_boxes(target["boxes"], (h, w), size))
                 if "masks" in target:
-                    masks = target["masks"][:, None].float()
-                    target["masks"] = F.interpolate(masks, size=size, mode="nearest")[:, 0].to(torch.uint8)
+                    target["masks"] = _resize_nearest(target["masks"], size)
+                if "semantic" in target:
+                    target["semantic"] = _resize_nearest(target["semantic"][None], size)[0]
             return image, target
 
-    return FixedScaleTransform
+    return FixedScaleTransform(scale)
+
+
+def _resize_nearest(labels: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """(K, H, W) integer maps (masks, class indices below 2**24) resized to ``size``, nearest."""
+    resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0]
+    return resized.to(labels.dtype)
 
 
 class InstanceModel(SegmentationModel):
@@ -88,29 +103,40 @@ class InstanceModel(SegmentationModel):
         return [dict(o, labels=o["labels"] - 1) for o in self.net(images)]
 
 
-def build(cfg: TorchvisionModelParams, classes: int, meta: ModelMeta) -> InstanceModel:
+def build(cfg: TorchvisionModelParams, classes: int, meta: ModelMeta) -> SegmentationModel:
     """Mask R-CNN with ``classes`` object classes (plus torchvision's background); ``meta``
     gets ImageNet normalisation unless it gives its own. Raises ``ValueError`` naming the key
     for a ``model.kwargs`` entry MaskRCNN does not take or that the family sets itself."""
     from torchvision.models.detection import MaskRCNN
 
-    _check_kwargs(cfg, MaskRCNN)
+    if cfg.arch == PANOPTIC_ARCH:
+        from pipeline.models import panoptic_fpn
+
+        return panoptic_fpn.build(cfg, classes, meta)
+    check_kwargs(cfg, MaskRCNN)
     if cfg.arch == "maskrcnn_mobilenet_v2_fpn":
-        net = _mobilenet_maskrcnn(cfg, classes)
+        net = mobilenet_maskrcnn(cfg, classes)
     else:
         from torchvision.models import detection
 
         builder = getattr(detection, cfg.arch)
         net = builder(weights=None, weights_backbone=None, num_classes=classes + 1,
                       trainable_backbone_layers=cfg.trainable_layers, **cfg.kwargs)
-    net.transform = _transform_class()(cfg.image_scale)
-    if meta.mean is None:
-        mean, std = normalisation(cfg)
-        meta = replace(meta, mean=mean, std=std)
-    return InstanceModel(net, meta)
+    net.transform = fixed_scale_transform(cfg.image_scale)
+    return InstanceModel(net, with_normalisation(cfg, meta))
 
 
-def _mobilenet_maskrcnn(cfg: TorchvisionModelParams, classes: int) -> nn.Module:
+def with_normalisation(cfg: TorchvisionModelParams, meta: ModelMeta) -> ModelMeta:
+    """``meta`` with the family's normalisation unless it gives its own."""
+    if meta.mean is not None:
+        return meta
+    mean, std = normalisation(cfg)
+    return replace(meta, mean=mean, std=std)
+
+
+def mobilenet_maskrcnn(cfg: TorchvisionModelParams, classes: int) -> nn.Module:
+    """Mask R-CNN with ``classes`` object classes (plus background) over the MobileNetV2 FPN
+    (maps ``FPN_MAPS`` and a max-pooled level), ImageNet weights per ``cfg.encoder_weights``."""
     from torchvision.models import mobilenet_v2
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -130,7 +156,7 @@ def _mobilenet_maskrcnn(cfg: TorchvisionModelParams, classes: int) -> nn.Module:
                                f"unexpected {unexpected[:5]}")
     backbone = _mobilenet_extractor(net, fpn=True, trainable_layers=cfg.trainable_layers,
                                     returned_layers=list(MOBILENET_STAGES))
-    maps = [str(k) for k in range(len(MOBILENET_STAGES))]
+    maps = list(FPN_MAPS)
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=(ASPECT_RATIOS,) * len(ANCHOR_SIZES))
     return MaskRCNN(
         backbone, num_classes=classes + 1, rpn_anchor_generator=anchors,
@@ -140,7 +166,8 @@ def _mobilenet_maskrcnn(cfg: TorchvisionModelParams, classes: int) -> nn.Module:
     )
 
 
-def _check_kwargs(cfg: TorchvisionModelParams, maskrcnn: type) -> None:
+def check_kwargs(cfg: TorchvisionModelParams, maskrcnn: type) -> None:
+    """``model.kwargs`` are MaskRCNN's keyword arguments, none the family sets itself."""
     own = sorted(set(cfg.kwargs) & set(_OWN_KEYS))
     if own:
         raise ValueError(f"model.kwargs: {', '.join(own)} set by the torchvision family itself "

@@ -20,24 +20,43 @@ from torch import nn
 from pipeline.data import instance_batches
 from pipeline.inference.instances import InstancePredictor, to_instances
 from pipeline.metrics.instance import Instances, coco_ap, dsb_score
+from pipeline.models.panoptic_fpn import SEMANTIC_LOSS
 from pipeline.tasks import instance_answers, instance_eval
 from pipeline.tasks.base import Task
 
 # loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
 INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
                        "classifier": "loss_classifier", "box_reg": "loss_box_reg", "mask": "loss_mask"}
+# The panoptic task's (params.PANOPTIC_LOSS_NAMES): its Mask R-CNN's and its semantic branch's.
+PANOPTIC_LOSS_TERMS = INSTANCE_LOSS_TERMS | {"semantic": SEMANTIC_LOSS}
+# Panoptic FPN's recipe (Kirillov et al. 2019; detectron2's COCO config): instance losses 1, semantic 0.5.
+PANOPTIC_PAPER_WEIGHTS = dict.fromkeys(INSTANCE_LOSS_TERMS, 1.0) | {"semantic": 0.5}
 AP_PLOT = "val_ap.json"
 
 
 class MaskRCNNLoss(nn.Module):
     """The weighted sum of a Mask R-CNN's loss dict (``loss.terms`` weights by our names)."""
 
+    terms = INSTANCE_LOSS_TERMS     # our names -> the model's loss keys
+
     def __init__(self, weights: dict[str, float]):
         super().__init__()
-        self.weights = {INSTANCE_LOSS_TERMS[name]: float(w) for name, w in weights.items()}
+        self.weights = {self.terms[name]: float(w) for name, w in weights.items()}
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(w * losses[key].float() for key, w in self.weights.items())
+
+
+class PanopticFPNLoss(MaskRCNNLoss):
+    """The weighted sum of a Panoptic FPN's loss dict (``pipeline.models.panoptic_fpn``):
+    Mask R-CNN's five and the semantic branch's, weighted by ``loss.terms``
+    (``PANOPTIC_LOSS_TERMS``' names). Default: the paper's recipe, ``PANOPTIC_PAPER_WEIGHTS``
+    (each instance loss 1, semantic 0.5)."""
+
+    terms = PANOPTIC_LOSS_TERMS
+
+    def __init__(self, weights: dict[str, float] | None = None):
+        super().__init__(PANOPTIC_PAPER_WEIGHTS if weights is None else weights)
 
 
 class InstanceMetric:
