@@ -76,8 +76,9 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
     optimizer = build_optimizer(model, cfg)
     steps = config["n_train"] // cfg.batch_size
     scheduler = build_scheduler(optimizer, cfg, steps)
-    table = shards.read_split(data, "train", columns=["image", task.target_column])
-    images, targets = table.column("image").to_pylist(), table.column(task.target_column).to_pylist()
+    table = shards.read_split(data, "train", columns=["image", *task.target_columns])
+    images = table.column("image").to_pylist()
+    targets = task.targets_of({name: table.column(name).to_pylist() for name in task.target_columns})
     transform = task.train_transform(cfg.crop_size, cfg.scale_range, cfg.color_jitter, config["ignore_index"])
     norm = {"mean": config["mean"], "std": config["std"], "ignore_index": config["ignore_index"]}
     rate = 0.0

@@ -234,7 +234,7 @@ def fit(
         config["local_cluster_root"] = os.getpid()
     datasets = {
         split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
-        .select_columns(["image", task.target_column])
+        .select_columns(["image", *task.target_columns])
         for split in ("train", "val")
     }
     if cfg.materialize:

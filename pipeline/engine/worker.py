@@ -96,8 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     # Validation rows are read once and kept encoded: re-reading a small split through
     # Ray Data each epoch costs seconds of scheduling for milliseconds of data.
-    val_rows = _rank_rows(ray.train.get_dataset_shard("val"), task.target_column, cfg.val_batch_size,
-                          rank, world)
+    val_rows = _rank_rows(ray.train.get_dataset_shard("val"), task, cfg.val_batch_size, rank, world)
     client, run_id = _mlflow(config) if rank == 0 else (None, None)
     nodes = _count_nodes(world)
 
@@ -154,14 +153,14 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 class TrainCollate(NumpyBatchCollateFn):
-    """Ray Data's last step for a training batch: {"image", <the task's target column>} arrays
+    """Ray Data's last step for a training batch: {"image", <the task's target columns>} arrays
     of encoded rows -> the task's (images (N, 3, H, W) float32 normalised, targets), augmented."""
 
     def __init__(self, task: Task, transform, norm: dict[str, Any]):
         self.task, self.transform, self.norm = task, transform, norm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, Any]:
-        return self.task.collate(batch["image"], batch[self.task.target_column], transform=self.transform,
+        return self.task.collate(batch["image"], self.task.targets_of(batch), transform=self.transform,
                                  **self.norm)
 
 
@@ -178,16 +177,16 @@ def lower_cluster_background(root: int, rank: int, world: int) -> None:
         log.debug("%d processes of the local cluster now at nice %d", len(lowered), priority.BACKGROUND_NICE)
 
 
-def _rank_rows(dataset, column: str, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
+def _rank_rows(dataset, task: Task, batch_size: int, rank: int, world: int) -> list[tuple[list, list]]:
     """This rank's share of the whole validation split, every ``world``-th row, as
-    batches of (encoded images, targets: the rows' ``column``).
+    batches of (encoded images, targets: ``task.targets_of`` the rows).
 
     Every worker reads the unsplit split but keeps only its own rows, so each row is
     evaluated exactly once and the summed confusion matrices cover the split exactly.
     """
     mine_images, mine_masks, index = [], [], 0
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
-        for image, mask in zip(batch["image"], batch[column], strict=True):
+        for image, mask in zip(batch["image"], task.targets_of(batch), strict=True):
             if index % world == rank:
                 mine_images.append(image)
                 mine_masks.append(mask)

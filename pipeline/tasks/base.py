@@ -13,7 +13,7 @@ same protocol.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -57,7 +57,7 @@ class Task(ABC):
     labels: ClassVar[dict[str, str]]
     per_class_keys: ClassVar[tuple[str, ...]] = ()
     views: ClassVar[tuple[str, ...]] = ()
-    target_column: ClassVar[str] = "mask"     # the prepared shards' column ``collate`` takes as targets
+    target_columns: ClassVar[tuple[str, ...]] = ("mask",)   # the prepared shards' columns of the targets
     onnx_export: ClassVar[bool] = True        # register can export its models to ONNX and check them
 
     # --- data: prepared rows -> batches ------------------------------------------------------
@@ -65,6 +65,14 @@ class Task(ABC):
     def train_transform(self, crop: tuple[int, int], scale: tuple[float, float], jitter: float,
                         ignore_index: int) -> Any:
         """The training augmentation (applied to image and target alike)."""
+
+    def targets_of(self, columns: Mapping[str, Sequence]) -> Sequence:
+        """Rows' ``target_columns`` (column name -> values, as a batch or table gives them) -> one
+        target per row as ``collate`` takes it: the column's value when there is one column, else
+        a tuple of the columns' values."""
+        if len(self.target_columns) == 1:
+            return columns[self.target_columns[0]]
+        return list(zip(*(columns[name] for name in self.target_columns), strict=True))
 
     @abstractmethod
     def collate(self, images: Sequence[bytes], targets: Sequence[bytes], *, mean: Sequence[float],

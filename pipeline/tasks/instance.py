@@ -103,7 +103,7 @@ class InstanceTask(Task):
               "box_ap": "box AP", "dsb_score": "DSB score"}
     per_class_keys = ("mask_ap", "box_ap")
     views = ("ap_table", "overlays")
-    target_column = "instances"
+    target_columns = ("instances",)
     onnx_export = False       # Mask R-CNN: no checked ONNX export here (register.onnx: false)
 
     def train_transform(self, crop, scale, jitter, ignore_index):
