@@ -161,7 +161,8 @@ class PanopticMetric:
             raise ValueError("no validation images were scored")
         with warnings.catch_warnings():
             # A rank that saw no batch holds summed states but was never updated: torchmetrics warns.
-            warnings.filterwarnings("ignore", message=".*compute.*called before the .*update", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*compute.*called before the .*update",
+                                    category=UserWarning)
             quality = self.pq.compute().reshape(-1, 3).double()     # (categories, [pq, sq, rq])
         tp, fp, fn = (getattr(self.pq, name).long() for name in PQ_STATES[1:])
         semantic = segmentation_metrics(self.confusion.mat)

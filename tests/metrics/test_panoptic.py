@@ -84,6 +84,11 @@ HAND_CLASSES = {"road": (0.875, 0.875, 1.0, 2, 0, 0), "sky": (0.0, 0.0, 0.0, 0, 
 HAND_IOU = {"road": 0.8, "sky": 0.5, "car": 0.75, "person": 0.5, "tree": None}
 
 
+def pairs(p: Panoptic) -> torch.Tensor:
+    """torchmetrics' input: (1, H, W, 2) (class, segment id), void and unknown ids class -1."""
+    return torch.from_numpy(np.stack([p.category_map(-1), p.ids], axis=-1))[None]
+
+
 def hand_metric() -> PanopticMetric:
     metric = PanopticMetric(NAMES, ISTHING)
     metric.update([PRED_1], [TRUTH_1])
@@ -116,9 +121,6 @@ def test_the_semantic_view_miou_counts_predicted_void_as_wrong_and_ignores_crowd
 def test_torchmetrics_alone_scores_the_example_otherwise():
     """Why the relabelling: plain torchmetrics, with predicted void and the crowd as its void,
     misses B (mostly predicted void) and excuses car b (on a crowd of another class)."""
-    def pairs(p: Panoptic) -> torch.Tensor:
-        return torch.from_numpy(np.stack([p.category_map(-1), p.ids], axis=-1))[None]
-
     truth = Panoptic(TRUTH_1.ids, [s for s in TRUTH_1.segments if not s.iscrowd])
     plain = PanopticQuality(things={CAR, PERSON}, stuffs={ROAD, SKY, TREE}, allow_unknown_preds_category=True)
     plain.update(pairs(PRED_1), pairs(truth))
@@ -180,7 +182,7 @@ def test_without_void_or_crowd_it_is_plain_torchmetrics():
     out = ours.compute()
     plain = PanopticQuality(things={CAR, PERSON}, stuffs={ROAD, SKY, TREE}, return_sq_and_rq=True)
     for p, t in zip(pred, truth, strict=True):
-        plain.update(*(torch.from_numpy(np.stack([x.category_map(-1), x.ids], axis=-1))[None] for x in (p, t)))
+        plain.update(pairs(p), pairs(t))
     np.testing.assert_allclose([out["pq"], out["sq"], out["rq"]], plain.compute().tolist())
 
 
