@@ -59,6 +59,10 @@ def test_overlap_threshold_is_the_share_of_the_mask_already_taken():
     assert np.count_nonzero(kept.ids == 2) == 4
     dropped = fuse(boxes_instances(h, w, items), semantic, ISTHING, overlap_threshold=0.49, stuff_min_area=0)
     assert [s.category for s in dropped.segments] == [CAR, ROAD]
+    # An empty mask takes no id.
+    empty = fuse(boxes_instances(h, w, [(PERSON, 0.95, (0, 0, 0, 0)), *items]), semantic, ISTHING,
+                 stuff_min_area=0)
+    assert [s.category for s in empty.segments] == [CAR, CAR, ROAD]
 
 
 def test_stuff_below_the_minimum_area_stays_void_and_the_default_keeps_256_pixels():
