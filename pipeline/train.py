@@ -114,6 +114,8 @@ def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg
         "class_weights": resolve_class_weights(loss_cfg, card, classes["num_classes"]),
         "mean": list(mean), "std": list(std), "n_train": card["splits"]["train"]["images"],
         "task": task_of_data(data)[0],
+        # Classes classes.json marks as countable things (instance and panoptic data).
+        "thing_classes": [c for c, thing in enumerate(classes.get("isthing", [])) if thing],
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,53 @@ class ServeProcess:
     def predict(self, body: bytes, content_type: str = "image/png", query: str = "",
                 ) -> tuple[int, str, bytes]:
         return self.request("POST", f"/predict{query}", body, content_type)
+
+
+PANOPTIC_CLASSES = ("sky", "road", "car")      # make_panoptic_dataset's classes: two stuff, one thing
+
+
+def make_panoptic_dataset(root: Path, n: dict[str, int] | None = None, size: tuple[int, int] = (64, 80),
+                          seed: int = 0) -> Path:
+    """A prepared panoptic dataset written directly (``shards.PANOPTIC_SCHEMA``): blue sky over
+    a grey road (stuff, one segment each), 1 to 3 red cars (things, separate squares) on the
+    road; ``n`` images per split (default train 8, val 4, test 4). Returns ``root``."""
+    from pipeline.config import paths
+    from pipeline.data import shards
+    from pipeline.metrics.panoptic_types import encode_png
+    from pipeline.utils.io import write_json_atomic
+
+    n = n or {"train": 8, "val": 4, "test": 4}
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, count in n.items():
+        rows = []
+        for i in range(count):
+            image = np.zeros((h, w, 3), np.uint8)
+            ids = np.zeros((h, w), np.int32)
+            horizon = int(rng.integers(h // 3, h // 2))
+            image[:horizon], ids[:horizon] = (70, 130, 220), 1
+            image[horizon:], ids[horizon:] = (110, 110, 110), 2
+            segments = [{"id": 1, "class": 0}, {"id": 2, "class": 1}]
+            for k in range(int(rng.integers(1, 4))):
+                side = int(rng.integers(8, 14))
+                x0 = 4 + k * (w - 8) // 3
+                y0 = int(rng.integers(horizon, h - side))
+                image[y0:y0 + side, x0:x0 + side] = (200, 30, 30)
+                ids[y0:y0 + side, x0:x0 + side] = 3 + k
+                segments.append({"id": 3 + k, "class": 2})
+            image = np.clip(image.astype(int) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
+            for s in segments:
+                ys, xs = np.nonzero(ids == s["id"])
+                s.update(iscrowd=False, area=len(ys),
+                         box=[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            rows.append({"id": f"{split}-{i:03d}", "image": buf.getvalue(), "height": h, "width": w,
+                         "image_format": "png", "panoptic": encode_png(ids), "segments": segments})
+        shards.write_shard(rows, root / split / shards.shard_name(0), shards.PANOPTIC_SCHEMA)
+    classes = {"names": list(PANOPTIC_CLASSES), "palette": [[70, 130, 220], [110, 110, 110], [200, 30, 30]],
+               "num_classes": 3, "ignore_index": 255, "isthing": [False, False, True]}
+    write_json_atomic(root / paths.CLASSES_FILE, classes)
+    write_json_atomic(root / paths.CARD_JSON, {"task": "panoptic", "dataset": "synthetic", "classes": classes,
+                                               "splits": {s: {"images": c} for s, c in n.items()}})
+    return root

@@ -69,7 +69,8 @@ def train_worker(config: dict[str, Any]) -> None:
     primary = f"val_{task.primary_metric}"
 
     meta = ModelMeta(class_names=names, palette=config["palette"], mean=config["mean"],
-                     std=config["std"], ignore_index=ignore, task=config["task"])
+                     std=config["std"], ignore_index=ignore, task=config["task"],
+                     thing_classes=config["thing_classes"])
     model = build_model(model_cfg, num_classes, meta).to(memory_format=memory_format(cfg.channels_last))
     loss_fn = task.build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -118,8 +119,9 @@ def train_worker(config: dict[str, Any]) -> None:
         start_val = time.perf_counter()
         val_batches = (task.collate(images, targets, **norm) for images, targets in val_rows)
         # Reduced over all ranks inside: counts and the loss of the whole split.
-        metric, val_loss = evaluate(plain, val_batches, task.metric(num_classes, ignore, device), device,
-                                    loss_fn, channels_last=cfg.channels_last, task=task)
+        metric = task.metric(num_classes, ignore, device, meta.thing_classes)
+        metric, val_loss = evaluate(plain, val_batches, metric, device, loss_fn,
+                                    channels_last=cfg.channels_last, task=task)
         val = task.epoch_metrics(metric.compute(), names)
         is_best = val[primary] > best
         best = max(best, val[primary])

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline.inference.predictor import _check, inference_settings, window_starts
 from pipeline.inference.rle import from_crop
-from pipeline.inference.tensors import to_tensor
+from pipeline.inference.tensors import forward_images
 from pipeline.metrics.instance import Instances, encode, mask_iou
 from pipeline.models.base import InferenceSettings
 
@@ -249,10 +249,7 @@ class InstancePredictor:
         return image.shape[0] * image.shape[1] > self.tile_above_pixels
 
     def _forward(self, images: list[np.ndarray]) -> list[dict]:
-        parameter = next(self.model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        x = to_tensor(images, self.model.meta.mean, self.model.meta.std).to(device)
-        return self.model(x)
+        return forward_images(self.model, images)
 
     def _tiled_instances(self, image: np.ndarray) -> Instances:
         h, w = image.shape[:2]

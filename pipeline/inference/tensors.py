@@ -14,6 +14,14 @@ def to_tensor(images: list[np.ndarray], mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
+def forward_images(model: SegmentationModel, images: list[np.ndarray]):
+    """The model's output for same-size (H, W, 3) uint8 RGB images, normalised as its meta
+    says, on the model's device."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    return model(to_tensor(images, model.meta.mean, model.meta.std).to(device))
+
+
 @torch.no_grad()
 def predict_logits(model: SegmentationModel, image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (C, H, W) float32 logits on the CPU."""

@@ -1,9 +1,9 @@
 """Segmentation tasks (``pipeline.tasks.base.Task``), found by name.
 
-``prepare.task`` names the task: a built-in name (``semantic``, ``instance``) or ``module:Class``, a task
-defined anywhere on the Python path (a plug-in; ``tests/tasks`` holds one). ``prepare``
-records the name in the prepared card, training in the model's meta; ``task_of_data`` and
-``task_of_model`` find it there.
+``prepare.task`` names the task: a built-in name (``semantic``, ``instance``, ``panoptic``) or
+``module:Class``, a task defined anywhere on the Python path (a plug-in; ``tests/tasks`` holds
+one). ``prepare`` records the name in the prepared card, training in the model's meta;
+``task_of_data`` and ``task_of_model`` find it there.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pipeline.config import paths
 from pipeline.models.base import UNRECORDED_TASK
 from pipeline.tasks.base import Task
 from pipeline.tasks.instance import InstanceTask
+from pipeline.tasks.panoptic import PanopticTask
 from pipeline.tasks.semantic import SemanticTask
 from pipeline.utils.io import read_json
 
-BUILTIN: dict[str, type[Task]] = {SemanticTask.name: SemanticTask, InstanceTask.name: InstanceTask}
+BUILTIN: dict[str, type[Task]] = {SemanticTask.name: SemanticTask, InstanceTask.name: InstanceTask,
+                                  PanopticTask.name: PanopticTask}
 
 
 class TaskError(ValueError):

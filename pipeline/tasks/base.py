@@ -104,8 +104,10 @@ class Task(ABC):
         """``loss_fn(outputs, targets) -> scalar tensor`` for the model's outputs."""
 
     @abstractmethod
-    def metric(self, num_classes: int, ignore_index: int, device: torch.device) -> Metric:
-        """A fresh accumulator for validation."""
+    def metric(self, num_classes: int, ignore_index: int, device: torch.device,
+               thing_classes: Sequence[int] = ()) -> Metric:
+        """A fresh accumulator for validation; ``thing_classes``: the 0-based indices of the
+        classes classes.json marks ``isthing`` (tasks that tell things from stuff use them)."""
 
     @abstractmethod
     def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:

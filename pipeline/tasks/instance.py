@@ -136,7 +136,8 @@ class InstanceTask(Task):
                              f"losses; missing {', '.join(missing)}")
         return MaskRCNNLoss(dict(loss_cfg.terms))
 
-    def metric(self, num_classes: int, ignore_index: int, device: torch.device) -> InstanceMetric:
+    def metric(self, num_classes: int, ignore_index: int, device: torch.device,
+               thing_classes: Sequence[int] = ()) -> InstanceMetric:
         return InstanceMetric(self.class_names_for(num_classes))
 
     @staticmethod

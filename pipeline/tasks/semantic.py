@@ -43,7 +43,8 @@ class SemanticTask(Task):
     def build_loss(self, loss_cfg, num_classes, ignore_index, class_weights) -> nn.Module:
         return terms.build_loss(loss_cfg, num_classes, ignore_index, class_weights)
 
-    def metric(self, num_classes: int, ignore_index: int, device: torch.device) -> ConfusionMatrix:
+    def metric(self, num_classes: int, ignore_index: int, device: torch.device,
+               thing_classes: Sequence[int] = ()) -> ConfusionMatrix:
         return ConfusionMatrix(num_classes, ignore_index, device=device)
 
     def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:

@@ -33,7 +33,7 @@ class ForegroundTask(SemanticTask):
     primary_label = "foreground Dice"
     labels = {"fg_dice": "foreground Dice", **SemanticTask.labels}
 
-    def metric(self, num_classes, ignore_index, device):
+    def metric(self, num_classes, ignore_index, device, thing_classes=()):
         return ForegroundMetric(num_classes, ignore_index, device=device)
 
     def epoch_metrics(self, computed, class_names):

@@ -1,0 +1,112 @@
+"""Panoptic labellings of whole images at native resolution, for serving and evaluation.
+
+A panoptic model (``pipeline.models.panoptic_fpn``) in eval mode returns per image Mask
+R-CNN's instances of the thing classes and the semantic branch's map (a stuff class per
+pixel, or ``THING``). ``PanopticPredictor.panoptic(images)`` turns them into one
+``Panoptic`` per image: the instances as ``pipeline.inference.instances.to_instances`` gives
+them (masks above ``mask_threshold``), fused with the semantic map by
+``pipeline.inference.panoptic_fusion.fuse`` (``min_score``, ``overlap_threshold``,
+``stuff_min_area``).
+
+Images go through the network whole, images of one size together. There is no tiling:
+an image above ``tile_above_pixels`` is refused with a message rather than predicted with
+memory growing with its size; flip TTA and multi-scale prediction are defined for class
+probabilities, not for instances, and are refused too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.inference.instances import to_instances
+from pipeline.inference.panoptic_fusion import (
+    DEFAULT_MIN_SCORE,
+    DEFAULT_OVERLAP_THRESHOLD,
+    DEFAULT_STUFF_MIN_AREA,
+    fuse,
+)
+from pipeline.inference.predictor import _check, inference_settings
+from pipeline.inference.tensors import forward_images
+from pipeline.metrics.panoptic_types import Panoptic
+from pipeline.models.base import InferenceSettings
+
+
+class ImageTooLargeError(ValueError):
+    """An image above the predictor's pixel limit."""
+
+
+@dataclass
+class PanopticPredictor:
+    """Panoptic labellings of whole images (see the module doc). The first five fields are
+    ``InferenceSettings``' (``for_model`` reads them from the model)."""
+
+    model: nn.Module
+    flip_tta: bool = False
+    tile_above_pixels: int = 1_048_576
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = 0.25
+    scales: tuple[float, ...] = (1.0,)
+    mask_threshold: float = 0.5
+    min_score: float = DEFAULT_MIN_SCORE
+    overlap_threshold: float = DEFAULT_OVERLAP_THRESHOLD
+    stuff_min_area: int = DEFAULT_STUFF_MIN_AREA
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(float(s) for s in self.scales)
+        self.tile_size = tuple(int(t) for t in self.tile_size)
+        if self.flip_tta:
+            raise ValueError("flip_tta: flip test-time augmentation is not defined for panoptic "
+                             "segmentation; set flip_tta to false")
+        if self.scales != (1.0,):
+            listed = ", ".join(f"{s:g}" for s in self.scales)
+            raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for panoptic "
+                             "segmentation; set scales to [1.0]")
+        num_classes = len(self.model.meta.class_names)
+        things = set(self.model.meta.thing_classes)
+        if not things:
+            raise ValueError("the model records no thing classes (meta.thing_classes): not a panoptic model")
+        self.isthing = [c in things for c in range(num_classes)]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides) -> PanopticPredictor:
+        """A predictor with the settings the model records (``model.meta.inference``), each
+        replaced by an override that is not None; none recorded: this class's defaults."""
+        return cls(model, **inference_settings(model, overrides))
+
+    def settings(self) -> InferenceSettings:
+        return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
+                                 self.tile_overlap)
+
+    @torch.inference_mode()
+    def panoptic(self, images: list[np.ndarray]) -> list[Panoptic]:
+        """(H, W, 3) uint8 RGB images of any sizes -> their ``Panoptic`` labellings."""
+        for image in images:
+            _check(image)
+            pixels = image.shape[0] * image.shape[1]
+            if pixels > self.tile_above_pixels:
+                raise ImageTooLargeError(
+                    f"an image of {image.shape[1]}x{image.shape[0]} ({pixels} pixels): panoptic models "
+                    f"predict whole images only, up to tile_above_pixels={self.tile_above_pixels}; "
+                    "downscale it or raise the limit")
+        out: list[Panoptic | None] = [None] * len(images)
+        same_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            same_size[image.shape].append(i)
+        for (h, w, _), indices in same_size.items():
+            outputs = forward_images(self.model, [images[i] for i in indices])
+            for i, output in zip(indices, outputs, strict=True):
+                out[i] = self.fused(output, h, w)
+        return out
+
+    def fused(self, output: dict, height: int, width: int) -> Panoptic:
+        """One image's model output -> its ``Panoptic``."""
+        instances = to_instances(output, height, width, self.mask_threshold)
+        semantic = output["semantic"][:height, :width].detach().cpu().numpy()
+        return fuse(instances, semantic, self.isthing, min_score=self.min_score,
+                    overlap_threshold=self.overlap_threshold, stuff_min_area=self.stuff_min_area,
+                    void=self.model.meta.ignore_index)
