@@ -116,9 +116,9 @@ class PanopticMetric:
         pred_class = predicted.category_map(self.unpredicted)
         true_class = truth.category_map(TRUTH_VOID)
         crowd_ids = [s.id for s in truth.segments if s.iscrowd]
-        true_class_pq = true_class.copy()
+        true_class_pq = true_class
         if crowd_ids:
-            true_class_pq[np.isin(truth.ids, crowd_ids)] = self.crowd
+            true_class_pq = np.where(np.isin(truth.ids, crowd_ids), self.crowd, true_class)
         preds = np.stack([pred_class, predicted.ids], axis=-1)
         target = np.stack([true_class_pq, truth.ids], axis=-1)
         self.pq.update(torch.from_numpy(preds)[None], torch.from_numpy(target)[None])
