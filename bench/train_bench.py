@@ -39,6 +39,7 @@ from pipeline.config.params import LossParams, ModelParams, TrainParams, load_pa
 from pipeline.data import shards  # noqa: E402
 from pipeline.engine.allocator import keep_freed_memory  # noqa: E402
 from pipeline.engine.loop import build_optimizer, build_scheduler, memory_format, train_one_epoch  # noqa: E402
+from pipeline.engine.worker import model_meta  # noqa: E402
 from pipeline.models.registry import build_model  # noqa: E402
 from pipeline.tasks import task_of_data  # noqa: E402
 from pipeline.train import fit, worker_config  # noqa: E402
@@ -70,7 +71,8 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
     if cfg.keep_freed_memory:
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, config["num_classes"]).to(memory_format=memory_format(cfg.channels_last))
+    model = build_model(model_cfg, config["num_classes"], model_meta(config))
+    model = model.to(memory_format=memory_format(cfg.channels_last))
     loss_fn = task.build_loss(loss_cfg, config["num_classes"], config["ignore_index"],
                               config["class_weights"])
     optimizer = build_optimizer(model, cfg)

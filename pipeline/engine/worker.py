@@ -68,9 +68,7 @@ def train_worker(config: dict[str, Any]) -> None:
     task = get_task(config["task"])
     primary = f"val_{task.primary_metric}"
 
-    meta = ModelMeta(class_names=names, palette=config["palette"], mean=config["mean"],
-                     std=config["std"], ignore_index=ignore, task=config["task"],
-                     thing_classes=config["thing_classes"])
+    meta = model_meta(config)
     model = build_model(model_cfg, num_classes, meta).to(memory_format=memory_format(cfg.channels_last))
     loss_fn = task.build_loss(loss_cfg, num_classes, ignore, config.get("class_weights")).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -152,6 +150,13 @@ def train_worker(config: dict[str, Any]) -> None:
                               epoch_record(metrics, cfg.epochs, primary, task.primary_label))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def model_meta(config: dict) -> ModelMeta:
+    """The meta of the model a training run (``train.worker_config``) builds."""
+    return ModelMeta(class_names=config["class_names"], palette=config["palette"], mean=config["mean"],
+                     std=config["std"], ignore_index=config["ignore_index"], task=config["task"],
+                     thing_classes=config["thing_classes"])
 
 
 class TrainCollate(NumpyBatchCollateFn):
