@@ -2,7 +2,9 @@
 
 ``prepare.task: instance`` with an instance dataset (dsb2018, coco, labelme, via, yolo)
 goes to ``pipeline.data.instance_prepare``, which writes instance shards in the same
-layout and with the same checks and guarantees; what follows is the semantic path.
+layout and with the same checks and guarantees; ``prepare.task: panoptic`` (coco_panoptic,
+ade20k, or a semantic dataset with ``prepare.thing_classes``) to
+``pipeline.data.panoptic_prepare``, likewise; what follows is the semantic path.
 
 Every image/mask pair is decoded and checked (unreadable image, missing mask, size
 mismatch, labels outside the class list, binary masks saved as 0/255, the same image
@@ -27,12 +29,20 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.config import paths
-from pipeline.config.params import INSTANCE_DATASETS, PrepareParams, Resize, load_params
+from pipeline.config.params import (
+    INSTANCE_DATASETS,
+    PANOPTIC_DATASETS,
+    PANOPTIC_TASK,
+    PrepareParams,
+    Resize,
+    load_params,
+)
 from pipeline.data import fetch
 from pipeline.data.card import class_statistics, render_markdown
 from pipeline.data.checks import Inspection, convert_sample, inspect_sample, invalid_values
 from pipeline.data.datasets import ClassSpec, Sample, class_spec, list_samples
 from pipeline.data.instance_prepare import prepare_instances
+from pipeline.data.panoptic_prepare import prepare_panoptic
 from pipeline.data.problems import PrepareError, duplicate_problems, enforce, problem_report
 from pipeline.data.problems import map_workers as _map
 from pipeline.data.shards import shard_name, write_shard
@@ -45,11 +55,16 @@ INSTANCE_TASK = "instance"
 
 
 def check_task(dataset: str, task: str) -> None:
-    """An instance dataset needs ``task: instance``, and ``task: instance`` one of them."""
+    """An instance dataset needs ``task: instance``, and ``task: instance`` one of them; a
+    panoptic dataset needs ``task: panoptic`` (which takes a semantic dataset too)."""
     if dataset in INSTANCE_DATASETS and task != INSTANCE_TASK:
         raise ValueError(
             f"download.dataset {dataset!r} holds instance annotations; prepare.task is {task!r}: "
             f"set prepare.task: {INSTANCE_TASK}")
+    if dataset in PANOPTIC_DATASETS and task != PANOPTIC_TASK:
+        raise ValueError(
+            f"download.dataset {dataset!r} holds panoptic labels; prepare.task is {task!r}: "
+            f"set prepare.task: {PANOPTIC_TASK}")
     if task == INSTANCE_TASK and dataset not in INSTANCE_DATASETS:
         raise ValueError(
             f"prepare.task {INSTANCE_TASK!r} needs an instance dataset (download.dataset one of "
@@ -103,6 +118,8 @@ def prepare(
     check_task(dataset, cfg.task)
     if cfg.task == INSTANCE_TASK:
         return prepare_instances(dataset, raw_root, out, cfg, raw_digest)
+    if cfg.task == PANOPTIC_TASK:
+        return prepare_panoptic(dataset, raw_root, out, cfg, raw_digest)
     spec = class_spec(dataset, cfg)
     samples = list_samples(dataset, raw_root, cfg)
     log.info("%s: checking %d image/mask pairs with %d worker(s)", dataset, len(samples), cfg.workers)

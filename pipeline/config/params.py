@@ -32,15 +32,21 @@ SEMANTIC_DATASETS = ("camvid", "pet", "voc", "folder")
 # Instance segmentation: a public source (dsb2018) and annotation-tool exports read from
 # download.folder (pipeline.data.instance_formats).
 INSTANCE_DATASETS = ("dsb2018", "coco", "labelme", "via", "yolo")
-DATASETS = SEMANTIC_DATASETS + INSTANCE_DATASETS
-FOLDER_DATASETS = ("folder", "coco", "labelme", "via", "yolo")   # read from download.folder
+# Panoptic segmentation (prepare.task: panoptic): a COCO panoptic export and ADE20K's *_seg.png,
+# read from download.folder (pipeline.data.panoptic_formats); a semantic dataset becomes
+# panoptic too, its thing classes named by prepare.thing_classes.
+PANOPTIC_DATASETS = ("coco_panoptic", "ade20k")
+PANOPTIC_TASK = "panoptic"
+DATASETS = SEMANTIC_DATASETS + INSTANCE_DATASETS + PANOPTIC_DATASETS
+# read from download.folder
+FOLDER_DATASETS = ("folder", "coco", "labelme", "via", "yolo", "coco_panoptic", "ade20k")
 
 
 class DownloadParams(Section):
     section: ClassVar[str] = "download"
 
     dataset: Literal[DATASETS] = Field(..., description="which dataset to fetch")
-    folder: str | None = Field(..., description="folder, coco, labelme, via, yolo: the user's directory")
+    folder: str | None = Field(..., description="folder and the annotation exports: the user's directory")
     retries: int = Field(..., ge=0, le=20, description="extra attempts per file")
     timeout_s: float = Field(..., gt=0, le=3600, description="socket timeout")
 
@@ -99,9 +105,20 @@ class PrepareParams(Section):
     ignore_index: int = Field(..., ge=0, le=255)
     # dataset=via: the region attribute whose value names an instance's class; null: one class.
     class_attribute: str | None = Field(..., min_length=1, max_length=200)
+    # task panoptic: the thing classes, by name, of a semantic dataset (each connected component
+    # of their masks an instance) or of ade20k; null for coco_panoptic (its categories' isthing).
+    thing_classes: list[str] | None = Field(...)
+    # dataset coco_panoptic: rgb (segment ids R + 256 G + 256^2 B, described by the JSON's
+    # segments_info) or two_channel (R the category id, G the instance).
+    panoptic_format: Literal["rgb", "two_channel"] = Field(...)
 
     @model_validator(mode="after")
     def _palette_fits_classes(self) -> PrepareParams:
+        if self.thing_classes is not None:
+            if self.task != PANOPTIC_TASK:
+                raise ValueError(f"thing_classes: only for task {PANOPTIC_TASK!r}; set it to null")
+            if not self.thing_classes or len(set(self.thing_classes)) != len(self.thing_classes):
+                raise ValueError("thing_classes: a non-empty list of distinct class names, or null")
         if self.palette is not None:
             if self.classes is None or len(self.palette) != len(self.classes):
                 raise ValueError("palette: needs one [r, g, b] per entry of classes")

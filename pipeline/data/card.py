@@ -156,3 +156,51 @@ def render_instance_markdown(card: dict) -> str:
     for note in card.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
+
+
+def render_panoptic_markdown(card: dict) -> str:
+    """The card of a panoptic dataset (``task: panoptic``) as Markdown."""
+    src = card["source"]
+    lines = [
+        f"# Dataset card: {card['dataset']} (panoptic segmentation)",
+        "",
+        f"- Source: {src.get('homepage') or 'user folder'}",
+        f"- License: {src.get('license') or 'as given by the data owner'}",
+        *([f"- Cite: {src['citation']}"] if src.get("citation") else []),
+        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
+        f"- Void (no segment) reads as class {card['classes']['ignore_index']} in the semantic view",
+        f"- Resize: train {_resize_text(card['resize']['train'])}, "
+        f"evaluation {_resize_text(card['resize']['eval'])}",
+        "",
+        "## Splits",
+        "",
+        "| split | images | segments | things | stuff | crowd | min size (HxW) | max size (HxW) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {split} | {s['images']} | {s['segments']} | {s['things']} | {s['stuff']} | {s['crowd']} | "
+              f"{s['min_size']} | {s['max_size']} |" for split, s in card["splits"].items()]
+    splits = list(card["splits"])
+    lines += [
+        "",
+        "## Classes (segments per split, crowd regions apart)",
+        "",
+        "| index | class | kind | colour | " + " | ".join(splits) + " |",
+        "|---|---|---|---|" + "---|" * len(splits),
+    ]
+    classes = card["classes"]
+    for i, name in enumerate(classes["names"]):
+        r, g, b = classes["palette"][i]
+        counts = " | ".join(str(card["statistics"][s]["segments"][name]) for s in splits)
+        kind = "thing" if classes["isthing"][i] else "stuff"
+        lines.append(f"| {i} | {name} | {kind} | `#{r:02x}{g:02x}{b:02x}` | {counts} |")
+    problems = card["problems"]
+    lines += [
+        "",
+        "## Checks",
+        "",
+        f"- Problems: {problems['errors']} file(s) with errors "
+        f"({'skipped' if not problems['strict'] else 'none allowed in strict mode'}), "
+        f"{problems['warnings']} warning(s); details in problems.json.",
+        *(f"- {note}" for note in card.get("notes", [])),
+    ]
+    return "\n".join(lines) + "\n"

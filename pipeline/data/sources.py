@@ -130,8 +130,12 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "labelme": ("**/*.json", "labels.txt", *_images()),   # one JSON per image
     "via": ("**/*.json", *_images()),                     # via_region_data.json / VIA 2 projects
     "yolo": ("labels/**/*.txt", *_images("images/"), "*.yaml", "*.yml", "classes.txt"),
+    # panoptic: JSON(s) with a PNG folder of the same name beside each, images anywhere
+    "coco_panoptic": ("**/*.json", *_images()),
+    "ade20k": ("classes.txt", *_images()),                # X.jpg beside X_seg.png; value name lines
 }
 EXPORT_REQUIRES: dict[str, tuple[str, ...]] = {
     "coco": ("*.json",), "labelme": ("**/*.json",), "via": ("**/*.json",),
     "yolo": ("labels/**/*.txt", "images/**/*"),
+    "coco_panoptic": ("**/*.json", "**/*.[pP][nN][gG]"), "ade20k": ("classes.txt", "**/*_seg.png"),
 }

@@ -1,0 +1,75 @@
+"""Panoptic labels derived from a semantic dataset (camvid, pet, voc, folder).
+
+``prepare.thing_classes`` names the thing classes: each connected component (8-connected)
+of a thing class's mask becomes an instance, every other class one stuff segment per
+image, and the ignore label void. Touching or overlapping objects of one class merge into
+one instance: an approximation of the true instances, which semantic masks do not hold.
+CamVid with Car, Pedestrian and Bicyclist as things and the other eight classes as stuff
+(the Cityscapes convention) is the intended benchmark.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.config.params import PrepareParams
+from pipeline.data.checks import MaskError, decode_mask
+from pipeline.data.datasets import ClassSpec, class_spec, list_samples
+from pipeline.data.panoptic_formats.common import LabelError, Labels, Listing, PanopticRecord
+
+CONNECTIVITY = 8
+COMPONENT_BITS = 32        # key = (class + 1) << 32 | component: room for any image's components
+MERGE_NOTE = (f"Thing instances are the {CONNECTIVITY}-connected components of each thing class's mask: "
+              "touching objects of one class merge into one instance (an approximation).")
+
+
+def list_images(dataset: str, root: Path, cfg: PrepareParams) -> Listing:
+    spec = class_spec(dataset, cfg)
+    if cfg.thing_classes is None:
+        raise ValueError(f"prepare.task panoptic from the semantic dataset {dataset!r} needs "
+                         f"prepare.thing_classes: the names, among {list(spec.names)}, of the classes "
+                         "whose objects are counted (e.g. [Car, Pedestrian, Bicyclist] for camvid)")
+    unknown = sorted(set(cfg.thing_classes) - set(spec.names))
+    if unknown:
+        raise ValueError(f"prepare.thing_classes {unknown} are not classes of {dataset}: {list(spec.names)}")
+    things = frozenset(spec.names.index(n) for n in cfg.thing_classes)
+    records = [PanopticRecord(rel=s.image.relative_to(root).as_posix() if s.image.is_relative_to(root)
+                              else str(s.image), image=s.image, label=s.mask, split=s.split, id=s.id)
+               for s in list_samples(dataset, root, cfg)]
+    return Listing(spec.names, tuple(i in things for i in range(spec.num_classes)), spec.palette,
+                   spec.ignore_index, partial(read_mask, spec=spec, things=things), records,
+                   notes=[MERGE_NOTE])
+
+
+def read_mask(record: PanopticRecord, spec: ClassSpec, things: frozenset[int]) -> Labels:
+    """A semantic mask -> ``Labels``: thing components keyed (class + 1) << 32 | component,
+    stuff (class + 1) << 32, the ignore label void."""
+    if record.label is None:
+        raise LabelError("missing mask")
+    try:
+        mask = decode_mask(record.label.read_bytes(), spec)
+    except (MaskError, UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+        raise LabelError(f"unreadable mask {record.label}: {exc}") from None
+    labels = Labels(np.zeros(mask.shape, np.int64), {})
+    values = np.unique(mask)
+    bad = [int(v) for v in values if not (0 <= v < spec.num_classes or v == spec.ignore_index)]
+    if bad:
+        labels.problems.append(f"label values {bad[:10]} outside classes 0..{spec.num_classes - 1} "
+                               f"(ignore label {spec.ignore_index}) in {record.label}")
+        return labels
+    for cls in (int(v) for v in values if v != spec.ignore_index):
+        where = mask == cls
+        base = (cls + 1) << COMPONENT_BITS
+        if cls in things:
+            n, comp = cv2.connectedComponents(where.astype(np.uint8), connectivity=CONNECTIVITY)
+            labels.keys[where] = comp[where].astype(np.int64) | base
+            labels.segments.update({base | c: (cls, False) for c in range(1, n)})
+        else:
+            labels.keys[where] = base
+            labels.segments[base] = (cls, False)
+    return labels
