@@ -47,21 +47,9 @@ def class_statistics(hists: list[np.ndarray], spec: ClassSpec) -> dict:
 
 def render_markdown(card: dict) -> str:
     """The dataset card as Markdown, for people; card.json holds the same facts."""
-    src = card["source"]
-    lines = [
-        f"# Dataset card: {card['dataset']}",
-        "",
-        f"- Source: {src.get('homepage') or 'user folder'}",
-        f"- License: {src.get('license') or 'as given by the data owner'}",
-    ]
-    if src.get("citation"):
-        lines.append(f"- Cite: {src['citation']}")
+    ignore = f"- Ignore label: {card['classes']['ignore_index']} (left out of losses and metrics)"
+    lines = _header(card, "", ignore)
     lines += [
-        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
-        f"- Ignore label: {card['classes']['ignore_index']} (left out of losses and metrics)",
-        f"- Resize: train {_resize_text(card['resize']['train'])}, "
-        f"evaluation {_resize_text(card['resize']['eval'])}",
-        "",
         "## Splits",
         "",
         "| split | images | min size (HxW) | max size (HxW) |",
@@ -85,18 +73,38 @@ def render_markdown(card: dict) -> str:
             f"| {i} | {name} | `#{r:02x}{g:02x}{b:02x}` | {100 * share:.2f} % | "
             f"{weights['median_frequency'][i]:.3f} | {weights['enet'][i]:.3f} |"
         )
+    return "\n".join(lines + _checks(card)) + "\n"
+
+
+def _header(card: dict, kind: str, *facts: str) -> list[str]:
+    """A card's title, where its data came from, ``facts`` and the resize, then a blank line."""
+    src = card["source"]
+    return [
+        f"# Dataset card: {card['dataset']}{kind}",
+        "",
+        f"- Source: {src.get('homepage') or 'user folder'}",
+        f"- License: {src.get('license') or 'as given by the data owner'}",
+        *([f"- Cite: {src['citation']}"] if src.get("citation") else []),
+        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
+        *facts,
+        f"- Resize: train {_resize_text(card['resize']['train'])}, "
+        f"evaluation {_resize_text(card['resize']['eval'])}",
+        "",
+    ]
+
+
+def _checks(card: dict) -> list[str]:
+    """A card's closing section: the problems found and the notes."""
     problems = card["problems"]
-    lines += [
+    return [
         "",
         "## Checks",
         "",
         f"- Problems: {problems['errors']} file(s) with errors "
         f"({'skipped' if not problems['strict'] else 'none allowed in strict mode'}), "
         f"{problems['warnings']} warning(s); details in problems.json.",
+        *(f"- {note}" for note in card.get("notes", [])),
     ]
-    for note in card.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n"
 
 
 def _resize_text(resize: dict) -> str:
@@ -109,20 +117,8 @@ def _resize_text(resize: dict) -> str:
 
 def render_instance_markdown(card: dict) -> str:
     """The card of an instance dataset (``task: instance``) as Markdown."""
-    src = card["source"]
-    lines = [
-        f"# Dataset card: {card['dataset']} (instance segmentation)",
-        "",
-        f"- Source: {src.get('homepage') or 'user folder'}",
-        f"- License: {src.get('license') or 'as given by the data owner'}",
-    ]
-    if src.get("citation"):
-        lines.append(f"- Cite: {src['citation']}")
+    lines = _header(card, " (instance segmentation)")
     lines += [
-        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
-        f"- Resize: train {_resize_text(card['resize']['train'])}, "
-        f"evaluation {_resize_text(card['resize']['eval'])}",
-        "",
         "## Splits",
         "",
         "| split | images | instances | crowd | min size (HxW) | max size (HxW) |",
@@ -144,34 +140,14 @@ def render_instance_markdown(card: dict) -> str:
         r, g, b = card["classes"]["palette"][i]
         counts = " | ".join(str(card["statistics"][s]["instances"][name]) for s in splits)
         lines.append(f"| {i} | {name} | `#{r:02x}{g:02x}{b:02x}` | {counts} |")
-    problems = card["problems"]
-    lines += [
-        "",
-        "## Checks",
-        "",
-        f"- Problems: {problems['errors']} file(s) with errors "
-        f"({'skipped' if not problems['strict'] else 'none allowed in strict mode'}), "
-        f"{problems['warnings']} warning(s); details in problems.json.",
-    ]
-    for note in card.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _checks(card)) + "\n"
 
 
 def render_panoptic_markdown(card: dict) -> str:
     """The card of a panoptic dataset (``task: panoptic``) as Markdown."""
-    src = card["source"]
-    lines = [
-        f"# Dataset card: {card['dataset']} (panoptic segmentation)",
-        "",
-        f"- Source: {src.get('homepage') or 'user folder'}",
-        f"- License: {src.get('license') or 'as given by the data owner'}",
-        *([f"- Cite: {src['citation']}"] if src.get("citation") else []),
-        f"- Raw data digest (sha256 tree): `{card['raw_tree_sha256']}`",
-        f"- Void (no segment) reads as class {card['classes']['ignore_index']} in the semantic view",
-        f"- Resize: train {_resize_text(card['resize']['train'])}, "
-        f"evaluation {_resize_text(card['resize']['eval'])}",
-        "",
+    void = f"- Void (no segment) reads as class {card['classes']['ignore_index']} in the semantic view"
+    lines = _header(card, " (panoptic segmentation)", void)
+    lines += [
         "## Splits",
         "",
         "| split | images | segments | things | stuff | crowd | min size (HxW) | max size (HxW) |",
@@ -193,14 +169,4 @@ def render_panoptic_markdown(card: dict) -> str:
         counts = " | ".join(str(card["statistics"][s]["segments"][name]) for s in splits)
         kind = "thing" if classes["isthing"][i] else "stuff"
         lines.append(f"| {i} | {name} | {kind} | `#{r:02x}{g:02x}{b:02x}` | {counts} |")
-    problems = card["problems"]
-    lines += [
-        "",
-        "## Checks",
-        "",
-        f"- Problems: {problems['errors']} file(s) with errors "
-        f"({'skipped' if not problems['strict'] else 'none allowed in strict mode'}), "
-        f"{problems['warnings']} warning(s); details in problems.json.",
-        *(f"- {note}" for note in card.get("notes", [])),
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _checks(card)) + "\n"

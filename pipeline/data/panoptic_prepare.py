@@ -30,6 +30,7 @@ from pipeline.config.params import PrepareParams, Resize
 from pipeline.data import fetch
 from pipeline.data.card import render_panoptic_markdown
 from pipeline.data.checks import convert_image
+from pipeline.data.instance_prepare import build_report as instance_report
 from pipeline.data.panoptic_formats import list_dataset
 from pipeline.data.panoptic_formats.common import (
     Inspected,
@@ -39,7 +40,7 @@ from pipeline.data.panoptic_formats.common import (
     convert_labels,
     inspect_image,
 )
-from pipeline.data.problems import PrepareError, duplicate_problems, enforce, map_workers, problem_report
+from pipeline.data.problems import PrepareError, enforce, map_workers
 from pipeline.data.shards import PANOPTIC_SCHEMA, shard_name, write_shard
 from pipeline.data.sources import SOURCES
 from pipeline.metrics.panoptic_types import encode_png
@@ -48,6 +49,7 @@ from pipeline.utils.io import write_json_atomic, write_text_atomic
 log = logging.getLogger("pipeline.prepare")
 
 TASK = "panoptic"
+SEGMENTS = "segments"      # problems.json: only some segments of the image were left out
 FORMAT = ("Parquet shards: id, image (PNG/JPEG bytes), height, width, image_format, panoptic (COCO "
           "panoptic PNG: segment id R + 256 G + 256^2 B, 0 = void, ids 1..N by first pixel in row-major "
           "order), segments (id, class, iscrowd, area, box x0 y0 x1 y1)")
@@ -75,20 +77,13 @@ def prepare_panoptic(dataset: str, raw_root: Path, out: Path, cfg: PrepareParams
 
 
 def build_report(inspected: list[Inspected], listing: Listing) -> list[dict]:
-    """problems.json's ``errors``: per image its reasons and what was skipped (the image, or
-    only segments listed without a pixel), then the files that belong to no image."""
-    reasons = {ins.sample: list(ins.problems) for ins in inspected if ins.problems}
-    for sample, extra in duplicate_problems(inspected).items():
-        reasons.setdefault(sample, []).extend(extra)
-    whole = set(reasons)
-    for ins in inspected:
-        if ins.dropped:
-            reasons.setdefault(ins.sample, []).extend(ins.dropped)
-    report = problem_report(reasons)
-    for entry, sample in zip(report, sorted(reasons, key=lambda s: (s.split, s.id)), strict=True):
-        entry["skipped"] = "image" if sample in whole else "segments"
-    return report + [{"file": p["file"], "split": None, "reasons": p["reasons"], "skipped": "file"}
-                     for p in sorted(listing.problems, key=lambda p: p["file"])]
+    """problems.json's ``errors``, as for instance datasets: per image its reasons and what was
+    skipped (the image, or only ``segments`` listed without a pixel), then the files that
+    belong to no image."""
+    report = instance_report(inspected, listing)
+    for entry in report:
+        entry["skipped"] = SEGMENTS if entry["skipped"] == "instances" else entry["skipped"]
+    return report
 
 
 def convert_row(record: PanopticRecord, reader: Reader, resize: Resize) -> tuple[dict, int]:

@@ -241,7 +241,7 @@ def read_rgb(record: PanopticRecord, index: dict[int, int], isthing: tuple[bool,
             continue
         if sid not in pixels:
             labels.dropped.append(f"{where} ({names[cls]}): listed in segments_info but has no pixel "
-                                  "(empty segment, left out)")
+                                  "(an empty segment: left out, the image kept)")
             continue
         labels.segments[sid] = (cls, bool(seg.get("iscrowd", 0)))
     for sid in present.tolist():

@@ -19,8 +19,6 @@ Problems, each naming the label file and the segment:
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from pipeline.data.datasets import Sample
-from pipeline.data.images import orientation
-
-QUARTER_TURNS = {5, 6, 7, 8}
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+from pipeline.data.instance_formats.common import ImageRecord
+from pipeline.data.instance_formats.common import inspect_image as inspect_image_file
 
 
 class LabelError(Exception):
@@ -44,7 +40,7 @@ class LabelError(Exception):
 class PanopticRecord:
     rel: str                            # image path relative to the root (messages, split, id)
     image: Path | None                  # where the image should be (it may be missing)
-    label: Path | None                  # the label file (PNG); None: none was found
+    label: Path | None                  # the label file (PNG); None: none, and ``problems`` say why
     info: object = None                 # what the reader needs beyond the file (COCO: segments_info)
     problems: list[str] = field(default_factory=list)   # found while listing: skip the image
     official: str | None = None         # the split the export's folders or file names give
@@ -127,33 +123,22 @@ def stuff_with_instances(segments: dict[int, tuple[int, bool]], isthing: tuple[b
 
 def inspect_image(record: PanopticRecord, reader: Reader) -> Inspected:
     """Read one image and its labels and list every problem; never raises for bad data."""
-    result = Inspected(record.sample(), problems=list(record.problems))
-    try:
-        if record.image is None or not record.image.is_file():
-            raise FileNotFoundError(record.image or record.rel)
-        data = record.image.read_bytes()
-        result.image_sha1 = hashlib.sha1(data).hexdigest()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            turn = orientation(im)
-            w, h = im.size
-            if turn in QUARTER_TURNS:
-                w, h = h, w
-    except FileNotFoundError as exc:
-        result.problems.append(f"missing image {exc.args[0]}")
-        return result
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-        result.problems.append(f"unreadable image: {exc}")
+    # The image is read and checked as instance datasets' are (missing, unreadable, EXIF turns).
+    image = inspect_image_file(ImageRecord(rel=record.rel, image=record.image, problems=list(record.problems),
+                                           split=record.split, id=record.id))
+    result = Inspected(record.sample(), problems=image.problems, image_sha1=image.image_sha1)
+    if not image.height or record.label is None:      # no label: the listing has said why
         return result
     try:
         labels = reader(record)
     except LabelError as exc:
         result.problems.append(str(exc))
         return result
+    h, w = image.height, image.width
     lh, lw = labels.keys.shape
     if (lh, lw) != (h, w):
-        turned = (f" (the image is stored {h}x{w} and turned by its EXIF orientation {turn}: labels must "
-                  "be drawn on the displayed image)" if turn in QUARTER_TURNS and (lh, lw) == (w, h) else "")
+        turned = (" (it fits the image turned a quarter: labels must be drawn on the image as displayed, "
+                  "after its EXIF orientation)" if (lh, lw) == (w, h) else "")
         result.problems.append(f"image/label size mismatch: image {w}x{h}, label {lw}x{lh} "
                                f"({record.label}){turned}")
     result.problems.extend(labels.problems)

@@ -39,7 +39,8 @@ def list_images(dataset: str, root: Path, cfg: PrepareParams) -> Listing:
         raise ValueError(f"prepare.thing_classes {unknown} are not classes of {dataset}: {list(spec.names)}")
     things = frozenset(spec.names.index(n) for n in cfg.thing_classes)
     records = [PanopticRecord(rel=s.image.relative_to(root).as_posix() if s.image.is_relative_to(root)
-                              else str(s.image), image=s.image, label=s.mask, split=s.split, id=s.id)
+                              else str(s.image), image=s.image, label=s.mask, split=s.split, id=s.id,
+                              problems=[] if s.mask else ["missing mask"])
                for s in list_samples(dataset, root, cfg)]
     return Listing(spec.names, tuple(i in things for i in range(spec.num_classes)), spec.palette,
                    spec.ignore_index, partial(read_mask, spec=spec, things=things), records,
@@ -49,8 +50,6 @@ def list_images(dataset: str, root: Path, cfg: PrepareParams) -> Listing:
 def read_mask(record: PanopticRecord, spec: ClassSpec, things: frozenset[int]) -> Labels:
     """A semantic mask -> ``Labels``: thing components keyed (class + 1) << 32 | component,
     stuff (class + 1) << 32, the ignore label void."""
-    if record.label is None:
-        raise LabelError("missing mask")
     try:
         mask = decode_mask(record.label.read_bytes(), spec)
     except (MaskError, UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
