@@ -139,7 +139,7 @@ def test_resize_takes_ids_nearest_and_measures_again_and_reruns_are_byte_identic
         assert s["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert "1 segment(s) had no pixel left after the resize" in card["notes"][0]
     first = tree_bytes(tmp_path / "out")
-    prepare("coco_panoptic", tmp_path / "raw", tmp_path / "out", half)
+    prepare("coco_panoptic", tmp_path / "raw", tmp_path / "out", half.model_copy(update={"workers": 2}))
     assert tree_bytes(tmp_path / "out") == first and len(first) == 5      # shard, 4 JSON / md
 
 
@@ -159,8 +159,10 @@ def bad_coco_export(root):
     stuffy[1].append({"id": 7001, "category_id": 7, "iscrowd": 0})
     data = coco_export(root, {"good": good, "unlisted": unlisted, "unknown": unknown, "empty": empty,
                               "twice": twice, "stuffy": stuffy, "noimage": scene(), "broken": scene(),
-                              "dup": scene()})
+                              "badimage": scene(), "small": scene(), "dup": scene()})
     (root / "images" / "noimage.jpg").unlink()
+    (root / "images" / "badimage.jpg").write_bytes(b"not a jpeg")
+    image(root / "images" / "small.jpg", h=H // 2)
     (root / "panoptic_all" / "broken.png").write_bytes(b"not a png")
     (root / "panoptic_all" / "orphan.png").write_bytes((root / "panoptic_all" / "good.png").read_bytes())
     data["images"][-1]["id"] = data["images"][0]["id"]                # dup shares good's image id
@@ -182,7 +184,9 @@ def test_coco_problems_strict_lists_every_one_and_writes_nothing(tmp_path):
         "missing image noimage.jpg",
         "unreadable label broken.png",
         "orphan.png: label without image",
-        "annotations[9]: image_id 99 is not an image of the file (label without image)",
+        "annotations[11]: image_id 99 is not an image of the file (label without image)",
+        "badimage.jpg: unreadable image",
+        "small.jpg: image/label size mismatch: image 32x12, label 32x24",
         "duplicate image id 1",
     ]:
         assert expected in msg, expected
@@ -199,7 +203,7 @@ def test_coco_problems_lenient_skips_images_and_drops_empty_segments(tmp_path):
     assert skipped.pop("empty.jpg") == "segments"
     assert set(skipped.values()) == {"image", "file"}
     assert {"unlisted.jpg", "unknown.jpg", "twice.jpg", "stuffy.jpg", "noimage.jpg", "broken.jpg",
-            "good.jpg", "dup.jpg", "orphan.png", "dup.png"} <= set(skipped)
+            "badimage.jpg", "small.jpg", "good.jpg", "dup.jpg", "orphan.png", "dup.png"} <= set(skipped)
     assert card["problems"]["errors"] == len(report)
 
 
@@ -241,6 +245,14 @@ def test_splits_come_from_the_json_names(tmp_path):
     card = prepare("coco_panoptic", tmp_path / "raw", tmp_path / "out", cfg())
     assert {s: d["images"] for s, d in card["splits"].items()} == {"train": 2, "val": 1, "test": 0}
     assert list(rows(tmp_path / "out", "val")) == ["c"]
+
+
+def test_the_same_image_in_two_splits_stays_in_train(tmp_path):
+    coco_export(tmp_path / "raw", {"a": scene(), "b": scene()}, name="panoptic_train2017")
+    coco_export(tmp_path / "raw", {"c": scene()}, name="panoptic_val2017")
+    (tmp_path / "raw" / "images" / "c.jpg").write_bytes((tmp_path / "raw" / "images" / "a.jpg").read_bytes())
+    with pytest.raises(PrepareError, match="c.jpg: same image as .*a.jpg \\(train\\) also in split val"):
+        prepare("coco_panoptic", tmp_path / "raw", tmp_path / "out", cfg())
 
 
 def test_download_copies_a_coco_panoptic_export(tmp_path):
