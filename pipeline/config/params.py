@@ -108,6 +108,9 @@ class PrepareParams(Section):
     # task panoptic: the thing classes, by name, of a semantic dataset (each connected component
     # of their masks an instance) or of ade20k; null for coco_panoptic (its categories' isthing).
     thing_classes: list[str] | None = Field(...)
+    # ... and there, thing components smaller than this (pixels, native size) are annotation
+    # fragments made void rather than instances; 0 keeps every component.
+    min_component_area: int = Field(..., ge=0, le=1_000_000)
     # dataset coco_panoptic: rgb (segment ids R + 256 G + 256^2 B, described by the JSON's
     # segments_info) or two_channel (R the category id, G the instance).
     panoptic_format: Literal["rgb", "two_channel"] = Field(...)

@@ -86,13 +86,15 @@ def build_report(inspected: list[Inspected], listing: Listing) -> list[dict]:
     return report
 
 
-def convert_row(record: PanopticRecord, reader: Reader, resize: Resize) -> tuple[dict, int]:
-    """One prepared row and the number of segments a downscale left without a pixel."""
+def convert_row(record: PanopticRecord, reader: Reader, resize: Resize) -> tuple[dict, dict]:
+    """One prepared row, and the segments a downscale left without a pixel (``vanished``) and
+    the fragments made void (``voided``)."""
     data, fmt, _, (oh, ow) = convert_image(record.image.read_bytes(), resize)
-    ids, segments, vanished = convert_labels(reader(record), (oh, ow))
+    labels = reader(record)
+    ids, segments, vanished = convert_labels(labels, (oh, ow))
     row = {"id": record.id, "image": data, "height": oh, "width": ow, "image_format": fmt,
            "panoptic": encode_png(ids), "segments": segments}
-    return row, vanished
+    return row, {"vanished": vanished, "voided": labels.voided}
 
 
 def convert_shard(task: tuple[list[PanopticRecord], Path], reader: Reader,
@@ -101,9 +103,9 @@ def convert_shard(task: tuple[list[PanopticRecord], Path], reader: Reader,
     records, path = task
     rows, stats = [], []
     for record in records:
-        row, vanished = convert_row(record, reader, resizes[record.split])
+        row, lost = convert_row(record, reader, resizes[record.split])
         rows.append(row)
-        stats.append({"size": (row["height"], row["width"]), "vanished": vanished,
+        stats.append({"size": (row["height"], row["width"]), **lost,
                       "segments": [(s["class"], s["iscrowd"]) for s in row["segments"]]})
     write_shard(rows, path, PANOPTIC_SCHEMA)
     return stats
@@ -128,6 +130,7 @@ def split_counts(rows: list[dict], listing: Listing) -> tuple[dict, dict]:
         "things": sum(1 for c, crowd in segments if isthing[c] and not crowd),
         "stuff": sum(1 for c, crowd in segments if not isthing[c] and not crowd),
         "crowd": sum(1 for _, crowd in segments if crowd),
+        "voided_fragments": sum(r["voided"] for r in rows),
         "min_size": "x".join(map(str, min(sizes))) if sizes else "-",
         "max_size": "x".join(map(str, max(sizes))) if sizes else "-",
     }

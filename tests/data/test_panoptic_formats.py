@@ -332,6 +332,7 @@ def camvid_folder(root):
     mask[8:12, 20:26] = 8                            # another car
     mask[14:20, 2:5] = 9                             # two pedestrians side by side: one component
     mask[14:20, 5:8] = 9
+    mask[0:2, 30:32] = 8                             # a 4-pixel fragment of a car
     mask[22:, :] = 11                                # void
     for split in ("train", "val", "test"):
         image(root / split / f"{split}1.png")
@@ -346,17 +347,23 @@ def test_camvid_with_thing_classes_counts_components_and_merges_touching_ones(tm
                    cfg(thing_classes=["Car", "Pedestrian", "Bicyclist"]))
     row = rows(tmp_path / "out")["train1"]
     assert [(s["class"], s["area"]) for s in row["segments"]] == [
-        (0, 6 * 32), (3, 16 * 32 - 48 - 36), (8, 24), (8, 24), (9, 36)]
+        (0, 6 * 32 - 4), (3, 16 * 32 - 48 - 36), (8, 24), (8, 24), (9, 36)]
     ids = decode_png(row["panoptic"])
-    assert (ids[22:] == 0).all()
+    assert (ids[22:] == 0).all() and (ids[0:2, 30:32] == 0).all()      # void, and the fragment
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert classes["ignore_index"] == 11 and classes["num_classes"] == 11
     assert [n for n, t in zip(classes["names"], classes["isthing"], strict=True) if t] == [
         "Car", "Pedestrian", "Bicyclist"]
-    assert {s: (d["images"], d["things"], d["stuff"]) for s, d in card["splits"].items()} == {
-        "train": (1, 3, 2), "val": (1, 3, 2), "test": (1, 3, 2)}
+    counts = {s: (d["images"], d["things"], d["stuff"], d["voided_fragments"])
+              for s, d in card["splits"].items()}
+    assert counts == {"train": (1, 3, 2, 1), "val": (1, 3, 2, 1), "test": (1, 3, 2, 1)}
     assert any("touching objects of one class merge into one instance" in n for n in card["notes"])
     assert "merge into one instance (an approximation)" in (tmp_path / "out" / "card.md").read_text()
+    card = prepare("camvid", tmp_path / "raw", tmp_path / "all",
+                   cfg(thing_classes=["Car", "Pedestrian", "Bicyclist"], min_component_area=0))
+    assert card["splits"]["train"]["things"] == 4 and card["splits"]["train"]["voided_fragments"] == 0
+    assert rows(tmp_path / "all")["train1"]["segments"][1] == {
+        "id": 2, "class": 8, "iscrowd": False, "area": 4, "box": [30.0, 0.0, 32.0, 2.0]}
 
 
 def test_semantic_problems_and_thing_class_checks(tmp_path):

@@ -57,12 +57,14 @@ class Labels:
 
     ``keys``: (H, W) int64, a segment key per pixel, 0 = void (no segment); ``segments``: key ->
     (class index, iscrowd) for every key with pixels; ``problems`` make the image unusable,
-    ``dropped`` are segments listed without a pixel (left out)."""
+    ``dropped`` are segments listed without a pixel (left out); ``voided`` counts the thing
+    components of a semantic mask too small to be instances (made void)."""
 
     keys: np.ndarray
     segments: dict[int, tuple[int, bool]]
     problems: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    voided: int = 0
 
 
 Reader = Callable[[PanopticRecord], Labels]
