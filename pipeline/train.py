@@ -35,6 +35,7 @@ from pipeline.engine.progress import ProgressFollower
 from pipeline.engine.worker import META_FILE, STATE_FILE, train_worker
 from pipeline.losses.terms import resolve_class_weights
 from pipeline.models import registry as models
+from pipeline.models.base import ModelMeta
 from pipeline.models.weights import WeightsUnavailableError
 from pipeline.tasks import task_of_data
 from pipeline.tasks.base import Task
@@ -78,6 +79,12 @@ def start_afresh_if_finished(run_dir: Path) -> bool:
     return True
 
 
+def thing_classes(classes: dict) -> list[int]:
+    """The indices of the classes classes.json marks as countable things (``isthing``: instance
+    and panoptic data; semantic data has none)."""
+    return [c for c, thing in enumerate(classes.get("isthing", [])) if thing]
+
+
 def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
     """Refuse, on the driver and before MLflow and Ray start, a configuration the workers
     could not train: inside Ray a worker's exception is a worker failure, which
@@ -92,7 +99,8 @@ def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
     num_classes = classes["num_classes"]
     try:
         _, task = task_of_data(data)
-        models.build_model(model_cfg.without_pretrained_weights(), num_classes)
+        meta = ModelMeta(class_names=classes["names"], thing_classes=thing_classes(classes))
+        models.build_model(model_cfg.without_pretrained_weights(), num_classes, meta)
         weights = resolve_class_weights(loss_cfg, read_json(data / paths.CARD_JSON), num_classes)
         task.build_loss(loss_cfg, num_classes, classes["ignore_index"], weights)
     except ValueError as exc:
@@ -114,8 +122,7 @@ def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg
         "class_weights": resolve_class_weights(loss_cfg, card, classes["num_classes"]),
         "mean": list(mean), "std": list(std), "n_train": card["splits"]["train"]["images"],
         "task": task_of_data(data)[0],
-        # Classes classes.json marks as countable things (instance and panoptic data).
-        "thing_classes": [c for c, thing in enumerate(classes.get("isthing", [])) if thing],
+        "thing_classes": thing_classes(classes),
     }
 
 

@@ -260,21 +260,26 @@ def make_nuclei_dataset(root: Path, n: int = 16, size: tuple[int, int] = (64, 80
     return root
 
 
-def instance_params(path: Path, **sections: dict) -> Path:
-    """``recipes/dsb2018.yaml`` written to ``path`` with each given section's keys replaced
-    by those given: the instance task's whole params file."""
+def recipe_params(recipe: str, path: Path, **sections: dict) -> Path:
+    """``recipes/<recipe>.yaml`` written to ``path`` with each given section's keys replaced
+    by those given (a whole params file), checked section by section."""
     import yaml
 
     from pipeline.config import paths
     from pipeline.config.params import SECTIONS, parse_section
 
-    data = yaml.safe_load((paths.REPO_PARAMS_FILE.parent / "recipes" / "dsb2018.yaml").read_text())
+    data = yaml.safe_load((paths.REPO_PARAMS_FILE.parent / "recipes" / f"{recipe}.yaml").read_text())
     for name, values in sections.items():
         data[name] = {**data[name], **values}
     for name, model in SECTIONS.items():
         parse_section(model, data.get(name), str(path))
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def instance_params(path: Path, **sections: dict) -> Path:
+    """The instance task's whole params file: ``recipes/dsb2018.yaml`` with ``sections``' keys."""
+    return recipe_params("dsb2018", path, **sections)
 
 
 class ServeProcess:
@@ -338,14 +343,40 @@ class ServeProcess:
         return self.request("POST", f"/predict{query}", body, content_type)
 
 
-PANOPTIC_CLASSES = ("sky", "road", "car")      # make_panoptic_dataset's classes: two stuff, one thing
+PANOPTIC_CLASSES = ("sky", "road", "car")      # street scenes' classes: two stuff, one thing
+PANOPTIC_PALETTE = ((70, 130, 220), (110, 110, 110), (200, 30, 30))
+
+
+def street_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Blue sky over a grey road (stuff: segments 1 and 2), 1 to 3 red cars (things: separate
+    squares, segments 3...) on the road, with noise: (image, segment ids, segments as prepared
+    rows hold them: id, class, iscrowd, area, box)."""
+    image = np.zeros((h, w, 3), np.uint8)
+    ids = np.zeros((h, w), np.int32)
+    horizon = int(rng.integers(h // 3, h // 2))
+    image[:horizon], ids[:horizon] = PANOPTIC_PALETTE[0], 1
+    image[horizon:], ids[horizon:] = PANOPTIC_PALETTE[1], 2
+    segments = [{"id": 1, "class": 0}, {"id": 2, "class": 1}]
+    for k in range(int(rng.integers(1, 4))):
+        side = int(rng.integers(8, 14))
+        x0 = 4 + k * (w - 8) // 3
+        y0 = int(rng.integers(horizon, h - side))
+        image[y0:y0 + side, x0:x0 + side] = PANOPTIC_PALETTE[2]
+        ids[y0:y0 + side, x0:x0 + side] = 3 + k
+        segments.append({"id": 3 + k, "class": 2})
+    image = np.clip(image.astype(int) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
+    for s in segments:
+        ys, xs = np.nonzero(ids == s["id"])
+        s.update(iscrowd=False, area=len(ys),
+                 box=[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+    return image, ids, segments
 
 
 def make_panoptic_dataset(root: Path, n: dict[str, int] | None = None, size: tuple[int, int] = (64, 80),
                           seed: int = 0) -> Path:
-    """A prepared panoptic dataset written directly (``shards.PANOPTIC_SCHEMA``): blue sky over
-    a grey road (stuff, one segment each), 1 to 3 red cars (things, separate squares) on the
-    road; ``n`` images per split (default train 8, val 4, test 4). Returns ``root``."""
+    """A prepared panoptic dataset of ``street_scene``s written directly
+    (``shards.PANOPTIC_SCHEMA``), ``n`` images per split (default train 8, val 4, test 4).
+    Returns ``root``."""
     from pipeline.config import paths
     from pipeline.data import shards
     from pipeline.metrics.panoptic_types import encode_png
@@ -357,32 +388,36 @@ def make_panoptic_dataset(root: Path, n: dict[str, int] | None = None, size: tup
     for split, count in n.items():
         rows = []
         for i in range(count):
-            image = np.zeros((h, w, 3), np.uint8)
-            ids = np.zeros((h, w), np.int32)
-            horizon = int(rng.integers(h // 3, h // 2))
-            image[:horizon], ids[:horizon] = (70, 130, 220), 1
-            image[horizon:], ids[horizon:] = (110, 110, 110), 2
-            segments = [{"id": 1, "class": 0}, {"id": 2, "class": 1}]
-            for k in range(int(rng.integers(1, 4))):
-                side = int(rng.integers(8, 14))
-                x0 = 4 + k * (w - 8) // 3
-                y0 = int(rng.integers(horizon, h - side))
-                image[y0:y0 + side, x0:x0 + side] = (200, 30, 30)
-                ids[y0:y0 + side, x0:x0 + side] = 3 + k
-                segments.append({"id": 3 + k, "class": 2})
-            image = np.clip(image.astype(int) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
-            for s in segments:
-                ys, xs = np.nonzero(ids == s["id"])
-                s.update(iscrowd=False, area=len(ys),
-                         box=[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+            image, ids, segments = street_scene(rng, h, w)
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="PNG")
             rows.append({"id": f"{split}-{i:03d}", "image": buf.getvalue(), "height": h, "width": w,
                          "image_format": "png", "panoptic": encode_png(ids), "segments": segments})
         shards.write_shard(rows, root / split / shards.shard_name(0), shards.PANOPTIC_SCHEMA)
-    classes = {"names": list(PANOPTIC_CLASSES), "palette": [[70, 130, 220], [110, 110, 110], [200, 30, 30]],
+    classes = {"names": list(PANOPTIC_CLASSES), "palette": [list(c) for c in PANOPTIC_PALETTE],
                "num_classes": 3, "ignore_index": 255, "isthing": [False, False, True]}
     write_json_atomic(root / paths.CLASSES_FILE, classes)
     write_json_atomic(root / paths.CARD_JSON, {"task": "panoptic", "dataset": "synthetic", "classes": classes,
                                                "splits": {s: {"images": c} for s, c in n.items()}})
+    return root
+
+
+def make_street_folder(root: Path, n: dict[str, int] | None = None, size: tuple[int, int] = (64, 80),
+                       seed: int = 0) -> Path:
+    """``street_scene``s as a semantic ``download.dataset: folder`` with a folder per split
+    (``images/<split>/``, ``masks/<split>/`` of class indices ``PANOPTIC_CLASSES``; ``n`` images
+    per split, default train 8, val 4, test 4): with ``prepare.thing_classes: [car]`` a
+    panoptic dataset. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, count in (n or {"train": 8, "val": 4, "test": 4}).items():
+        for folder in ("images", "masks"):
+            (root / folder / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, ids, segments = street_scene(rng, h, w)
+            classes = np.zeros((h, w), np.uint8)
+            for s in segments:
+                classes[ids == s["id"]] = s["class"]
+            Image.fromarray(image).save(root / "images" / split / f"street_{i:03d}.png")
+            Image.fromarray(classes).save(root / "masks" / split / f"street_{i:03d}.png")
     return root

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -199,6 +200,7 @@ class InstancePredictor:
     mask_threshold: float = 0.5
     score_threshold: float = 0.0
     max_instances: int | None = None
+    max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
     merge_overlap: float = 0.5     # of the smaller piece's pixels in the shared band: join
     nms_iou: float = 0.5           # mask IoU of instances from windows that share none: duplicates
 

@@ -72,6 +72,11 @@ class PanopticPredictor:
             raise ValueError("the model records no thing classes (meta.thing_classes): not a panoptic model")
         self.isthing = [c in things for c in range(num_classes)]
 
+    @property
+    def max_pixels(self) -> int:
+        """The largest image (width x height) it predicts: it does not tile."""
+        return self.tile_above_pixels
+
     @classmethod
     def for_model(cls, model: nn.Module, **overrides) -> PanopticPredictor:
         """A predictor with the settings the model records (``model.meta.inference``), each

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -84,6 +84,7 @@ class Predictor:
     tile_size: tuple[int, int] = (512, 512)
     tile_overlap: float = 0.25
     scales: tuple[float, ...] = (1.0,)
+    max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
 
     @classmethod
     def for_model(cls, model: SegmentationModel, **overrides) -> Predictor:

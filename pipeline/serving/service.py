@@ -188,11 +188,14 @@ class Service:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device).eval()
         self.ref, self.cfg = ref, cfg
-        self.limits = ImageLimits(max_bytes=cfg.max_body_bytes, max_pixels=cfg.max_pixels)
-        self.budget = PixelBudget(cfg.max_replica_pixels)
         self.task = task_of_model(self.model)
         # The model's own inference settings (its registered score's), unless serve sets one.
         self.predictor = self.task.predictor(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
+        # A predictor that does not tile (panoptic) takes images up to its own limit only.
+        own_limit = self.predictor.max_pixels
+        max_pixels = cfg.max_pixels if own_limit is None else min(cfg.max_pixels, own_limit)
+        self.limits = ImageLimits(max_bytes=cfg.max_body_bytes, max_pixels=max_pixels)
+        self.budget = PixelBudget(cfg.max_replica_pixels)
         self.model_facts = {"name": ref.name, "version": ref.version, "uri": ref.uri}
 
     @staticmethod
@@ -246,7 +249,7 @@ class Service:
                 "max_batch_size", "batch_wait_timeout_s"}) | {
                 "from_model": meta.inference is not None and not any(
                     getattr(cfg, key) is not None for key in INFERENCE_KEYS)},
-            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_pixels": self.limits.max_pixels,
                        "max_replica_pixels": cfg.max_replica_pixels},
             "answers": self.task.answers,
             "query_options": {name: spec.describe() for name, spec in self.task.query_options.items()},

@@ -24,7 +24,7 @@ from pipeline.models.base import ModelMeta
 from pipeline.models.registry import build_model
 from pipeline.tasks import get_task
 from pipeline.tasks import panoptic_eval as pe
-from tests.factories import PANOPTIC_CLASSES, make_panoptic_dataset
+from tests.factories import PANOPTIC_CLASSES, PANOPTIC_PALETTE, make_panoptic_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOSS_TERMS = {"rpn_objectness": 1.0, "rpn_box": 1.0, "classifier": 1.0, "box_reg": 1.0, "mask": 1.0,
@@ -52,7 +52,7 @@ def model_cfg(**kw):
 
 def panoptic_model(seed=0):
     torch.manual_seed(seed)
-    meta = ModelMeta(class_names=PANOPTIC_CLASSES, palette=((70, 130, 220), (110, 110, 110), (200, 30, 30)),
+    meta = ModelMeta(class_names=PANOPTIC_CLASSES, palette=PANOPTIC_PALETTE,
                      ignore_index=IGNORE, task="panoptic", thing_classes=(2,))
     return build_model(model_cfg(), 3, meta)
 
@@ -189,7 +189,7 @@ def test_answers_decode_back_to_the_prediction(data):
     task = get_task("panoptic")
     _, image, truth = next(shards.iter_panoptic_samples(data, "test"))
     meta = SimpleNamespace(class_names=PANOPTIC_CLASSES, thing_classes=(2,),
-                           palette=((70, 130, 220), (110, 110, 110), (200, 30, 30)))
+                           palette=PANOPTIC_PALETTE)
     png, media = task.answer(SimpleNamespace(format="png", alpha=0.5, task_options={}), image, truth, meta)
     assert media == "image/png"
     picture = Image.open(io.BytesIO(png))
