@@ -53,6 +53,7 @@ def recompute_ap(folder) -> float:
     return float(precision[precision > -1].mean())
 
 
+@pytest.mark.slow     # about 100 s: Ray Train, MLflow and a Serve process
 def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, local_ray):
     params = instance_params(env / "params.yaml", **TINY)
     summary = train_stage.train(nuclei, env / "model", env / "metrics.json", params, env / "ray_results",

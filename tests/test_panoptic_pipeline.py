@@ -69,6 +69,7 @@ def recompute_pq(folder) -> float:
     return metric.compute()["pq"]
 
 
+@pytest.mark.slow     # about 100 s: Ray Train, MLflow and a Serve process
 def test_panoptic_task_through_train_evaluate_register_and_answers(streets, env, local_ray):
     card = json.loads((streets / "card.json").read_text())
     assert card["task"] == "panoptic"
