@@ -78,3 +78,26 @@ def test_rgb_and_two_channel_exports_prepare_to_the_same_rows(prepared):
     b = shards.read_split(tmp / "two_channel", "train").to_pylist()
     assert len(a) == 2 and a == b
     assert cards["rgb"]["splits"] == cards["two_channel"]["splits"]
+
+
+@pytest.mark.slow      # 701 CamVid images read and written: 45-70 s on 2 cores
+def test_camvid_with_three_thing_classes_is_the_panoptic_benchmark(tmp_path):
+    root = need("camvid")
+    things = ["Car", "Pedestrian", "Bicyclist"]
+    cfg_camvid = PrepareParams.defaults(task="panoptic", thing_classes=things, min_component_area=10)
+    card = prepare("camvid", root, tmp_path / "out", cfg_camvid)
+    splits = card["splits"]
+    assert {s: d["images"] for s, d in splits.items()} == {"train": 367, "val": 101, "test": 233}
+    assert card["problems"] == {"errors": 0, "warnings": 0, "strict": True}
+    assert all(d["segments"] == d["things"] + d["stuff"] and d["crowd"] == 0 for d in splits.values())
+    # Measured 2026-12-03 (the tree digest in pipeline/data/sources.py pins the data).
+    assert {s: (d["things"], d["stuff"], d["voided_fragments"]) for s, d in splits.items()} == {
+        "train": (3135, 2656, 351), "val": (669, 808, 152), "test": (1464, 1707, 462)}
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert classes["ignore_index"] == 11
+    assert [n for n, t in zip(classes["names"], classes["isthing"], strict=True) if t] == things
+    stats = card["statistics"]["test"]
+    assert stats["images_with"]["Road"] == 233 and stats["segments"]["Car"] > stats["images_with"]["Car"]
+    _, image, truth = next(shards.iter_panoptic_samples(tmp_path / "out", "test"))
+    assert image.shape == (360, 480, 3) and truth.ids.shape == (360, 480)
+    assert truth.semantic(11).max() <= 11
