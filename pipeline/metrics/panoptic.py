@@ -107,6 +107,20 @@ class PanopticMetric:
         for p, t in zip(predicted, truth, strict=True):
             self._update_image(p, t)
 
+    def update_image(self, predicted: Panoptic, truth: Panoptic) -> float | None:
+        """Add one image and return its own PQ: the mean over the dataset classes it holds (a
+        segment in truth or prediction) of PQ from this image's counts alone; None when it
+        holds none. The same update as ``update``, its per-class counts read before and after."""
+        before = [getattr(self.pq, name).clone() for name in PQ_STATES]
+        self._update_image(predicted, truth)
+        iou, tp, fp, fn = (getattr(self.pq, name) - b for name, b in zip(PQ_STATES, before, strict=True))
+        real = [self.pq.cat_id_to_continuous_id[c] for c in range(len(self.class_names))]
+        denominator = (tp + 0.5 * fp + 0.5 * fn).double()[real]
+        held = denominator > 0
+        if not bool(held.any()):
+            return None
+        return float((iou.double()[real][held] / denominator[held]).mean())
+
     def _update_image(self, predicted: Panoptic, truth: Panoptic) -> None:
         if predicted.ids.shape != truth.ids.shape:
             raise ValueError(f"a prediction of {predicted.height}x{predicted.width} for a true image of "

@@ -216,3 +216,25 @@ def test_nothing_scored_is_an_error_and_ignore_index_is_no_class():
         PanopticMetric(NAMES, ISTHING).compute()
     with pytest.raises(ValueError, match="ignore_index=3 is a class index"):
         PanopticMetric(NAMES, ISTHING, ignore_index=3)
+
+
+def test_an_images_own_pq_is_that_of_a_metric_given_it_alone():
+    rng = np.random.default_rng(7)
+    split = PanopticMetric(["a", "b", "c"], [False, True, True])
+    for _ in range(4):
+        truth, predicted = (_random_panoptic(rng) for _ in range(2))
+        alone = PanopticMetric(["a", "b", "c"], [False, True, True])
+        alone.update([predicted], [truth])
+        assert split.update_image(predicted, truth) == pytest.approx(alone.compute()["pq"], abs=1e-12)
+
+
+def _random_panoptic(rng) -> Panoptic:
+    """Stuff class 0 under up to three squares of thing classes 1 and 2, some cut by others."""
+    ids = np.ones((24, 32), np.int32)
+    segments = [Segment(1, 0)]
+    for k in range(int(rng.integers(1, 4))):
+        y, x, side = int(rng.integers(0, 16)), int(rng.integers(0, 24)), int(rng.integers(4, 9))
+        ids[y:y + side, x:x + side] = k + 2
+        segments.append(Segment(k + 2, int(rng.integers(1, 3))))
+    present = set(np.unique(ids).tolist())
+    return Panoptic(ids, [s for s in segments if s.id in present])
