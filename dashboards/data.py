@@ -48,6 +48,7 @@ VIEW_PAGES = {
     "confusion": ("app_pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
     "overlays": ("app_pages/overlays.py", "Overlays", ":material/image:"),
     "ap_table": ("app_pages/ap_table.py", "Average precision", ":material/query_stats:"),
+    "pq_table": ("app_pages/pq_table.py", "Panoptic quality", ":material/join:"),
 }
 # An instance report's AP figures (pipeline.tasks.instance_eval.report): row label -> (mask key, box key).
 AP_ROWS = {
@@ -59,6 +60,9 @@ AP_ROWS = {
     "AP large objects": ("mask_ap_large", "box_ap_large"),
 }
 PR_IOUS = ("0.50", "0.75", "0.50:0.95")      # the IoU thresholds of an instance report's pr_curve
+# A panoptic report's groups of classes (pipeline.tasks.panoptic_eval.report): row -> key suffix.
+PQ_GROUPS = {"all classes": "", "things": "_things", "stuff": "_stuff"}
+PQ_COLUMNS = ("pq", "sq", "rq")               # -> "PQ", "SQ", "RQ"
 # Per-class score -> the prefix of its per-epoch validation metric (the tasks' ``epoch_metrics``:
 # semantic ``val_iou_<class>``, instance ``val_ap_<class>``, the class's mask AP).
 VAL_PER_CLASS = {"iou": "val_iou_", "mask_ap": "val_ap_"}
@@ -384,11 +388,58 @@ def pr_curves(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["IoU", "recall", "precision"])
 
 
+def pq_table(report: dict[str, Any]) -> pd.DataFrame:
+    """A panoptic report's PQ, SQ and RQ of all classes, the things and the stuff (``PQ_GROUPS``),
+    one row each; None where the group has no class with a segment to score."""
+    return pd.DataFrame([{"classes": group, **{k.upper(): report.get(f"{k}{suffix}") for k in PQ_COLUMNS}}
+                         for group, suffix in PQ_GROUPS.items()],
+                        columns=["classes", *(k.upper() for k in PQ_COLUMNS)])
+
+
+def class_pq_table(report: dict[str, Any], classes: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per class of a panoptic report, in class index order (the index's ``classes``,
+    with ``isthing`` and ``color``; JSON files keep no key order): thing or stuff, PQ, SQ, RQ
+    (None: no true or predicted segment of the class), the semantic view's IoU, the matched (TP),
+    unmatched predicted (FP) and unmatched true (FN) segments, colour."""
+    per_class = report.get("per_class", {})
+    columns = ["class", "kind", "PQ", "SQ", "RQ", "IoU", "TP", "FP", "FN", "colour"]
+    return pd.DataFrame([{"class": c["name"], "kind": "thing" if c.get("isthing") else "stuff",
+                          **{k.upper() if k != "iou" else "IoU": s.get(k)
+                             for k in ("pq", "sq", "rq", "iou", "tp", "fp", "fn")},
+                          "colour": rgb_hex(c["color"])}
+                         for c in classes if (s := per_class.get(c["name"])) is not None], columns=columns)
+
+
 def panel_images(index: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """id -> entry of the images an instance evaluation drew (``files.panel``: image | truth |
-    prediction side by side; ``pipeline.tasks.instance_eval``); empty for other indexes (a
-    semantic evaluation draws a panel too, beside its image, truth, prediction and error views)."""
+    """id -> entry of the images an instance or panoptic evaluation drew (``files.panel``: image |
+    truth | prediction side by side; ``pipeline.tasks.instance_eval``, ``panoptic_eval``); empty
+    for other indexes (a semantic evaluation draws a panel too, beside its image, truth,
+    prediction and error views)."""
     return {im["id"]: im for im in index.get("images", []) if set(im.get("files", {})) == {"panel"}}
+
+
+@dataclass(frozen=True)
+class PanelScores:
+    """How an evaluation drawn as panels scores each image: its index entries' ``key`` (the one
+    the evaluate stage ranks the worst images by, lowest first), ``others``, and the ``truth``
+    and ``predicted`` counts of ``counted``."""
+
+    key: str
+    label: str
+    short: str                                       # in the image picker
+    others: tuple[tuple[str, str], ...] = ()         # (entry key, label)
+    counted: str = "instances"
+
+
+# Instance evaluations score each image with the DSB score and mask AP50 and count instances;
+# panoptic ones with PQ, counting segments.
+PANEL_SCORES = (PanelScores("dsb_score", "DSB score", "DSB", (("mask_ap50", "mask AP50"),)),
+                PanelScores("pq", "PQ", "PQ", counted="segments"))
+
+
+def panel_scores(entries: list[dict[str, Any]]) -> PanelScores:
+    """The ``PANEL_SCORES`` whose key the index entries hold (the first when none does)."""
+    return next((p for p in PANEL_SCORES if any(p.key in e for e in entries)), PANEL_SCORES[0])
 
 
 def prepared_image(src: Sources, split: str, image_id: str) -> tuple[bytes, str] | None:

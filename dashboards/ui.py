@@ -12,6 +12,7 @@ from pipeline.tasks.base import Task
 TTL_S = 30          # MLflow tables are re-read at most this often
 # A record's files are cached under its run id and evaluation key, which fix them: a new
 # evaluation is a new key, never a stale hit.
+SCORE_COLUMN = st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.3f")   # a 0-1 score
 
 
 def sources() -> data.Sources:
@@ -110,7 +111,9 @@ def class_colours(src: data.Sources, run_id: str, key: str) -> dict[str, list[in
 
 def iou_bars(table: pd.DataFrame, value: str = "IoU") -> go.Figure:
     table = table.sort_values(value, ascending=True, na_position="first")
-    fig = go.Figure(go.Bar(x=table[value], y=table["class"], orientation="h", marker_color=table["colour"],
+    # Lists, not Series: plotly would ship those as binary arrays, which a reader of the spec cannot compare.
+    fig = go.Figure(go.Bar(x=table[value].tolist(), y=table["class"].tolist(), orientation="h",
+                           marker_color=table["colour"].tolist(),
                            marker_line_color="#333", marker_line_width=0.5,
                            hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
     fig.update_layout(height=max(260, 28 * len(table) + 80), margin=dict(l=10, r=10, t=10, b=10),

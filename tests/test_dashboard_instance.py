@@ -1,6 +1,7 @@
 """The dashboard for an instance champion (issue 17): a real tiny Mask R-CNN run on generated
 nuclei (prepare -> train on Ray Train -> evaluate -> register), then the pages it names
-(AppTest) and its AP page in a real browser."""
+(AppTest) and its AP page in a real browser. The workspace, server and page checks are shared
+with the panoptic champion's (tests/test_dashboard_panoptic.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from pipeline.config import paths
 from pipeline.config.params import ServeParams
 from pipeline.evaluate import evaluate
 from pipeline.register import register
-from tests.factories import instance_params
+from tests.factories import recipe_params
 from tests.test_dashboard import APP, CHROMIUM, StandIn, chart, page, served_dashboard
 from tests.test_instance_pipeline import TINY
 
@@ -42,20 +45,19 @@ def recipe() -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def instance_workspace(nuclei, tmp_path_factory):
-    """A repository root as the pipeline leaves it for an instance champion: data/prepared,
-    mlflow.db, evaluation/ of the champion's record, and a second record of the same run
-    (tiled, another evaluation key) only in MLflow."""
-    root = tmp_path_factory.mktemp("instance-workspace")
+def champion_workspace(root: Path, data: Path, recipe: str, sections: dict, other_evaluate: dict) -> dict:
+    """A repository root as the pipeline leaves it for a champion: data/prepared (a copy of
+    ``data``), mlflow.db, evaluation/ of the champion's record, and a second record of the same
+    run (``other_evaluate``'s settings, another evaluation key) only in MLflow. The params are
+    ``recipes/<recipe>.yaml`` with ``sections``' keys (``recipe_params``). Trained on Ray Train."""
     prepared = root / paths.PREPARED_DIR
-    shutil.copytree(nuclei, prepared)
+    shutil.copytree(data, prepared)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DVC_ROOT", str(root))
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.chdir(root)
-        params = instance_params(root / "params.yaml", **recipe())
+        params = recipe_params(recipe, root / "params.yaml", **sections)
         ray.shutdown()
         train_stage.init_ray()
         try:
@@ -67,20 +69,24 @@ def instance_workspace(nuclei, tmp_path_factory):
                         root / paths.PLOTS_DIR, params)
         decision = register(root / "model", root / paths.EVAL_REPORT, prepared, root / "registry.json",
                             params)
-        tiled = instance_params(root / "tiled.yaml", **recipe() | {"evaluate": {
-            "tile_above_pixels": 1024, "tile_size": [48, 48],
-            "overlays": {"samples": 1, "worst_per_class": 2}}})
-        other = evaluate(root / "model", prepared, root / "tiled" / paths.EVAL_OUT,
-                         root / "tiled" / paths.EVAL_METRICS, root / "tiled" / paths.PLOTS_DIR, tiled)
+        changed = recipe_params(recipe, root / "other.yaml", **sections | {"evaluate": other_evaluate})
+        other = evaluate(root / "model", prepared, root / "other" / paths.EVAL_OUT,
+                         root / "other" / paths.EVAL_METRICS, root / "other" / paths.PLOTS_DIR, changed)
     assert decision.promoted and other["eval_key"] != full["eval_key"]
     return {"root": root, "full": full, "other": other, "summary": summary, "version": decision.version}
 
 
-@pytest.fixture
-def app(instance_workspace, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def instance_workspace(nuclei, tmp_path_factory):
+    """An instance champion's workspace; its second record tiled."""
+    return champion_workspace(tmp_path_factory.mktemp("instance-workspace"), nuclei, "dsb2018", recipe(), {
+        "tile_above_pixels": 1024, "tile_size": [48, 48], "overlays": {"samples": 1, "worst_per_class": 2}})
+
+
+def open_app(root: Path, monkeypatch, tmp_path: Path) -> AppTest:
+    """The dashboard of workspace ``root`` (AppTest), its first page run; the model server unreachable."""
     from dashboards import ui
 
-    root = instance_workspace["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.setenv("SEG_SERVE_URL", "http://127.0.0.1:9")       # nothing listens on the discard port
@@ -91,6 +97,30 @@ def app(instance_workspace, monkeypatch, tmp_path):
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture
+def app(instance_workspace, monkeypatch, tmp_path):
+    return open_app(instance_workspace["root"], monkeypatch, tmp_path)
+
+
+@contextmanager
+def champion_served(workspace: dict, name: str):
+    """The workspace's champion served on a loopback port (the service's own request handling
+    behind a plain HTTP server); yields its URL."""
+    from pipeline.artifacts.model_dir import load_model
+    from pipeline.serving.service import ModelRef, Service
+
+    version = workspace["version"]
+    StandIn.service = Service(load_model(workspace["root"] / "model"),
+                              ModelRef(uri=f"models:/{name}/{version}", name=name, version=version),
+                              ServeParams.defaults(threads=1))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 def same(value, expected) -> bool:
@@ -148,17 +178,25 @@ def check_ap_page(at: AppTest, report: dict) -> None:
         assert trace["y"] == report["pr_curve"][iou]
 
 
-def test_ap_page_shows_the_records_figures(app, instance_workspace):
-    full, other = instance_workspace["full"], instance_workspace["other"]
-    page(app, "ap_table")
-    picker = app.selectbox(key="ap-run")
+def check_both_records(at: AppTest, workspace: dict, name: str, picker_key: str, label: str,
+                       check: Callable[[AppTest, dict], None]) -> None:
+    """Page ``name`` of a ``champion_workspace``: its picker offers both records, the champion's
+    first (its version and its primary score, read as ``label``), and ``check(at, report)`` holds
+    for the champion's record and then for the other one, read from the run's MLflow artifacts."""
+    full, other = workspace["full"], workspace["other"]
+    page(at, name)
+    picker = at.selectbox(key=picker_key)
     assert picker.value == (full["mlflow_run_id"], full["eval_key"])
-    assert len(picker.options) == 2 and f"v{instance_workspace['version']} @champion" in picker.options[0]
-    assert f"mask AP {full['mask_ap']:.3f}" in picker.options[0]
-    check_ap_page(app, full)
-    picker.select((other["mlflow_run_id"], other["eval_key"])).run()       # from the run's MLflow artifacts
-    assert not app.exception, [e.message for e in app.exception]
-    check_ap_page(app, other)
+    assert len(picker.options) == 2 and f"v{workspace['version']} @champion" in picker.options[0]
+    assert f"{label} {full[full['primary_metric']]:.3f}" in picker.options[0]
+    check(at, full)
+    picker.select((other["mlflow_run_id"], other["eval_key"])).run()
+    assert not at.exception, [e.message for e in at.exception]
+    check(at, other)
+
+
+def test_ap_page_shows_the_records_figures(app, instance_workspace):
+    check_both_records(app, instance_workspace, "ap_table", "ap-run", "mask AP", check_ap_page)
 
 
 def test_ap_figures_from_a_report():
@@ -181,30 +219,42 @@ def test_ap_figures_from_a_report():
         "0.50": [1.0, 0.5, 0.0], "0.75": [0.9, 0.4, 0.0], "0.50:0.95": [0.8, 0.3, 0.0]}
 
 
-def test_overlays_show_instance_panels_and_the_worst_images(app, instance_workspace):
-    root = instance_workspace["root"]
-    index = json.loads((root / paths.EVAL_OUT / "index.json").read_text())
+def score_text(value: float | None) -> str:
+    """A score as the pages write it."""
+    return "—" if value is None else f"{value:.3f}"
+
+
+def check_panels(at: AppTest, workspace: dict, key: str, label: str, short: str, counted: str) -> None:
+    """The overlays page of a ``champion_workspace`` whose evaluations drew panels, each image
+    scored by its index entry's ``key`` (read as ``label``, ``short`` in the picker) with its
+    true and predicted ``counted``: the samples, then the worst images, then the other record's
+    panels (read from MLflow)."""
+    index = json.loads((workspace["root"] / paths.EVAL_OUT / "index.json").read_text())
     entries = {e["id"]: e for e in index["images"]}
-    page(app, "overlays")
-    assert app.selectbox(key="image-id").options == [f"{i} · DSB {entries[i]['dsb_score']:.3f}"
-                                                      for i in index["samples"]]
-    assert len(app.get("image")) == 1
+    page(at, "overlays")
+    assert at.selectbox(key="image-id").options == [f"{i} · {short} {score_text(entries[i][key])}"
+                                                     for i in index["samples"]]
+    assert len(at.get("image")) == 1
     first = entries[index["samples"][0]]
-    shown = " ".join(c.value for c in app.caption)
-    assert f"DSB score **{first['dsb_score']:.3f}**" in shown
-    assert f"{first['truth']} true instances, {first['predicted']} predicted" in shown
-    table = app.dataframe[0].value
+    shown = " ".join(c.value for c in at.caption)
+    assert f"{label} **{score_text(first[key])}**" in shown
+    assert f"{first['truth']} true {counted}, {first['predicted']} predicted" in shown
+    table = at.dataframe[0].value
     assert list(table["image"]) == index["samples"]
+    assert all(same(v, entries[i][key]) for i, v in zip(table["image"], table[label], strict=True))
     assert list(table["predicted"]) == [entries[i]["predicted"] for i in index["samples"]]
-    app.radio(key="browse").set_value("worst by DSB score").run()
-    assert not app.exception
-    assert list(app.dataframe[0].value["image"]) == index["worst"]
-    assert app.selectbox(key="image-id").value == index["worst"][0]
-    # The other record, read from MLflow: its own panels.
-    other = instance_workspace["other"]
-    app.selectbox(key="overlays-run").select((other["mlflow_run_id"], other["eval_key"])).run()
-    assert not app.exception, [e.message for e in app.exception]
-    assert len(app.get("image")) == 1
+    at.radio(key="browse").set_value(f"worst by {label}").run()
+    assert not at.exception
+    assert list(at.dataframe[0].value["image"]) == index["worst"]
+    assert at.selectbox(key="image-id").value == index["worst"][0]
+    other = workspace["other"]
+    at.selectbox(key="overlays-run").select((other["mlflow_run_id"], other["eval_key"])).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert len(at.get("image")) == 1
+
+
+def test_overlays_show_instance_panels_and_the_worst_images(app, instance_workspace):
+    check_panels(app, instance_workspace, "dsb_score", "DSB score", "DSB", "instances")
 
 
 def test_runs_table_names_the_instance_scores(app, instance_workspace):
@@ -220,18 +270,9 @@ def test_runs_table_names_the_instance_scores(app, instance_workspace):
 def test_try_it_segments_a_test_image_with_the_instance_champion(app, instance_workspace):
     """The champion served (the service's own request handling): a test image from the
     workspace's prepared split; the overlay picture and the instance table come back."""
-    from pipeline.artifacts.model_dir import load_model
-    from pipeline.serving.service import ModelRef, Service
-
-    version = instance_workspace["version"]
-    StandIn.service = Service(load_model(instance_workspace["root"] / "model"),
-                              ModelRef(uri=f"models:/{NAME}/{version}", name=NAME, version=version),
-                              ServeParams.defaults(threads=1))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with champion_served(instance_workspace, NAME) as url:
         page(app, "try_it")
-        app.text_input(key="serve-url").set_value(f"http://127.0.0.1:{server.server_port}").run()
+        app.text_input(key="serve-url").set_value(url).run()
         app.slider(key="option-score_threshold").set_value(0.0)
         app.radio(key="source").set_value("a test image").run()
         index = json.loads((instance_workspace["root"] / paths.EVAL_OUT / "index.json").read_text())
@@ -243,29 +284,40 @@ def test_try_it_segments_a_test_image_with_the_instance_champion(app, instance_w
         table = app.dataframe[0].value
         assert list(table.columns) == ["#", "class", "score", "area (px)", "box"] and len(table) > 0
         assert set(table["class"]) == {"nucleus"}
-    finally:
-        server.shutdown()
+
+
+def browse_task_pages(workspace: dict, tmp_path: Path, name: str, ready: str, title: str,
+                      absent: tuple[str, ...], headline: str, champion_text: str,
+                      check: Callable = lambda tab: None) -> None:
+    """In a real browser: the task's page ``name`` (once ``ready`` shows; ``check(tab)``) titled
+    ``title`` in the navigation, which lists none of ``absent`` (app.py's st.navigation, never a
+    folder's list), its first score card ``headline`` and two tables; then a panel of the
+    overlays page and the champion's page showing ``champion_text``. Screenshots in tmp_path."""
+    from playwright.sync_api import expect
+
+    with served_dashboard(workspace["root"], tmp_path) as visit:
+        tab = visit(name, ready)
+        check(tab)
+        nav = tab.locator('[data-testid="stSidebarNav"]')
+        expect(nav).to_contain_text(title, timeout=60_000)
+        for other in absent:
+            expect(nav).not_to_contain_text(other)
+        expect(tab.locator('[data-testid="stMetricValue"]').first).to_contain_text(headline)
+        assert tab.locator('[data-testid="stDataFrame"]').count() == 2       # the scores and per-class tables
+        tab.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+        visit("overlays", '[data-testid="stImage"] img')                    # a panel
+        tab.screenshot(path=str(tmp_path / "overlays.png"), full_page=True)
+        visit("", '[data-testid="stMetricValue"]')                          # the champion
+        expect(tab.get_by_text(champion_text).first).to_be_visible()
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (apt-get install chromium)")
 def test_instance_ap_page_in_a_real_browser(instance_workspace, tmp_path):
-    from playwright.sync_api import expect
+    def three_curves(tab):          # the PR curves (a curve at 0 is flat)
+        assert tab.locator(".js-plotly-plot .scatterlayer .trace").count() == 3
 
-    full = instance_workspace["full"]
-    with served_dashboard(instance_workspace["root"], tmp_path) as visit:
-        tab = visit("ap_table", ".js-plotly-plot .legend .traces")         # the PR curves' legend
-        assert tab.locator(".js-plotly-plot .scatterlayer .trace").count() == 3     # (a curve at 0 is flat)
-        # The navigation is the task's (app.py's st.navigation, never a folder's list).
-        nav = tab.locator('[data-testid="stSidebarNav"]')
-        expect(nav).to_contain_text("Average precision", timeout=60_000)
-        for semantic_only in ("Confusion", "Per-class"):
-            expect(nav).not_to_contain_text(semantic_only)
-        expect(tab.locator('[data-testid="stMetricValue"]').first).to_contain_text(f"{full['mask_ap']:.3f}")
-        assert tab.locator('[data-testid="stDataFrame"]').count() == 2       # AP and per-class tables
-        tab.screenshot(path=str(tmp_path / "ap_table.png"), full_page=True)
-        visit("overlays", '[data-testid="stImage"] img')                    # an instance panel
-        tab.screenshot(path=str(tmp_path / "instance_overlays.png"), full_page=True)
-        visit("", '[data-testid="stMetricValue"]')                          # the champion
-        expect(tab.get_by_text("DSB score").first).to_be_visible()
-    assert (tmp_path / "ap_table.png").stat().st_size > 10_000
+    browse_task_pages(instance_workspace, tmp_path, "ap_table", ".js-plotly-plot .legend .traces",
+                      "Average precision", ("Confusion", "Per-class"),
+                      f"{instance_workspace['full']['mask_ap']:.3f}", "DSB score", three_curves)

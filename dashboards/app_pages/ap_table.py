@@ -8,7 +8,7 @@ from dashboards import data, ui
 
 # One dash per IoU threshold of the curve (PR_IOUS); 0.50:0.95 is the AP's own average.
 PR_STYLE = {"0.50": ("#1f77b4", "solid"), "0.75": ("#ff7f0e", "dash"), "0.50:0.95": ("#2ca02c", "dot")}
-SCORE = st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.3f")
+SCORE = ui.SCORE_COLUMN
 
 src = ui.sources()
 task = ui.task(src)

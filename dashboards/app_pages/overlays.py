@@ -1,5 +1,5 @@
 """Test images with truth, prediction and errors: opacity, class toggles, worst images per class.
-An instance evaluation's record holds drawn panels instead (``dashboards.panels``)."""
+Instance and panoptic evaluations' records hold drawn panels instead (``dashboards.panels``)."""
 
 import numpy as np
 import streamlit as st

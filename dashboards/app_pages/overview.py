@@ -48,13 +48,16 @@ with left:
 with right:
     if card is not None:
         # Semantic cards give each class's share of the training pixels; instance cards count
-        # each class's objects per split.
+        # each class's objects per split, panoptic cards its segments.
         freq = card.get("train_statistics", {}).get("frequency", {})
         if freq:
             title, hover, ticks = "Class frequency (training pixels)", "%{x:.2%} of training pixels", ".0%"
         else:
-            freq = card.get("statistics", {}).get("train", {}).get("instances", {})
-            title, hover, ticks = "Instances per class (training split)", "%{x:,} instances", ","
+            train = card.get("statistics", {}).get("train", {})
+            counted = "instances" if "instances" in train else "segments"
+            freq = train.get(counted, {})
+            title = f"{counted.capitalize()} per class (training split)"
+            hover, ticks = f"%{{x:,}} {counted}", ","
         colours = dict(zip(card["classes"]["names"], card["classes"]["palette"], strict=True))
         names = sorted(freq, key=freq.get)
         fig = go.Figure(go.Bar(x=[freq[n] for n in names], y=names, orientation="h",

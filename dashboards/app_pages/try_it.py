@@ -38,11 +38,26 @@ def query_controls(meta: dict | None) -> dict:
     return chosen
 
 
+def box_text(box: list[float]) -> str:
+    """x0, y0, x1, y1 in whole pixels."""
+    return ", ".join(f"{v:.0f}" for v in box)
+
+
 def instance_table(instances: list[dict]) -> pd.DataFrame:
     """One row per instance of an instance answer (its RLE left out)."""
     return pd.DataFrame([{"#": i["index"], "class": i["class"], "score": round(i["score"], 3),
-                          "area (px)": i["area"], "box": ", ".join(f"{v:.0f}" for v in i["box"])}
+                          "area (px)": i["area"], "box": box_text(i["box"])}
                          for i in instances], columns=["#", "class", "score", "area (px)", "box"])
+
+
+def segment_table(segments: list[dict]) -> pd.DataFrame:
+    """One row per segment of a panoptic answer (``segments_info``, its RLE left out): stuff
+    segments have no score."""
+    columns = ["id", "class", "kind", "score", "area (px)", "box"]
+    return pd.DataFrame([{"id": s["id"], "class": s["category"], "kind": "thing" if s["isthing"] else "stuff",
+                          "score": round(s["score"], 3) if s.get("score") is not None else None,
+                          "area (px)": s["area"], "box": box_text(s["box"])}
+                         for s in segments], columns=columns)
 
 
 def area_chart(classes: list[dict]) -> go.Figure:
@@ -124,5 +139,10 @@ if payload is not None and st.button("Segment", type="primary", key="segment"):
         elif isinstance(answer.get("instances"), list):                          # an instance answer
             right.caption(f"{len(answer['instances'])} instances")
             right.dataframe(instance_table(answer["instances"]), hide_index=True, key="instances")
+        elif isinstance(answer.get("segments_info"), list):                      # a panoptic answer
+            segments = answer["segments_info"]
+            things = sum(bool(s["isthing"]) for s in segments)
+            right.caption(f"{len(segments)} segments: {things} things, {len(segments) - things} stuff")
+            right.dataframe(segment_table(segments), hide_index=True, key="segments")
         elif answer:
             right.json(answer, expanded=1)
