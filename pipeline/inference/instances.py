@@ -41,11 +41,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.inference.predictor import _check, inference_settings, window_starts
+from pipeline.inference.predictor import RecordedSettings, _check, refuse_probability_tta, window_starts
 from pipeline.inference.rle import from_crop
 from pipeline.inference.tensors import forward_images
 from pipeline.metrics.instance import Instances, encode, mask_iou
-from pipeline.models.base import InferenceSettings
 
 CHUNK = 16          # masks thresholded and encoded this many at a time (a bounded temporary)
 
@@ -186,7 +185,7 @@ class _Groups:
 
 
 @dataclass
-class InstancePredictor:
+class InstancePredictor(RecordedSettings):
     """Instances of whole images (see the module doc). The first five fields are
     ``InferenceSettings``' (``for_model`` reads them from the model); flip TTA and scales other
     than (1.0,) are refused."""
@@ -205,28 +204,10 @@ class InstancePredictor:
     nms_iou: float = 0.5           # mask IoU of instances from windows that share none: duplicates
 
     def __post_init__(self) -> None:
-        self.scales = tuple(float(s) for s in self.scales)
-        self.tile_size = tuple(int(t) for t in self.tile_size)
-        if self.flip_tta:
-            raise ValueError("flip_tta: flip test-time augmentation is not defined for instance "
-                             "segmentation; set flip_tta to false")
-        if self.scales != (1.0,):
-            listed = ", ".join(f"{s:g}" for s in self.scales)
-            raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for instance "
-                             "segmentation; set scales to [1.0]")
+        refuse_probability_tta(self, "instance")
         if not 0.0 < self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap: {self.tile_overlap:g}; instances cut by a tile border are "
                              "joined in the band two tiles share, so it must be above 0 (and below 1)")
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **overrides) -> InstancePredictor:
-        """A predictor with the settings the model records (``model.meta.inference``), each
-        replaced by an override that is not None; none recorded: this class's defaults."""
-        return cls(model, **inference_settings(model, overrides))
-
-    def settings(self) -> InferenceSettings:
-        return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
-                                 self.tile_overlap)
 
     @torch.inference_mode()
     def instances(self, images: list[np.ndarray]) -> list[Instances]:

@@ -30,10 +30,9 @@ from pipeline.inference.panoptic_fusion import (
     DEFAULT_STUFF_MIN_AREA,
     fuse,
 )
-from pipeline.inference.predictor import _check, inference_settings
+from pipeline.inference.predictor import RecordedSettings, _check, refuse_probability_tta
 from pipeline.inference.tensors import forward_images
 from pipeline.metrics.panoptic_types import Panoptic
-from pipeline.models.base import InferenceSettings
 
 
 class ImageTooLargeError(ValueError):
@@ -41,7 +40,7 @@ class ImageTooLargeError(ValueError):
 
 
 @dataclass
-class PanopticPredictor:
+class PanopticPredictor(RecordedSettings):
     """Panoptic labellings of whole images (see the module doc). The first five fields are
     ``InferenceSettings``' (``for_model`` reads them from the model)."""
 
@@ -57,15 +56,7 @@ class PanopticPredictor:
     stuff_min_area: int = DEFAULT_STUFF_MIN_AREA
 
     def __post_init__(self) -> None:
-        self.scales = tuple(float(s) for s in self.scales)
-        self.tile_size = tuple(int(t) for t in self.tile_size)
-        if self.flip_tta:
-            raise ValueError("flip_tta: flip test-time augmentation is not defined for panoptic "
-                             "segmentation; set flip_tta to false")
-        if self.scales != (1.0,):
-            listed = ", ".join(f"{s:g}" for s in self.scales)
-            raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for panoptic "
-                             "segmentation; set scales to [1.0]")
+        refuse_probability_tta(self, "panoptic")
         num_classes = len(self.model.meta.class_names)
         things = set(self.model.meta.thing_classes)
         if not things:
@@ -76,16 +67,6 @@ class PanopticPredictor:
     def max_pixels(self) -> int:
         """The largest image (width x height) it predicts: it does not tile."""
         return self.tile_above_pixels
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **overrides) -> PanopticPredictor:
-        """A predictor with the settings the model records (``model.meta.inference``), each
-        replaced by an override that is not None; none recorded: this class's defaults."""
-        return cls(model, **inference_settings(model, overrides))
-
-    def settings(self) -> InferenceSettings:
-        return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
-                                 self.tile_overlap)
 
     @torch.inference_mode()
     def panoptic(self, images: list[np.ndarray]) -> list[Panoptic]:

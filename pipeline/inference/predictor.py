@@ -76,18 +76,11 @@ def inference_settings(model, overrides: dict[str, Any]) -> dict[str, Any]:
     return settings | {k: v for k, v in overrides.items() if v is not None}
 
 
-@dataclass
-class Predictor:
-    model: SegmentationModel
-    flip_tta: bool = False
-    tile_above_pixels: int = 1_048_576
-    tile_size: tuple[int, int] = (512, 512)
-    tile_overlap: float = 0.25
-    scales: tuple[float, ...] = (1.0,)
-    max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
+class RecordedSettings:
+    """``for_model`` and ``settings`` of a predictor dataclass with ``InferenceSettings``' fields."""
 
     @classmethod
-    def for_model(cls, model: SegmentationModel, **overrides) -> Predictor:
+    def for_model(cls, model: SegmentationModel, **overrides):
         """A predictor with the settings the model records (``model.meta.inference``), each
         replaced by an override that is not None. A model that records none (logged by
         training, before any evaluation) starts from this class's defaults: plain prediction."""
@@ -96,6 +89,31 @@ class Predictor:
     def settings(self) -> InferenceSettings:
         return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
                                  self.tile_overlap)
+
+
+def refuse_probability_tta(predictor, task: str) -> None:
+    """Normalise ``scales`` and ``tile_size`` to tuples, and refuse flip and multi-scale TTA,
+    which are defined for class probabilities, for a ``task`` whose predictions are not."""
+    predictor.scales = tuple(float(s) for s in predictor.scales)
+    predictor.tile_size = tuple(int(t) for t in predictor.tile_size)
+    if predictor.flip_tta:
+        raise ValueError(f"flip_tta: flip test-time augmentation is not defined for {task} "
+                         "segmentation; set flip_tta to false")
+    if predictor.scales != (1.0,):
+        listed = ", ".join(f"{s:g}" for s in predictor.scales)
+        raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for {task} "
+                         "segmentation; set scales to [1.0]")
+
+
+@dataclass
+class Predictor(RecordedSettings):
+    model: SegmentationModel
+    flip_tta: bool = False
+    tile_above_pixels: int = 1_048_576
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = 0.25
+    scales: tuple[float, ...] = (1.0,)
+    max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
 
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> torch.Tensor:
