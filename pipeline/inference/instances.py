@@ -39,7 +39,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.inference.predictor import RecordedSettings, _check, refuse_probability_tta, window_starts
 from pipeline.inference.rle import from_crop
@@ -190,12 +189,6 @@ class InstancePredictor(RecordedSettings):
     ``InferenceSettings``' (``for_model`` reads them from the model); flip TTA and scales other
     than (1.0,) are refused."""
 
-    model: nn.Module
-    flip_tta: bool = False
-    tile_above_pixels: int = 1_048_576
-    tile_size: tuple[int, int] = (512, 512)
-    tile_overlap: float = 0.25
-    scales: tuple[float, ...] = (1.0,)
     mask_threshold: float = 0.5
     score_threshold: float = 0.0
     max_instances: int | None = None

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.inference.instances import to_instances
 from pipeline.inference.panoptic_fusion import (
@@ -44,12 +43,6 @@ class PanopticPredictor(RecordedSettings):
     """Panoptic labellings of whole images (see the module doc). The first five fields are
     ``InferenceSettings``' (``for_model`` reads them from the model)."""
 
-    model: nn.Module
-    flip_tta: bool = False
-    tile_above_pixels: int = 1_048_576
-    tile_size: tuple[int, int] = (512, 512)
-    tile_overlap: float = 0.25
-    scales: tuple[float, ...] = (1.0,)
     mask_threshold: float = 0.5
     min_score: float = DEFAULT_MIN_SCORE
     overlap_threshold: float = DEFAULT_OVERLAP_THRESHOLD

@@ -76,8 +76,17 @@ def inference_settings(model, overrides: dict[str, Any]) -> dict[str, Any]:
     return settings | {k: v for k, v in overrides.items() if v is not None}
 
 
+@dataclass
 class RecordedSettings:
-    """``for_model`` and ``settings`` of a predictor dataclass with ``InferenceSettings``' fields."""
+    """A predictor's model and ``InferenceSettings``' fields, which ``for_model`` reads from the
+    model's meta and ``settings`` gives back; every task's predictor adds its own fields."""
+
+    model: SegmentationModel
+    flip_tta: bool = False
+    tile_above_pixels: int = 1_048_576
+    tile_size: tuple[int, int] = (512, 512)
+    tile_overlap: float = 0.25
+    scales: tuple[float, ...] = (1.0,)
 
     @classmethod
     def for_model(cls, model: SegmentationModel, **overrides):
@@ -107,12 +116,6 @@ def refuse_probability_tta(predictor, task: str) -> None:
 
 @dataclass
 class Predictor(RecordedSettings):
-    model: SegmentationModel
-    flip_tta: bool = False
-    tile_above_pixels: int = 1_048_576
-    tile_size: tuple[int, int] = (512, 512)
-    tile_overlap: float = 0.25
-    scales: tuple[float, ...] = (1.0,)
     max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
 
     @torch.no_grad()
