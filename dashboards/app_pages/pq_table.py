@@ -27,17 +27,17 @@ st.caption("A predicted and a true segment of a class match when their IoU is ab
            "figures of all classes, things and stuff are means over the classes with a segment. The "
            "semantic view (each pixel's class) scores mIoU as a semantic model's does.")
 
+classes = data.class_pq_table(report, ui.index(src, run_id, eval_key)["classes"])
+scores = {k.upper(): ui.SCORE_COLUMN for k in data.PQ_COLUMNS}
 left, right = st.columns([3, 2])
 with left:
     st.subheader("PQ, SQ, RQ")
-    scores = {k.upper(): ui.SCORE_COLUMN for k in data.PQ_COLUMNS}
     st.dataframe(data.pq_table(report), hide_index=True, key="pq-table", column_config=scores)
-    st.subheader("Per class")
-    classes = data.class_pq_table(report, ui.index(src, run_id, eval_key)["classes"])
-    st.dataframe(classes.drop(columns=["colour"]), hide_index=True, key="class-pq",
-                 column_config=scores | {"IoU": ui.SCORE_COLUMN})
-    st.caption("Empty PQ, SQ and RQ: no true or predicted segment of the class on this split. IoU is "
-               "the semantic view's; TP, FP and FN count segments.")
 with right:
     st.subheader("PQ per class")
     st.plotly_chart(ui.iou_bars(classes, value="PQ"), key="pq-bars")
+st.subheader("Per class")
+st.dataframe(classes.drop(columns=["colour"]), hide_index=True, key="class-pq",
+             column_config=scores | {"IoU": ui.SCORE_COLUMN})
+st.caption("Empty PQ, SQ and RQ: no true or predicted segment of the class on this split. IoU is "
+           "the semantic view's; TP, FP and FN count segments.")
