@@ -22,7 +22,7 @@ from pipeline.inference.instances import InstancePredictor, to_instances
 from pipeline.metrics.instance import Instances, coco_ap, dsb_score
 from pipeline.models.panoptic_fpn import SEMANTIC_LOSS
 from pipeline.tasks import instance_answers, instance_eval
-from pipeline.tasks.base import Task
+from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
 
 # loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
 INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
@@ -91,11 +91,7 @@ class InstanceMetric:
                 "images": len(self.truth)}
 
 
-def _nan_for_none(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
-class InstanceTask(Task):
+class InstanceTask(OwnLossTask):
     name = "instance"
     primary_metric = "mask_ap"
     primary_label = "mask AP"
@@ -104,7 +100,11 @@ class InstanceTask(Task):
     per_class_keys = ("mask_ap", "box_ap")
     views = ("ap_table", "overlays")
     target_columns = ("instances",)
-    onnx_export = False       # Mask R-CNN: no checked ONNX export here (register.onnx: false)
+    evaluation = instance_eval            # the evaluate stage's scores and pictures
+    answering = instance_answers          # /predict's answers and query parameters
+    predictor_class = InstancePredictor
+    answers = instance_answers.ANSWERS
+    query_options = instance_answers.QUERY_OPTIONS
 
     def train_transform(self, crop, scale, jitter, ignore_index):
         return instance_batches.train_transform(crop, scale, jitter)
@@ -112,13 +112,6 @@ class InstanceTask(Task):
     def collate(self, images, targets, *, mean, std, ignore_index, transform=None):
         return instance_batches.collate(images, targets, mean=mean, std=std, ignore_index=ignore_index,
                                         transform=transform)
-
-    def targets_to(self, targets, device):
-        return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                for t in targets]
-
-    def training_loss(self, model, images, targets, loss_fn):
-        return loss_fn(model(images, targets))
 
     def validation_step(self, model, images, targets, loss_fn):
         return model(images), None     # Mask R-CNN takes no losses in eval mode
@@ -147,11 +140,11 @@ class InstanceTask(Task):
 
     def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
         mask, box = computed["mask"], computed["box"]
-        out = {"val_mask_ap": _nan_for_none(mask["ap"]), "val_mask_ap50": _nan_for_none(mask["ap50"]),
-               "val_mask_ap75": _nan_for_none(mask["ap75"]), "val_box_ap": _nan_for_none(box["ap"]),
+        out = {"val_mask_ap": nan_for_none(mask["ap"]), "val_mask_ap50": nan_for_none(mask["ap50"]),
+               "val_mask_ap75": nan_for_none(mask["ap75"]), "val_box_ap": nan_for_none(box["ap"]),
                "val_dsb_score": computed["dsb_score"]}
         for name, ap in zip(class_names, mask["per_class"].values(), strict=True):
-            out[f"val_ap_{name}"] = _nan_for_none(ap)
+            out[f"val_ap_{name}"] = nan_for_none(ap)
         return out
 
     def training_summary(self, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
@@ -164,28 +157,6 @@ class InstanceTask(Task):
                      for k, v in best.items() if k.startswith("val_ap_")]
         return headline, {AP_PLOT: per_class}
 
-    # --- the evaluate stage: pipeline.tasks.instance_eval ------------------------------------
-    def evaluate_split(self, model, data, cfg, predictor) -> instance_eval.Evaluation:
-        return instance_eval.evaluate_split(model, data, cfg, predictor)
-
-    def report(self, evaluation: instance_eval.Evaluation) -> dict[str, Any]:
-        return instance_eval.report(evaluation)
-
-    def write_outputs(self, evaluation, data, cfg, out, full) -> None:
-        instance_eval.write_outputs(evaluation, data, cfg, out, full)
-
-    def plots(self, evaluation, full) -> dict[str, list[dict]]:
-        return instance_eval.plots(evaluation, full)
-
     # --- serving: pipeline.inference.instances, pipeline.tasks.instance_answers --------------
-    answers = instance_answers.ANSWERS
-    query_options = instance_answers.QUERY_OPTIONS
-
-    def predictor(self, model, **overrides):
-        return InstancePredictor.for_model(model, **overrides)
-
     def predict(self, predictor, images):
         return predictor.instances(images)
-
-    def answer(self, options, image, prediction, meta):
-        return instance_answers.answer(options, image, prediction, meta)

@@ -23,8 +23,8 @@ from pipeline.inference.panoptic import PanopticPredictor
 from pipeline.metrics.panoptic import PanopticMetric
 from pipeline.metrics.panoptic_types import VOID
 from pipeline.tasks import panoptic_answers, panoptic_eval
-from pipeline.tasks.base import Task
 from pipeline.tasks.instance import PANOPTIC_LOSS_TERMS, PanopticFPNLoss
+from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
 
 PQ_PLOT = "val_pq.json"
 HEADLINE = ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou")
@@ -38,11 +38,7 @@ class ValidationMetric(PanopticMetric):
         super().update(outputs, [t["truth"] for t in targets])
 
 
-def _nan_for_none(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
-class PanopticTask(Task):
+class PanopticTask(OwnLossTask):
     name = "panoptic"
     primary_metric = "pq"
     primary_label = "PQ"
@@ -51,7 +47,11 @@ class PanopticTask(Task):
     per_class_keys = ("pq", "sq", "rq", "iou")
     views = ("pq_table", "overlays")
     target_columns = ("panoptic", "segments")
-    onnx_export = False       # Mask R-CNN's heads: no checked ONNX export here (register.onnx: false)
+    evaluation = panoptic_eval            # the evaluate stage's scores and pictures
+    answering = panoptic_answers          # /predict's answers
+    predictor_class = PanopticPredictor
+    answers = panoptic_answers.ANSWERS
+    query_options = panoptic_answers.QUERY_OPTIONS
 
     def train_transform(self, crop, scale, jitter, ignore_index):
         # The segment-id map moves with the image; padding is void (no segment).
@@ -60,13 +60,6 @@ class PanopticTask(Task):
     def collate(self, images, targets, *, mean, std, ignore_index, transform=None):
         return panoptic_batches.collate(images, targets, mean=mean, std=std, ignore_index=ignore_index,
                                         transform=transform)
-
-    def targets_to(self, targets, device):
-        return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                for t in targets]
-
-    def training_loss(self, model, images, targets, loss_fn):
-        return loss_fn(model(images, targets))
 
     def validation_step(self, model, images, targets, loss_fn):
         """Predicted ``Panoptic``s of the batch's images (fused with the default settings);
@@ -96,9 +89,9 @@ class PanopticTask(Task):
                                 [c in things for c in range(num_classes)], ignore_index)
 
     def epoch_metrics(self, computed: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
-        out = {f"val_{key}": _nan_for_none(computed[key]) for key in HEADLINE}
+        out = {f"val_{key}": nan_for_none(computed[key]) for key in HEADLINE}
         for name, scores in zip(class_names, computed["per_class"].values(), strict=True):
-            out[f"val_pq_{name}"] = _nan_for_none(scores["pq"])
+            out[f"val_pq_{name}"] = nan_for_none(scores["pq"])
         return out
 
     def training_summary(self, best: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
@@ -112,28 +105,6 @@ class PanopticTask(Task):
                      if k.startswith("val_pq_") and k not in ("val_pq_things", "val_pq_stuff")]
         return headline, {PQ_PLOT: per_class}
 
-    # --- the evaluate stage: pipeline.tasks.panoptic_eval ------------------------------------
-    def evaluate_split(self, model, data, cfg, predictor) -> panoptic_eval.Evaluation:
-        return panoptic_eval.evaluate_split(model, data, cfg, predictor)
-
-    def report(self, evaluation: panoptic_eval.Evaluation) -> dict[str, Any]:
-        return panoptic_eval.report(evaluation)
-
-    def write_outputs(self, evaluation, data, cfg, out, full) -> None:
-        panoptic_eval.write_outputs(evaluation, data, cfg, out, full)
-
-    def plots(self, evaluation, full) -> dict[str, list[dict]]:
-        return panoptic_eval.plots(evaluation, full)
-
     # --- serving: pipeline.inference.panoptic, pipeline.tasks.panoptic_answers ---------------
-    answers = panoptic_answers.ANSWERS
-    query_options = panoptic_answers.QUERY_OPTIONS
-
-    def predictor(self, model, **overrides):
-        return PanopticPredictor.for_model(model, **overrides)
-
     def predict(self, predictor, images):
         return predictor.panoptic(images)
-
-    def answer(self, options, image, prediction, meta):
-        return panoptic_answers.answer(options, image, prediction, meta)
