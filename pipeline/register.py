@@ -108,7 +108,11 @@ def model_version(client, name: str, run_id: str, model_uri: str | Callable[[], 
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Segmentation models trained by the pipeline")
+        try:
+            client.create_registered_model(name, description="Segmentation models trained by the pipeline")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise                # else another register created it since: use it
     for mv in client.search_model_versions(f"name = '{name}'"):
         if mv.tags.get(SOURCE_RUN_TAG) == run_id and mv.tags.get(INFERENCE_TAG) == inference:
             return mv
@@ -146,21 +150,33 @@ def current_champion(client, name: str, alias: str):
         return None
 
 
-def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> tuple[str, float]:
-    """(metric, value): the test score of a registered ``version`` (its task's primary
-    metric), evaluated here with ``cfg`` on ``data``; the whole evaluation is recorded on the
-    version's run under its key (``evaluate.log_record``). Raises ``EvaluateError`` when the
-    model and data cannot be evaluated together."""
+def rescore(name: str, version, data: Path, cfg: EvaluateParams) -> tuple[Task, dict[str, Any]]:
+    """(task, full report): a registered ``version`` evaluated here with ``cfg`` on ``data``
+    (``evaluate.full_report``), recorded nowhere yet (``record_rescore``). Raises
+    ``EvaluateError`` when the model and data cannot be evaluated together."""
     import mlflow.pyfunc
 
-    from pipeline.evaluate import evaluate_split, full_report, log_record
+    from pipeline.evaluate import evaluate_split, full_report
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model().model
     task = task_of_model(model)
-    full = full_report(evaluate_split(model, data, cfg, task), data, cfg, run_id=version.run_id, task=task)
+    report = full_report(evaluate_split(model, data, cfg, task), data, cfg, run_id=version.run_id, task=task)
+    return task, report
+
+
+def record_rescore(client, name: str, version, task: Task, full: dict[str, Any], key: str, split: str,
+                   settings: str) -> None:
+    """Record a ``rescore`` of ``version``: the whole evaluation on its run under its key
+    (``evaluate.log_record``) and the score on the version (``record_score``). Called holding
+    the registry lock: two registers re-scoring one champion write the same new tags, and
+    MLflow's SQL stores refuse the second of two concurrent first writes of a tag (a unique
+    constraint, answered as a bad request)."""
+    from pipeline.evaluate import log_record
+
     if version.run_id:
         log_record(version.run_id, full, task)
-    return task.primary_metric, full[task.primary_metric]
+    score = (task.primary_metric, full[task.primary_metric])
+    record_score(client, name, version, key, score, split, settings)
 
 
 def recorded_score(version, key: str) -> tuple[str, float] | None:
@@ -196,12 +212,18 @@ def decide(client, name: str, alias: str, candidate, task: Task, score: float, k
     The holder is read, compared and the alias set inside the registry lock
     (``pipeline.artifacts.registry_lock``), so concurrent registers promote one at a time. A holder
     with no score for this test set and these settings is re-evaluated outside the lock
-    (minutes on a real test set), the score recorded on it, and the gate tried again."""
+    (minutes on a real test set), the score recorded on it inside the lock, and the gate tried
+    again."""
     decision = Decision(name, str(candidate.version), alias, False, "", task.primary_metric, score,
                         min_improvement=min_improvement)
     rescored: set[str] = set()
+    pending = None                  # (version, its task, its re-evaluation) to record
     for _ in range(MAX_ROUNDS):
         with registry_lock(client, name):
+            if pending is not None:
+                record_rescore(client, name, *pending, key, split, inference_tag(cfg))
+                rescored.add(str(pending[0].version))
+                pending = None
             champion = current_champion(client, name, alias)
             held = None if champion is None else recorded_score(champion, key)
             if champion is None or str(champion.version) == str(candidate.version) or held is not None:
@@ -212,7 +234,7 @@ def decide(client, name: str, alias: str, candidate, task: Task, score: float, k
                     client.set_registered_model_alias(name, alias, candidate.version)
                 return decision
         try:
-            held = rescore(name, champion, data, cfg)
+            pending = (champion, *rescore(name, champion, data, cfg))
         except EvaluateError as exc:
             # Not comparable on this test set (e.g. other classes): no evidence the candidate
             # is better, so the holder keeps the alias until a person moves it.
@@ -222,8 +244,6 @@ def decide(client, name: str, alias: str, candidate, task: Task, score: float, k
                                f"{candidate.version} is registered without @{alias} (set the alias by hand, "
                                f"or use another register.model_name for another dataset)")
             return decision
-        record_score(client, name, champion, key, held, split, inference_tag(cfg))
-        rescored.add(str(champion.version))
     raise RegisterError(f"@{alias} of {name} moved {MAX_ROUNDS} times while this register ran")
 
 

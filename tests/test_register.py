@@ -178,6 +178,59 @@ def test_a_rescore_is_recorded_on_the_champion_and_reused(coded, fitted, env, mo
     assert second.previous_champion_score == first.previous_champion_score
 
 
+def test_a_rescore_is_recorded_on_the_champion_inside_the_registry_lock(coded, fitted, env, monkeypatch):
+    """Two registers re-scoring one champion at once both write the same new tags on its
+    version and its run; MLflow's SQL stores answer two concurrent first writes of one tag
+    key with a unique-constraint error (400, not retried), so a register crashed. Writes to
+    anything but the candidate's own version belong inside the registry lock."""
+    model, cfg = fitted
+    params = write_params(env / "params.yaml")
+    train_evaluate_register(env, "good", model, cfg, coded, params)
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    params = write_params(env / "params.yaml", flip_tta=False)       # the champion must be re-scored
+    unlocked = []
+
+    def locked() -> bool:
+        return bool(client.search_registered_models(f"name = '{NAME}.lock'"))
+
+    def watch(method):
+        original = getattr(MlflowClient, method)
+
+        def wrapper(self, *args, **kwargs):
+            values = [*args, *kwargs.values()]
+            ours = champion.run_id in values or values[:2] in ([NAME, champion.version],
+                                                               [NAME, str(champion.version)])
+            if ours and not locked():
+                unlocked.append((method, str(values[1])[:60]))
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(MlflowClient, method, wrapper)
+
+    for method in ("set_model_version_tag", "set_tag", "log_batch", "log_dict", "log_artifact",
+                   "log_artifacts"):
+        watch(method)
+    _, decision = train_evaluate_register(env, "bad", constant_model(model, 1), cfg, coded, params)
+    assert "re-evaluated" in decision.reason
+    assert not unlocked, f"written to the champion outside the registry lock: {unlocked}"
+
+
+def test_a_registered_model_created_meanwhile_by_another_register_is_used(fitted, env):
+    """The first two registers of a name both find no registered model; the second to create
+    it is refused (it exists now) and must go on with it."""
+    model, cfg = fitted
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    run_id = tracked_model(env / "first", model, cfg)
+    model_uri = MlflowClient(uri).get_run(run_id).data.tags["model_uri"]
+
+    class Racing(MlflowClient):
+        def get_registered_model(self, name):
+            MlflowClient(uri).create_registered_model(name)        # the other register, just now
+            return super().get_registered_model(name + ".absent")  # ... after this one looked
+
+    version = model_version(Racing(uri), NAME, run_id, model_uri)
+    assert str(version.version) == "1" and version.run_id == run_id
+
+
 def test_a_champion_that_cannot_be_rescored_gives_a_decision_not_a_traceback(coded, fitted, env):
     model, cfg = fitted
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -219,7 +272,10 @@ def test_two_registers_at_once_against_one_server_promote_one(coded, fitted, tmp
              "--out", str(tmp_path / tag / "registry.json"), "--params", str(params)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for tag in ("a", "b")]
         outputs = [p.communicate(timeout=600)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], outputs
+        said = [f"register {tag} (exit {p.returncode}):\n{out}"
+                for tag, p, out in zip("ab", procs, outputs, strict=True)]
+        said.append(f"mlflow server (end):\n{server.tail()}")
+        assert [p.returncode for p in procs] == [0, 0], "\n\n".join(said)
         decisions = [json.loads((tmp_path / tag / "registry.json").read_text()) for tag in ("a", "b")]
         assert sum(d["promoted"] for d in decisions) == 1, decisions
         winner = next(d for d in decisions if d["promoted"])
