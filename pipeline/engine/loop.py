@@ -80,8 +80,9 @@ def train_one_epoch(
     """One pass over ``batches`` of (images (N,3,H,W) float, masks (N,H,W) int64).
 
     Returns ``loss`` (the mean over the images of steps with a finite loss),
-    ``loss_images`` (those images), ``images``, ``steps``, ``skipped_steps`` and
-    ``seconds``. Mixed precision (fp16 autocast) runs when a ``scaler`` is given. Images
+    ``loss_images`` (those images), ``images``, ``steps``, ``skipped_steps``, ``seconds``
+    and ``data_wait_seconds`` (of those, the time spent waiting for the next batch: the
+    data pipeline's stall). Mixed precision (fp16 autocast) runs when a ``scaler`` is given. Images
     go to the model in ``memory_format(cfg.channels_last)``, the layout the model should
     already be in. ``task`` (default: semantic segmentation) moves the targets and takes
     the step's loss (``Task.targets_to``, ``Task.training_loss``).
@@ -99,7 +100,14 @@ def train_one_epoch(
     layout = memory_format(cfg.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     task = task or _default_task()
-    for x, y in batches:
+    batches, waited = iter(batches), 0.0
+    while True:
+        asked = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - asked
         x, y = x.to(device, non_blocking=True, memory_format=layout), task.targets_to(y, device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -142,14 +150,14 @@ def train_one_epoch(
         )
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(1, loss_images), "loss_images": loss_images, "images": images,
-            "steps": steps, "skipped_steps": skipped, "seconds": seconds}
+            "steps": steps, "skipped_steps": skipped, "seconds": seconds, "data_wait_seconds": waited}
 
 
 def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     """``train_one_epoch``'s stats over all ranks of the default process group: the mean
     loss over every rank's counted images, the sums of images, steps and skipped steps,
-    and the slowest rank's seconds (the epoch ends when it does). Unchanged without a
-    process group.
+    and the slowest rank's seconds (the epoch ends when it does) and data wait. Unchanged
+    without a process group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return stats
@@ -157,10 +165,13 @@ def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
         stats["loss"] * stats["loss_images"], stats["loss_images"], stats["images"], stats["steps"],
         stats["skipped_steps"])
     device = collective_device(dist.get_backend())
-    slowest = torch.tensor([stats["seconds"]], dtype=torch.float64, device=device)
+    slowest = torch.tensor([stats["seconds"], stats.get("data_wait_seconds", 0.0)], dtype=torch.float64,
+                           device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    seconds, waited = slowest.tolist()
     return {"loss": loss_sum / max(1.0, loss_images), "loss_images": int(loss_images), "images": int(images),
-            "steps": int(steps), "skipped_steps": int(skipped), "seconds": slowest.item()}
+            "steps": int(steps), "skipped_steps": int(skipped), "seconds": seconds,
+            "data_wait_seconds": waited}
 
 
 @torch.no_grad()

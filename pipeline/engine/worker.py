@@ -127,7 +127,8 @@ def train_worker(config: dict[str, Any]) -> None:
             "epoch": epoch, "start_epoch": start_epoch, "nodes": nodes, "workers": world,
             "train_loss": stats["loss"], "val_loss": val_loss, "train_skipped_steps": stats["skipped_steps"],
             "train_images_per_s": stats["images"] / stats["seconds"],
-            "train_seconds": stats["seconds"], "val_seconds": time.perf_counter() - start_val,
+            "train_seconds": stats["seconds"], "train_data_wait_s": stats["data_wait_seconds"],
+            "val_seconds": time.perf_counter() - start_val,
             "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), f"best_{primary}": best,
             **val,
         }

@@ -3,6 +3,7 @@ streams, non-finite losses under mixed precision, and resuming from a saved stat
 
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -26,8 +27,10 @@ from pipeline.engine.loop import (
 from pipeline.metrics.confusion import ConfusionMatrix, collective_device
 
 # Two ranks with different losses, image counts, skipped steps and times.
-RANK_STATS = [{"loss": 1.0, "loss_images": 8, "images": 8, "steps": 4, "skipped_steps": 0, "seconds": 2.0},
-              {"loss": 3.0, "loss_images": 4, "images": 6, "steps": 3, "skipped_steps": 1, "seconds": 5.0}]
+RANK_STATS = [{"loss": 1.0, "loss_images": 8, "images": 8, "steps": 4, "skipped_steps": 0, "seconds": 2.0,
+               "data_wait_seconds": 0.5},
+              {"loss": 3.0, "loss_images": 4, "images": 6, "steps": 3, "skipped_steps": 1, "seconds": 5.0,
+               "data_wait_seconds": 0.25}]
 
 
 def _in_group(rank: int, work, world: int, store_path: str, results) -> None:
@@ -59,8 +62,25 @@ def test_stats_without_a_process_group_are_this_ranks():
 def test_stats_over_two_ranks_weigh_loss_by_images_and_take_the_slowest_time(tmp_path):
     results = on_ranks(_reduce_stats, 2, tmp_path)
     expected = {"loss": pytest.approx((1.0 * 8 + 3.0 * 4) / 12), "loss_images": 12, "images": 14,
-                "steps": 7, "skipped_steps": 1, "seconds": 5.0}
+                "steps": 7, "skipped_steps": 1, "seconds": 5.0, "data_wait_seconds": 0.5}
     assert results[0] == expected and results[1] == expected
+
+
+def test_an_epoch_reports_the_time_spent_waiting_for_batches():
+    cfg, model, optimizer, scheduler, batches = tiny_run()
+
+    def slow(batches, delay=0.05):
+        for batch in batches:
+            time.sleep(delay)
+            yield batch
+
+    batches = list(batches)
+    stats = train_one_epoch(model, slow(batches), nn.CrossEntropyLoss(ignore_index=IGNORE), optimizer,
+                            scheduler, cfg, torch.device("cpu"))
+    assert len(batches) * 0.05 <= stats["data_wait_seconds"] < stats["seconds"]
+    stats = train_one_epoch(model, iter(batches), nn.CrossEntropyLoss(ignore_index=IGNORE), optimizer,
+                            scheduler, cfg, torch.device("cpu"))
+    assert stats["data_wait_seconds"] < 0.05
 
 
 # --- Validation over ranks (issue 15, item 7) -------------------------------------------
