@@ -3,9 +3,9 @@ and find what they say they find: each one ends by printing its key numbers as o
 ``RESULT {...json...}``, which these tests check.
 
 The kernel starts in ``tmp_path`` with ``NB_DATA`` pointing at a tiny prepared dataset
-(for 06, tiny generated nuclei prepared as an instance dataset); the notebooks that train or
-serve keep their MLflow store and Ray storage in a temporary directory of their own (under
-``TMPDIR``, here ``tmp_path``).
+(for 06, tiny generated nuclei prepared as an instance dataset; for 07, tiny generated street
+scenes prepared as a panoptic one); the notebooks that train or serve keep their MLflow store
+and Ray storage in a temporary directory of their own (under ``TMPDIR``, here ``tmp_path``).
 """
 
 import json
@@ -20,13 +20,13 @@ from nbclient import NotebookClient
 
 from pipeline.config.params import PrepareParams
 from pipeline.prepare import prepare
-from pipeline.tasks.instance import INSTANCE_LOSS_TERMS
-from tests.factories import make_nuclei_dataset
+from pipeline.tasks.instance import INSTANCE_LOSS_TERMS, PANOPTIC_LOSS_TERMS
+from tests.factories import PANOPTIC_CLASSES, PANOPTIC_PALETTE, make_nuclei_dataset, make_street_folder
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
 TESTED = ("01-data.ipynb", "02-upsampling.ipynb", "03-losses-and-metrics.ipynb",
-          "04-train-and-compare.ipynb", "05-serve-and-query.ipynb", "06-instance.ipynb")
+          "04-train-and-compare.ipynb", "05-serve-and-query.ipynb", "06-instance.ipynb", "07-panoptic.ipynb")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,18 @@ def nuclei(tmp_path_factory):
     make_nuclei_dataset(root / "raw", n=16)
     cfg = PrepareParams.defaults(task="instance", workers=1, val_fraction=0.2, test_fraction=0.25)
     prepare("dsb2018", root / "raw", root / "prepared", cfg)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def streets(tmp_path_factory):
+    """16 generated 64x80 street scenes (train 8, val 4, test 4): sky and road are stuff, 1 to 3
+    separate cars things; a semantic folder dataset prepared as a panoptic one."""
+    root = tmp_path_factory.mktemp("streets")
+    make_street_folder(root / "raw")
+    cfg = PrepareParams.defaults(task="panoptic", classes=list(PANOPTIC_CLASSES), thing_classes=["car"],
+                                 palette=[list(c) for c in PANOPTIC_PALETTE], workers=1)
+    prepare("folder", root / "raw", root / "prepared", cfg)
     return root / "prepared"
 
 
@@ -198,6 +210,66 @@ def test_instance_notebook_stores_trains_and_serves_the_same_instances(kernel, n
     assert result["png_mode"] == "L" and result["png_text_count"] == result["served_count"]
     assert 0 < result["png_max_id"] <= result["served_count"] and result["png_within_masks"]
     assert not list(nb_env.glob("nb06-*")), "the notebook's temporary directory was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_panoptic_notebook_scores_pq_by_hand_and_fuses_as_the_predictor_does(kernel, nb_env, streets,
+                                                                              monkeypatch):
+    monkeypatch.setenv("NB_DATA", str(streets))
+    monkeypatch.delenv("SEG_WEIGHTS_DIR", raising=False)      # random backbone: the same run on every machine
+    result = run_notebook("07-panoptic.ipynb", kernel, nb_env, 360)
+    assert (result["dataset"], result["task"]) == ("folder", "panoptic")
+    assert result["classes"] == list(PANOPTIC_CLASSES) and result["isthing"] == [False, False, True]
+    assert result["image_size"] == [64, 80]
+    assert result["truth_segments"] >= 3                     # sky, road and at least one car
+    # Part 1, the hand-made example: A' matches A at 70/130, B' misses B at 100/210 (both an FP and
+    # an FN), C' is an FP, E' lies two thirds on void (no FP), D is missed.
+    hand, metric = result["hand"], result["metric"]
+    ious = {(p["predicted"], p["true"]): (p["IoU"], p["match"]) for p in hand["pairs"]}
+    assert ious[("A'", "A")] == (pytest.approx(70 / 130), True)
+    assert ious[("B'", "B")] == (pytest.approx(100 / 210), False)
+    for name, counts in {"road": (1, 0, 0), "car": (1, 2, 2)}.items():
+        by_hand = hand["per_class"][name]
+        assert (by_hand["TP"], by_hand["FP"], by_hand["FN"]) == counts
+        assert tuple(metric["per_class"][name][k] for k in ("tp", "fp", "fn")) == counts
+        assert by_hand["PQ"] == pytest.approx(by_hand["SQ"] * by_hand["RQ"], abs=1e-12)
+        # torchmetrics, under the metric, divides in single precision: agreement to about 1e-8.
+        assert metric["per_class"][name]["pq"] == pytest.approx(by_hand["PQ"], abs=1e-6)
+    assert hand["per_class"]["car"]["PQ"] == pytest.approx(7 / 13 / 3, abs=1e-12)
+    assert metric["image_pq"] == pytest.approx(hand["pq"], abs=1e-6)
+    for key in ("pq", "sq", "rq"):
+        assert metric[key] == pytest.approx(hand[key], abs=1e-6)
+    assert abs(hand["pq"] - hand["sq"] * hand["rq"]) > 0.01      # a mean of products, not a product of means
+    # Two nearly touching cars merged into one segment: mIoU hardly moves, PQ drops by a third.
+    apart, merged = result["merge"]["apart"], result["merge"]["merged"]
+    assert apart["mIoU"] == apart["PQ"] == 1.0
+    assert 0 < 1 - merged["mIoU"] < 0.05 and 1 - merged["PQ"] > 0.3
+    assert merged["PQ car"] == pytest.approx(192 / 360 / 1.5, abs=1e-6)
+    # Parts 2 and 3: Panoptic FPN's six losses, and the loss falls.
+    assert result["loss_keys"] == sorted(PANOPTIC_LOSS_TERMS.values())
+    losses = result["train_loss"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result["loss_on_batch"]["after"] < result["loss_on_batch"]["before"]
+    # Part 4: fusion by hand agrees with fuse, fuse with the predictor (evaluate's and serving's),
+    # and the ablation's default row with the engine's validation.
+    assert result["kept_same_as_table"] and result["fused_equals_predictor"]
+    assert result["kept_instances"] > 0           # the trained model scores some things above 0.5
+    assert result["predictor_settings"] == {"mask_threshold": 0.5, "min_score": 0.5, "overlap_threshold": 0.5,
+                                            "stuff_min_area": 256}
+    assert result["val_images"] == 4 and result["fused_segments"] >= 1
+    ablation = result["ablation"]
+    assert len(ablation) == 7
+    for row in ablation.values():
+        assert all(0 <= row[k] <= 1 for k in ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou"))
+    assert ablation["default"]["pq"] == pytest.approx(result["engine_pq"], abs=1e-12)
+    # stuff_min_area leaves the things alone; COCO's 4,096 pixels are most of a 64x80 image: no
+    # stuff segment is left.
+    by_area = [ablation[k] for k in ("stuff_min_area 0", "default", "stuff_min_area 4096 (COCO's)")]
+    assert by_area[0]["segments"] >= by_area[1]["segments"] > by_area[2]["segments"]
+    assert by_area[0]["pq_things"] == by_area[1]["pq_things"] == by_area[2]["pq_things"]
+    assert by_area[2]["pq_stuff"] == 0
+    assert not list(nb_env.glob("nb07-*")), "the notebook's temporary directory was left behind"
 
 
 def test_every_notebook_is_tested():
