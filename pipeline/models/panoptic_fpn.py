@@ -160,8 +160,12 @@ def build(cfg: TorchvisionModelParams, classes: int, meta: ModelMeta) -> Panopti
     ``model.kwargs`` (MaskRCNN's, as for the instance archs)."""
     from torchvision.models.detection import MaskRCNN
 
+    from pipeline.inference.panoptic_fusion import DEFAULT_MIN_SCORE
+
     things = _check_thing_classes(meta.thing_classes, classes)
     tv.check_kwargs(cfg, MaskRCNN)
+    # The fusion pastes no instance scoring below its min score: computing its mask is waste.
+    cfg = cfg.model_copy(update={"kwargs": {"box_score_thresh": DEFAULT_MIN_SCORE} | cfg.kwargs})
     net = tv.mobilenet_maskrcnn(cfg, len(things))
     net.transform = tv.fixed_scale_transform(cfg.image_scale)
     head = SemanticFPNHead(net.backbone.out_channels, len(tv.FPN_MAPS), classes - len(things) + 1)

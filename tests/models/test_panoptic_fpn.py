@@ -76,6 +76,15 @@ TWO_THINGS_AND_STUFF = [(1, slice(10, 40), slice(20, 60)), (3, slice(50, 80), sl
                         (2, slice(0, 8), slice(0, W))]
 
 
+def test_detections_start_at_the_fusions_min_score_unless_kwargs_say_otherwise():
+    """The fusion pastes no instance scoring below its min score, so the model computes no
+    mask for one (one source of truth: pipeline.inference.panoptic_fusion)."""
+    from pipeline.inference.panoptic_fusion import DEFAULT_MIN_SCORE
+
+    assert build().net.roi_heads.score_thresh == DEFAULT_MIN_SCORE
+    assert build(kwargs={"box_score_thresh": 0.2}).net.roi_heads.score_thresh == 0.2
+
+
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_trains_at_odd_sizes_and_any_image_scale(scale):
     model = build(image_scale=scale).train()
