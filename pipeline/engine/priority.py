@@ -8,24 +8,35 @@ on a machine with as many training threads as cores, their CPU time becomes the 
 waiting time. At the lowest priority (nice 19) they run when a core is idle instead of
 preempting a worker (measured on the 2-core machine: README, "Training").
 
+Linux keeps a nice value per thread, and a daemon's work runs in its other threads (gRPC,
+asio, ...), so every thread of a lowered process goes down, not only its main one. The
+workers themselves must run at normal priority (``RAY_worker_niceness=0`` for a cluster
+the stage starts: Ray's default of 15 put their compute below the daemons' threads).
+
 Only for a cluster the train stage started itself (``pipeline.train.init_ray``): its
 processes all descend from the stage's process. A cluster that was joined is left alone.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 
 import psutil
 
 BACKGROUND_NICE = 19     # the lowest priority a process may give itself or its own children
+# Left at normal priority: the raylet starts every later worker process (a replacement
+# training worker, a Ray Data task's), which inherits its nice value, and it serves the
+# workers' object and lease requests.
+WORKER_LAUNCHERS = frozenset({"raylet"})
 
 
 def lower_background(root: int, keep: Collection[int], nice: int = BACKGROUND_NICE) -> list[int]:
-    """Set ``nice`` on every descendant of process ``root`` except those in ``keep`` (the
-    training workers); ``root`` itself, idle in its wait for the result, is left as it is.
-    Returns the pids lowered. A process that exits meanwhile, or that is not this user's,
-    is skipped: priority is an optimisation, never a reason to fail a training."""
+    """Set ``nice`` on every thread of every descendant of process ``root`` except those in
+    ``keep`` (the training workers) and the ``WORKER_LAUNCHERS``; ``root`` itself, idle in
+    its wait for the result, is left as it is. Returns the pids lowered. A process or thread that exits meanwhile, or
+    that is not this user's, is skipped: priority is an optimisation, never a reason to
+    fail a training."""
     lowered = []
     try:
         descendants = psutil.Process(root).children(recursive=True)
@@ -35,9 +46,22 @@ def lower_background(root: int, keep: Collection[int], nice: int = BACKGROUND_NI
         if process.pid in keep:
             continue
         try:
-            if process.nice() < nice:
-                process.nice(nice)
-            lowered.append(process.pid)
+            if process.name() in WORKER_LAUNCHERS:
+                continue
+            threads = [thread.id for thread in process.threads()]
         except psutil.Error:
             continue
+        if any([_lower(tid, nice) for tid in threads]):     # every thread, no short cut
+            lowered.append(process.pid)
     return lowered
+
+
+def _lower(tid: int, nice: int) -> bool:
+    """Thread ``tid`` at ``nice`` at least (on Linux a thread id names one thread for
+    ``setpriority``); whether it is there now."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return True
+    except OSError:
+        return False
