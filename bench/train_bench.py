@@ -96,9 +96,9 @@ def torch_rate(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: L
 
 def ray_rate(
     data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams, storage: Path
-) -> float:
+) -> tuple[float, float]:
     """Images/s of the second epoch through the train stage's own ``fit``, on a local
-    cluster that is shut down afterwards."""
+    cluster that is shut down afterwards, and that epoch's seconds waiting for data."""
     import ray
 
     try:
@@ -106,7 +106,7 @@ def ray_rate(
     finally:
         ray.shutdown()
     # The last epoch's report (metrics_dataframe holds only the kept checkpoints).
-    return float(result.metrics["train_images_per_s"])
+    return float(result.metrics["train_images_per_s"]), float(result.metrics["train_data_wait_s"])
 
 
 def main() -> None:
@@ -134,13 +134,15 @@ def main() -> None:
     ray_cfg = cfg.model_copy(update={"epochs": 2, "warmup_epochs": 0.0, "threads_per_worker": threads})
     plain_cfg = ray_cfg.model_copy(update={"num_workers": 1, "threads_per_worker": threads * cfg.num_workers,
                                            "batch_size": cfg.batch_size * cfg.num_workers})
-    plain_runs, ray_runs = [], []
+    plain_runs, ray_runs, ray_waits = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(args.data, Path(tmp) / "prepared", n, 4)
         n = read_json(data / paths.CARD_JSON)["splits"]["train"]["images"]
         plain_runs.append(torch_rate(data, plain_cfg, model_cfg, loss_cfg))
         for i in range(rounds):
-            ray_runs.append(ray_rate(data, ray_cfg, model_cfg, loss_cfg, Path(tmp) / f"ray{i}"))
+            rate, waited = ray_rate(data, ray_cfg, model_cfg, loss_cfg, Path(tmp) / f"ray{i}")
+            ray_runs.append(rate)
+            ray_waits.append(waited)
             plain_runs.append(torch_rate(data, plain_cfg, model_cfg, loss_cfg))
     torch_img_s, ray_img_s = statistics.mean(plain_runs), statistics.mean(ray_runs)
     backbone = getattr(model_cfg, "encoder_name", model_cfg.family)
@@ -149,7 +151,8 @@ def main() -> None:
     print(f"plain PyTorch loop : {torch_img_s:6.2f} images/s  (1 process x {plain_cfg.threads_per_worker} "
           f"threads, batch {plain_cfg.batch_size}; runs: {', '.join(f'{r:.2f}' for r in plain_runs)})")
     print(f"Ray Train + Data   : {ray_img_s:6.2f} images/s  ({cfg.num_workers} worker(s) x {threads} "
-          f"thread(s), batch {cfg.batch_size} each; runs: {', '.join(f'{r:.2f}' for r in ray_runs)})")
+          f"thread(s), batch {cfg.batch_size} each; runs: {', '.join(f'{r:.2f}' for r in ray_runs)}; "
+          f"waiting for data {', '.join(f'{w:.1f}' for w in ray_waits)} s of {n / ray_img_s:.1f} s)")
     ratio = ray_img_s / torch_img_s
     print(f"RESULT ray_img_s={ray_img_s:.2f} torch_img_s={torch_img_s:.2f} ratio={ratio:.3f} "
           f"workers={cfg.num_workers} threads_per_worker={threads}")

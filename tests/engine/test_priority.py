@@ -27,6 +27,11 @@ def thread_nices(pid: int) -> list[int]:
     return sorted(os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
 
 
+def thread_policies(pid: int) -> list[int]:
+    """The scheduling policy of each thread of process ``pid``."""
+    return sorted(os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
+
+
 def test_every_descendant_but_the_workers_is_lowered():
     root = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
     try:
@@ -39,6 +44,9 @@ def test_every_descendant_but_the_workers_is_lowered():
         # (a daemon's work runs in its other threads), none of a worker's.
         assert thread_nices(other) == [priority.BACKGROUND_NICE] * 4
         assert thread_nices(worker) == [os.nice(0)] * 4
+        # A background thread runs only on an idle core: SCHED_IDLE, not SCHED_OTHER.
+        assert thread_policies(other) == [os.SCHED_IDLE] * 4
+        assert thread_policies(worker) == [os.SCHED_OTHER] * 4
     finally:
         for process in psutil.Process(root.pid).children(recursive=True) + [psutil.Process(root.pid)]:
             process.kill()
