@@ -216,15 +216,19 @@ def evaluations(src: Sources) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def settings_label(settings: dict[str, Any]) -> str:
-    """``flip, scales 0.75/1/1.25, tiles 512x512`` for a record's settings."""
+def settings_label(settings: dict[str, Any], task: Task | None = None) -> str:
+    """``flip, scales 0.75/1/1.25, tiles 512x512`` for a record's settings; for a ``task``
+    that does not tile (panoptic), the largest image it predicts instead."""
     if not settings:
         return "settings unknown"
     parts = ["flip" if settings.get("flip_tta") else "no flip"]
     scales = settings.get("scales") or [1.0]
     if list(scales) != [1.0]:
         parts.append("scales " + "/".join(f"{s:g}" for s in scales))
-    if settings.get("tile_size"):
+    if task is not None and not task.tiles:
+        if settings.get("tile_above_pixels"):
+            parts.append(f"whole images up to {settings['tile_above_pixels'] / 1e6:.3g} Mpx")
+    elif settings.get("tile_size"):
         parts.append("tiles {}x{}".format(*settings["tile_size"]))
     return ", ".join(parts)
 
@@ -234,7 +238,7 @@ def record_label(row: pd.Series, labels: dict[str, str], task: Task) -> str:
     score = "—" if row["score"] is None or pd.isna(row["score"]) else f"{row['score']:.3f}"
     return " ".join(part for part in (
         row["run_name"], version, f"· {row['split']} {score_label(task, row['metric'])} {score}",
-        f"({settings_label(row['settings'])}; key {row['key']})") if part)
+        f"({settings_label(row['settings'], task)}; key {row['key']})") if part)
 
 
 def local_evaluation(src: Sources) -> dict[str, Any] | None:

@@ -83,6 +83,7 @@ def test_overview_shows_the_panoptic_headline(app, panoptic_workspace):
     full = panoptic_workspace["full"]
     assert {m.label: m.value for m in app.metric} == cards(full, "test PQ")
     assert "task `panoptic`" in " ".join(c.value for c in app.caption)
+    assert "whole images up to" in " ".join(c.value for c in app.caption)
     counts = chart(app, "class-frequency")
     assert "Segments per class" in counts["layout"]["title"]["text"]
     card = json.loads((panoptic_workspace["root"] / paths.PREPARED_DIR / paths.CARD_JSON).read_text())
@@ -114,6 +115,16 @@ def check_pq_page(at: AppTest, report: dict) -> None:
 
 def test_pq_page_shows_the_records_figures(app, panoptic_workspace):
     check_both_records(app, panoptic_workspace, "pq_table", "pq-run", "PQ", check_pq_page)
+
+
+def test_a_panoptic_evaluations_settings_name_no_tiles():
+    """Panoptic prediction refuses an image above ``tile_above_pixels`` rather than tiling it."""
+    from dashboards import data
+    from pipeline.tasks import get_task
+
+    settings = {"flip_tta": False, "scales": [1.0], "tile_above_pixels": 1048576, "tile_size": [512, 512]}
+    assert data.settings_label(settings, get_task("panoptic")) == "no flip, whole images up to 1.05 Mpx"
+    assert data.settings_label(settings, get_task("semantic")) == "no flip, tiles 512x512"
 
 
 def test_pq_figures_from_a_report():

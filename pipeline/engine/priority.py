@@ -8,15 +8,14 @@ on a machine with as many training threads as cores, their CPU time becomes the 
 waiting time. At the lowest priority they run when a core is idle instead of preempting
 a worker (measured on the 2-core machine: README, "Training").
 
-Nice 19 alone is not enough: each of Ray's actor processes wakes about 75 times
-a second (its signal check), and a thread waking at nice 19 still preempts the running
-worker and takes its share. Measured over a warm epoch of the default recipe (precise
-per-thread run times from /proc/<pid>/task/<tid>/schedstat): Ray's own processes used
-about 8 % of the 2 cores. Under the SCHED_IDLE policy they run when a core is idle: every
-step's gradient all-reduce and every wait for data leaves one idle, so they are delayed,
-never starved, and periodic work that is delayed runs fewer times (training images/s
-5.35-5.48 -> 5.57-5.60 in single runs). A process may set it on its own processes
-without privilege; nice 19 stays as well, for platforms and tools that read only it.
+Nice 19 alone is not enough: each of Ray's actor processes wakes about 75 times a second
+(its signal check), and a thread waking at nice 19 still preempts the running worker at
+once. Under the SCHED_BATCH policy a waking thread does not preempt: it runs at the next
+scheduler tick or on an idle core, and keeps nice 19's small share, so it is delayed but
+never starved. (SCHED_IDLE, which gives it only idle cores, starved the cluster's own
+queries: Ray Train's placement-group cleaner logged failed State API calls and some
+fifteen threads stayed queued.) A process may set either on its own processes without
+privilege.
 
 Linux keeps a nice value and a policy per thread, and a daemon's work runs in its other
 threads (gRPC, asio, ...), so every thread of a lowered process goes down, not only its
@@ -68,12 +67,12 @@ def lower_background(root: int, keep: Collection[int], nice: int = BACKGROUND_NI
 
 
 def _lower(tid: int, nice: int) -> bool:
-    """Thread ``tid`` under SCHED_IDLE (where the platform has it) at ``nice`` at least (on
+    """Thread ``tid`` under SCHED_BATCH (where the platform has it) at ``nice`` at least (on
     Linux a thread id names one thread for ``setpriority`` and ``sched_setscheduler``);
     whether it is there now."""
     try:
-        if hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(tid) != os.SCHED_IDLE:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        if hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(tid) == os.SCHED_OTHER:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))     # keeps the nice value
         if os.getpriority(os.PRIO_PROCESS, tid) < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
         return True

@@ -50,6 +50,7 @@ class PanopticTask(OwnLossTask):
     evaluation = panoptic_eval            # the evaluate stage's scores and pictures
     answering = panoptic_answers          # /predict's answers
     predictor_class = PanopticPredictor
+    tiles = False                         # whole images up to tile_above_pixels (PanopticPredictor)
     answers = panoptic_answers.ANSWERS
     query_options = panoptic_answers.QUERY_OPTIONS
 

@@ -44,8 +44,8 @@ def test_every_descendant_but_the_workers_is_lowered():
         # (a daemon's work runs in its other threads), none of a worker's.
         assert thread_nices(other) == [priority.BACKGROUND_NICE] * 4
         assert thread_nices(worker) == [os.nice(0)] * 4
-        # A background thread runs only on an idle core: SCHED_IDLE, not SCHED_OTHER.
-        assert thread_policies(other) == [os.SCHED_IDLE] * 4
+        # A waking background thread must not preempt a worker: SCHED_BATCH, not SCHED_OTHER.
+        assert thread_policies(other) == [os.SCHED_BATCH] * 4
         assert thread_policies(worker) == [os.SCHED_OTHER] * 4
     finally:
         for process in psutil.Process(root.pid).children(recursive=True) + [psutil.Process(root.pid)]:
