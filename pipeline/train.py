@@ -155,7 +155,6 @@ def scaling(cfg: TrainParams):
 # machine takes from training. Set only for a local cluster this stage starts, and only
 # where the caller has not set them.
 LOCAL_CLUSTER_ENV = {
-    "RAY_worker_niceness": "0",                    # workers at normal priority, not Ray's nice 15 (engine.priority)
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",    # no PreemptionWatcher actor
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",   # log monitor lists the log folder every 0.5 s, not 0.1 s
     "RAY_USAGE_STATS_ENABLED": "0",                # no usage-stats reporting (nowhere to send it)

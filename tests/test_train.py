@@ -58,17 +58,6 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
 
 
-def test_the_local_clusters_workers_compute_at_this_processs_priority(local_ray):
-    """Ray starts workers at nice 15 by default: their compute then lost every core to the
-    daemons' threads at nice 0 (engine.priority)."""
-
-    @ray.remote(runtime_env={"env_vars": {"SEG_TEST_FRESH_WORKER": "1"}})   # a new process, never one lowered
-    def thread_nices():
-        return sorted({os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")})
-
-    assert ray.get(thread_nices.remote()) == [os.nice(0)]
-
-
 @pytest.mark.slow          # a real Ray Train run killed or repeated: 80-110 s
 def test_a_finished_run_is_trained_afresh_not_restored(prepared, env, local_ray):
     """The same params, data and code again (``dvc repro -f``): Ray must not restore the finished

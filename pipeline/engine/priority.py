@@ -5,23 +5,14 @@ all-reduce, so whenever a core runs something else, one worker falls behind and 
 others wait for it. A local cluster runs some twenty processes of its own (GCS, raylet,
 dashboard, the Train controller, Ray Data's actors ...), each waking a few times a second;
 on a machine with as many training threads as cores, their CPU time becomes the workers'
-waiting time. At the lowest priority they run when a core is idle instead of preempting
-a worker (measured on the 2-core machine: README, "Training").
+waiting time. At the lowest priority (nice 19) they get a small share of a busy core
+(measured on the 2-core machine: README, "Training").
 
-Nice 19 alone is not enough: each of Ray's actor processes wakes about 75 times a second
-(its signal check), and a thread waking at nice 19 still preempts the running worker at
-once. Under the SCHED_BATCH policy a waking thread does not preempt: it runs at the next
-scheduler tick or on an idle core, and keeps nice 19's small share, so it is delayed but
-never starved. (SCHED_IDLE, which gives it only idle cores, starved the cluster's own
-queries: Ray Train's placement-group cleaner logged failed State API calls and some
-fifteen threads stayed queued.) A process may set either on its own processes without
-privilege.
-
-Linux keeps a nice value and a policy per thread, and a daemon's work runs in its other
-threads (gRPC, asio, ...), so every thread of a lowered process goes down, not only its
-main one. The workers themselves must run at normal priority (``RAY_worker_niceness=0``
-for a cluster the stage starts: Ray's default of 15 put their compute below the daemons'
-threads).
+What this lowers is each process's main thread (psutil's ``nice``; Linux keeps the value
+per thread), and Ray starts the workers themselves at nice 15. Lowering every thread and
+starting the workers at nice 0 was measured (README, "Tests and benchmarks"): no gain
+beyond run-to-run spread, and the GCS then logged failed actor kills at the start of each
+panoptic training, so it was not kept.
 
 Only for a cluster the train stage started itself (``pipeline.train.init_ray``): its
 processes all descend from the stage's process. A cluster that was joined is left alone.
@@ -29,24 +20,18 @@ processes all descend from the stage's process. A cluster that was joined is lef
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 
 import psutil
 
 BACKGROUND_NICE = 19     # the lowest priority a process may give itself or its own children
-# Left at normal priority: the raylet starts every later worker process (a replacement
-# training worker, a Ray Data task's), which inherits its nice value, and it serves the
-# workers' object and lease requests.
-WORKER_LAUNCHERS = frozenset({"raylet"})
 
 
 def lower_background(root: int, keep: Collection[int], nice: int = BACKGROUND_NICE) -> list[int]:
-    """Set ``nice`` on every thread of every descendant of process ``root`` except those in
-    ``keep`` (the training workers) and the ``WORKER_LAUNCHERS``; ``root`` itself, idle in
-    its wait for the result, is left as it is. Returns the pids lowered. A process or thread that exits meanwhile, or
-    that is not this user's, is skipped: priority is an optimisation, never a reason to
-    fail a training."""
+    """Set ``nice`` on every descendant of process ``root`` except those in ``keep`` (the
+    training workers); ``root`` itself, idle in its wait for the result, is left as it is.
+    Returns the pids lowered. A process that exits meanwhile, or that is not this user's,
+    is skipped: priority is an optimisation, never a reason to fail a training."""
     lowered = []
     try:
         descendants = psutil.Process(root).children(recursive=True)
@@ -56,25 +41,9 @@ def lower_background(root: int, keep: Collection[int], nice: int = BACKGROUND_NI
         if process.pid in keep:
             continue
         try:
-            if process.name() in WORKER_LAUNCHERS:
-                continue
-            threads = [thread.id for thread in process.threads()]
+            if process.nice() < nice:
+                process.nice(nice)
+            lowered.append(process.pid)
         except psutil.Error:
             continue
-        if any([_lower(tid, nice) for tid in threads]):     # every thread, no short cut
-            lowered.append(process.pid)
     return lowered
-
-
-def _lower(tid: int, nice: int) -> bool:
-    """Thread ``tid`` under SCHED_BATCH (where the platform has it) at ``nice`` at least (on
-    Linux a thread id names one thread for ``setpriority`` and ``sched_setscheduler``);
-    whether it is there now."""
-    try:
-        if hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(tid) == os.SCHED_OTHER:
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))     # keeps the nice value
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-        return True
-    except OSError:
-        return False
