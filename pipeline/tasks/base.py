@@ -59,7 +59,7 @@ class Task(ABC):
     views: ClassVar[tuple[str, ...]] = ()
     target_columns: ClassVar[tuple[str, ...]] = ("mask",)   # the prepared shards' columns of the targets
     onnx_export: ClassVar[bool] = True        # register can export its models to ONNX and check them
-    tiles: ClassVar[bool] = True              # its predictor splits large images into tiles (else refuses them)
+    tiles: ClassVar[bool] = True              # its predictor tiles large images (else refuses them)
 
     # --- data: prepared rows -> batches ------------------------------------------------------
     @abstractmethod

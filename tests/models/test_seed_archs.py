@@ -26,9 +26,9 @@ def test_parameter_count_is_the_papers(arch, paper, classes):
     assert parameters(arch(3, classes)) == pytest.approx(paper, rel=0.02)
 
 
-# FC-DenseNet (Jegou et al. 2017, its CamVid results table): 56 -> 1.5 M, 67 -> 3.5 M, 103 -> 9.4 M. 67 and 103
-# match within 1 %; 56 counts 1.38 M here, 8 % under the paper's rounded figure, with the
-# same layout rules that give the other two (a difference of 0.12 M the paper does not explain).
+# FC-DenseNet (Jegou et al. 2017, its CamVid results table): 56 -> 1.5 M, 67 -> 3.5 M,
+# 103 -> 9.4 M. 67 and 103 match within 1 %; 56 counts 1.38 M here, 8 % under the paper's
+# figure, with the same layout rules that give the other two (a difference it does not explain).
 TIRAMISU_SIZES = [("FCDenseNet56", 1.5e6, 0.1), ("FCDenseNet67", 3.5e6, 0.02), ("FCDenseNet103", 9.4e6, 0.02)]
 
 

@@ -10,8 +10,8 @@ down a block hands on its input and its new maps concatenated (and that is the s
 the way up only its new maps are upsampled, which keeps the width from exploding; the skip
 is concatenated after each transition up. Output stride 32.
 
-The paper's three variants (its CamVid results table): FC-DenseNet56 (4 layers a block, growth 12, 1.5 M
-parameters), FC-DenseNet67 (5 layers, growth 16, 3.5 M) and FC-DenseNet103 (4, 5, 7, 10, 12
+The paper's three variants (its CamVid results table): FC-DenseNet56 (4 layers a block,
+growth 12, 1.5 M parameters), FC-DenseNet67 (5 layers, growth 16, 3.5 M) and FC-DenseNet103 (4, 5, 7, 10, 12
 layers down, 15 in the bottleneck, mirrored up, growth 16, 9.4 M).
 """
 
