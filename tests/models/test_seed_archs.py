@@ -5,10 +5,13 @@ papers give."""
 from __future__ import annotations
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.models.seed.enet import ENet
+from pipeline.models.seed.fcn import FCN, SKIPS, SmpFeatures, VGG16Features, upsampler
 from pipeline.models.seed.segnet import SegNet
 from pipeline.models.seed.tiramisu import VARIANTS, FCDenseNet, fc_densenet
 
@@ -75,3 +78,45 @@ def test_the_decoder_unpools_with_the_encoders_indices(arch):
     with torch.no_grad():
         model(torch.randn(1, 3, arch.output_stride, arch.output_stride))
     assert calls["unpool"] == calls["pool"] > 0
+
+
+@pytest.mark.parametrize("arch", list(SKIPS))
+def test_fcn_on_vgg16_has_the_papers_134_m_parameters(arch):
+    """The FCN paper's table of its nets: FCN-VGG16, 134 M parameters (PASCAL VOC's 21 classes)."""
+    assert parameters(FCN(VGG16Features(3), 21, arch)) == pytest.approx(134e6, rel=0.01)
+
+
+def test_a_learned_upsampling_starts_as_bilinear_interpolation():
+    x = torch.randn(1, 3, 6, 8)
+    ours = upsampler(3, 4)(x)
+    theirs = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    assert ours.shape == theirs.shape == (1, 3, 24, 32)
+    # The same inside; at the border the transposed convolution sees zeros beyond the image.
+    assert torch.allclose(ours[..., 4:-4, 4:-4], theirs[..., 4:-4, 4:-4], atol=1e-5)
+
+
+def test_fcn_skip_scores_start_at_zero_and_every_arch_keeps_the_input_size():
+    torch.manual_seed(0)
+    encoder = smp.encoders.get_encoder("mobilenet_v2", in_channels=3, depth=5, weights=None)
+    for arch, skips in SKIPS.items():
+        model = FCN(SmpFeatures(encoder), 4, arch)
+        assert len(model.skip_scores) == skips
+        assert all(not layer.weight.any() and not layer.bias.any() for layer in model.skip_scores)
+        logits = model(torch.randn(2, 3, 64, 96))
+        assert logits.shape == (2, 4, 64, 96)
+        logits.square().mean().backward()
+        # The fixed last upsampling is no parameter; the score layers learn.
+        assert model.score.weight.grad is not None and "final_up" not in dict(model.named_parameters())
+
+
+def test_fcn_on_vgg16_runs_forward_and_backward():
+    model = FCN(VGG16Features(in_channels=1), 3, "FCN8s")
+    logits = model(torch.randn(1, 1, 64, 96))
+    assert logits.shape == (1, 3, 64, 96)
+    logits.mean().backward()
+    assert model.backbone.fc[0].weight.grad is not None
+
+
+def test_an_unknown_fcn_arch_is_refused_by_name():
+    with pytest.raises(ValueError, match="FCN4s.*allowed: FCN32s, FCN16s, FCN8s"):
+        FCN(VGG16Features(3), 2, "FCN4s")
