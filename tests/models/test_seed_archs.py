@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.models.seed.deeplab import V1_RATES, V2_RATES, AtrousVGG16, DeepLab, atrous_smp_features
 from pipeline.models.seed.enet import ENet
 from pipeline.models.seed.fcn import FCN, SKIPS, SmpFeatures, VGG16Features, upsampler
 from pipeline.models.seed.segnet import SegNet
@@ -120,3 +121,22 @@ def test_fcn_on_vgg16_runs_forward_and_backward():
 def test_an_unknown_fcn_arch_is_refused_by_name():
     with pytest.raises(ValueError, match="FCN4s.*allowed: FCN32s, FCN16s, FCN8s"):
         FCN(VGG16Features(3), 2, "FCN4s")
+
+
+def test_deeplab_v1_largefov_has_the_papers_20_5_m_parameters():
+    """DeepLab v1's table of its fc6 choices: DeepLab-LargeFOV (3x3, rate 12), 20.5 M."""
+    assert parameters(DeepLab(AtrousVGG16(3), 21, V1_RATES)) == pytest.approx(20.5e6, rel=0.01)
+
+
+@pytest.mark.parametrize("backbone", [lambda: AtrousVGG16(3), lambda: atrous_smp_features("mobilenet_v2")],
+                         ids=["vgg16", "smp-mobilenet_v2"])
+def test_deeplab_backbones_keep_stride_8_and_v2_pools_four_rates(backbone):
+    torch.manual_seed(0)
+    model = DeepLab(backbone(), 5, V2_RATES)
+    x = torch.randn(1, 3, 64, 96)
+    assert model.backbone(x).shape[-2:] == (8, 12)                       # output stride 8
+    assert [branch[0].dilation for branch in model.branches] == [(r, r) for r in (6, 12, 18, 24)]
+    logits = model(x)
+    assert logits.shape == (1, 5, 64, 96)
+    logits.square().mean().backward()
+    assert all(branch[0].weight.grad is not None for branch in model.branches)
