@@ -23,18 +23,18 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import vgg16
 
+from pipeline.models import upsampling
+
 OUTPUT_STRIDE = 32
 SKIPS = {"FCN32s": 0, "FCN16s": 1, "FCN8s": 2}    # score layers fused below stride 32
 
 
 def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
     """(channels, channels, 2 factor, 2 factor) transposed-convolution weights that upsample
-    each channel by ``factor`` bilinearly and mix none."""
-    size = 2 * factor
-    centre = factor - 0.5
-    ramp = 1 - (torch.arange(size, dtype=torch.float32) - centre).abs() / factor
-    weight = torch.zeros(channels, channels, size, size)
-    weight[range(channels), range(channels)] = ramp[:, None] * ramp[None, :]
+    each channel by ``factor`` bilinearly and mix none (``upsampling.bilinear_kernel`` on the
+    diagonal)."""
+    weight = torch.zeros(channels, channels, 2 * factor, 2 * factor)
+    weight[range(channels), range(channels)] = upsampling.bilinear_kernel(factor)
     return weight
 
 
