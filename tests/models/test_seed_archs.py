@@ -15,6 +15,7 @@ from pipeline.models.seed.enet import ENet
 from pipeline.models.seed.fcn import FCN, SKIPS, SmpFeatures, VGG16Features, upsampler
 from pipeline.models.seed.segnet import SegNet
 from pipeline.models.seed.tiramisu import VARIANTS, FCDenseNet, fc_densenet
+from pipeline.models.seed.unet import LEARNED, SKIP_MERGES, UPSAMPLING, UNet
 
 # (class, parameters the paper gives, classes): the ENet paper (Paszke et al. 2016) compares
 # both in its table of hardware requirements: ENet 0.37 M, SegNet 29.46 M.
@@ -140,3 +141,33 @@ def test_deeplab_backbones_keep_stride_8_and_v2_pools_four_rates(backbone):
     assert logits.shape == (1, 5, 64, 96)
     logits.square().mean().backward()
     assert all(branch[0].weight.grad is not None for branch in model.branches)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_encoder():
+    return smp.encoders.get_encoder("mobilenet_v2", in_channels=3, depth=5, weights=None)
+
+
+@pytest.mark.parametrize("merge", SKIP_MERGES)
+@pytest.mark.parametrize("method", UPSAMPLING)
+def test_unet_upsamples_and_merges_every_way_the_notes_compare(mobilenet_encoder, method, merge):
+    torch.manual_seed(0)
+    model = UNet(mobilenet_encoder, 3, method, merge)
+    logits = model(torch.randn(1, 3, 64, 96))
+    assert logits.shape == (1, 3, 64, 96)
+    logits.square().mean().backward()
+    assert model.head.weight.grad is not None
+    # The first block upsamples MobileNetV2's 1280 stride-32 maps (a learned upsampling takes
+    # them to the block's width, 256) and merges the 96-map stride-16 skip: side by side, or
+    # added at the skip's width.
+    upsampled = 256 if method in LEARNED else 1280
+    assert model.blocks[0].convs[0].in_channels == (upsampled + 96 if merge == "concat" else 96)
+
+
+def test_unet_refuses_max_unpooling_over_an_smp_encoder_by_name(mobilenet_encoder):
+    with pytest.raises(ValueError, match="upsampling 'max_unpool' needs the encoder's pooling indices"):
+        UNet(mobilenet_encoder, 3, "max_unpool")
+    with pytest.raises(ValueError, match="skip_merge 'sum': allowed: concat, add"):
+        UNet(mobilenet_encoder, 3, "nearest", "sum")
+    with pytest.raises(ValueError, match="upsampling 'lanczos': allowed: nearest, bed_of_nails"):
+        UNet(mobilenet_encoder, 3, "lanczos")
