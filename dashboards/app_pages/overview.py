@@ -29,7 +29,8 @@ if champ.evaluation is None:
     st.caption("This version has no recorded evaluation (tags `test_score`, `eval_key`): register it with "
                "the pipeline's register stage.")
 else:
-    st.caption(f"evaluation `{champ.eval_key}` ({data.settings_label(evaluation.get('settings') or {}, task)}) · "
+    settings = data.settings_label(evaluation.get("settings") or {}, task)
+    st.caption(f"evaluation `{champ.eval_key}` ({settings}) · "
                f"test set `{evaluation.get('split_version') or '?'}`")
 st.caption(f"task `{task.name}` · run `{champ.run_id}` · data `{champ.tags.get('data_version', '?')}` · "
            f"commit `{champ.tags.get('git_commit', '?')[:12]}` · best validation {task.primary_label} "
