@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models import vgg16
+
+from pipeline.models.seed.layers import vgg16_features
 
 OUTPUT_STRIDE = 8
 V1_RATES = (12,)                 # LargeFOV
@@ -34,9 +35,7 @@ class AtrousVGG16(nn.Module):
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
-        features = vgg16(weights=None).features
-        if in_channels != 3:
-            features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+        features = vgg16_features(in_channels)
         layers = list(features)
         for index in (23, 30):                                  # pool4, pool5
             layers[index] = nn.MaxPool2d(3, stride=1, padding=1)

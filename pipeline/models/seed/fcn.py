@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models import vgg16
 
 from pipeline.models import upsampling
+from pipeline.models.seed.layers import vgg16_features
 
 OUTPUT_STRIDE = 32
 SKIPS = {"FCN32s": 0, "FCN16s": 1, "FCN8s": 2}    # score layers fused below stride 32
@@ -54,9 +54,7 @@ class VGG16Features(nn.Module):
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
-        features = vgg16(weights=None).features
-        if in_channels != 3:
-            features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+        features = vgg16_features(in_channels)
         self.to_pool3, self.to_pool4, self.to_pool5 = features[:17], features[17:24], features[24:]
         self.fc = nn.Sequential(
             nn.Conv2d(512, 4096, 7, padding=3), nn.ReLU(inplace=True), nn.Dropout2d(0.5),

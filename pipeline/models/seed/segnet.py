@@ -14,19 +14,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.seed.layers import conv_bn_relu
+
 OUTPUT_STRIDE = 32
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))    # (channels, convolutions) per block
 
 
-def _conv(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
-
 
 def _encoder_block(in_channels: int, channels: int, convs: int) -> nn.Sequential:
-    layers = _conv(in_channels, channels)
+    layers = conv_bn_relu(in_channels, channels)
     for _ in range(convs - 1):
-        layers += _conv(channels, channels)
+        layers += conv_bn_relu(channels, channels)
     return nn.Sequential(*layers)
 
 
@@ -35,8 +33,8 @@ def _decoder_block(channels: int, convs: int, out_channels: int) -> nn.Sequentia
     decoder block's width), as the encoder block it mirrors, read backwards."""
     layers: list[nn.Module] = []
     for _ in range(convs - 1):
-        layers += _conv(channels, channels)
-    return nn.Sequential(*layers, *_conv(channels, out_channels))
+        layers += conv_bn_relu(channels, channels)
+    return nn.Sequential(*layers, *conv_bn_relu(channels, out_channels))
 
 
 class SegNet(nn.Module):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pipeline.models import upsampling
+from pipeline.models.seed.layers import conv_bn_relu
 
 OUTPUT_STRIDE = 32
 LEARNED = ("transposed", "resize_conv", "pixel_shuffle")
@@ -65,13 +65,9 @@ class Upsample(nn.Module):
         if self.method in upsampling.METHODS:                  # the fixed rules
             return upsampling.upsample(x, self.method)
         if self.method == "resize_conv":
-            return self.layer(F.interpolate(x, scale_factor=2, mode="nearest"))
+            return self.layer(upsampling.upsample(x, upsampling.NEAREST))
         return self.layer(x)
 
-
-def _conv(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
 
 
 class DecoderBlock(nn.Module):
@@ -83,7 +79,8 @@ class DecoderBlock(nn.Module):
         self.match = (nn.Conv2d(up, skip_channels, 1)
                       if merge == "add" and skip_channels and skip_channels != up else nn.Identity())
         merged = up + skip_channels if merge == "concat" else (skip_channels or up)
-        self.convs = nn.Sequential(*_conv(merged, out_channels), *_conv(out_channels, out_channels))
+        self.convs = nn.Sequential(*conv_bn_relu(merged, out_channels),
+                                   *conv_bn_relu(out_channels, out_channels))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         x = self.up(x)
