@@ -39,7 +39,11 @@ class _Exportable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        padded = F.pad(x, (0, (-w) % self.multiple, 0, (-h) % self.multiple), mode="reflect")
+        m = self.multiple
+        # Padded sides written as m * ceil(side / m): the exporter's shape solver then knows them
+        # for multiples of m and can follow the net's halvings and doublings (with "side + (-side)
+        # % m" it cannot prove that an unpooled map matches its skip, as in ENet).
+        padded = F.pad(x, (0, (w + m - 1) // m * m - w, 0, (h + m - 1) // m * m - h), mode="reflect")
         out = self.net(padded)
         if isinstance(out, tuple):
             out = out[0]

@@ -104,6 +104,51 @@ class TorchvisionModelParams(ModelParams):
         return self
 
 
-ModelParams.variants = {"smp": SmpModelParams, "torchvision": TorchvisionModelParams}
+# family seed (pipeline.models.seed): the classic architectures smp lacks. Those with their own
+# encoder take encoder_name null; FCN and DeepLab take null for the paper's VGG-16 or an smp encoder;
+# UNet (our decoder) an smp encoder.
+SEED_FCN_ARCHS = ("FCN32s", "FCN16s", "FCN8s")
+SEED_DEEPLAB_ARCHS = ("DeepLabV1", "DeepLabV2")
+SEED_OWN_ENCODER_ARCHS = ("SegNet", "ENet", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103")
+SEED_ARCHS = SEED_FCN_ARCHS + SEED_OWN_ENCODER_ARCHS + SEED_DEEPLAB_ARCHS + ("UNet",)
+
+
+class SeedModelParams(ModelParams):
+    """``family: seed``: the architectures the lecture notes teach that smp lacks
+    (``pipeline.models.seed``). Same keys as ``smp``, so ``-S model.family=seed -S model.arch=...``
+    switches a recipe: ``encoder_name`` null means the arch's own encoder (the paper's VGG-16 for
+    FCN and DeepLab, the whole net for SegNet, ENet and FC-DenseNet), else an smp encoder
+    (FCN, DeepLab, UNet); ``kwargs`` the arch's options (UNet: ``upsampling``, ``skip_merge``)."""
+
+    family: Literal["seed"] = Field(...)
+    arch: Literal[SEED_ARCHS] = Field(...)
+    encoder_name: str | None = Field(..., description="null: the arch's own encoder; else an smp encoder")
+    encoder_weights: Literal["imagenet"] | None = Field(..., description="for an smp encoder only")
+    in_channels: int = Field(..., ge=1, le=16)
+    classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json")
+    kwargs: dict[str, Any] = Field(..., description="the arch's options (UNet: upsampling, skip_merge)")
+
+    def without_pretrained_weights(self) -> Self:
+        return self.model_copy(update={"encoder_weights": None})
+
+    @model_validator(mode="after")
+    def _encoder_fits_arch(self) -> SeedModelParams:
+        own = self.arch in SEED_OWN_ENCODER_ARCHS
+        if own and self.encoder_name is not None:
+            raise ValueError(
+                f"encoder_name: {self.arch} has its own encoder, trained from scratch; set "
+                f"model.encoder_name: null and model.encoder_weights: null (not {self.encoder_name!r})")
+        if self.arch == "UNet" and self.encoder_name is None:
+            raise ValueError("encoder_name: UNet is a decoder over an smp encoder; "
+                             "name one (e.g. mobilenet_v2)")
+        if self.encoder_name is None and self.encoder_weights is not None:
+            where = f"{self.arch}'s own encoder" if own else f"the paper's VGG-16 of {self.arch}"
+            raise ValueError(f"encoder_weights: no pretrained weights for {where} here; set "
+                             "model.encoder_weights: null, or name an smp encoder in model.encoder_name")
+        return self
+
+
+ModelParams.variants = {"smp": SmpModelParams, "torchvision": TorchvisionModelParams,
+                        "seed": SeedModelParams}
 _MODEL_SPEC = TypeAdapter(Annotated[Union[tuple(ModelParams.variants.values())],  # noqa: UP007
                                     Field(discriminator="family")])

@@ -9,7 +9,7 @@ A family is a record of three plain functions over its own params class (a membe
 - ``ensure_weights(cfg)``: before any worker starts, fetch or verify pretrained weights,
   raising ``WeightsUnavailableError`` with one line when they cannot be had.
 
-Later families (classic architectures, MONAI) add a params class and a record.
+Later families (MONAI...) add a params class and a record.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pipeline.config.params import ModelParams
 from pipeline.models import smp
 from pipeline.models import torchvision as tv
 from pipeline.models.base import ModelMeta, SegmentationModel
+from pipeline.models.seed import family as seed
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ FAMILIES: dict[str, ModelFamily] = {
     f.name: f for f in (
         ModelFamily("smp", smp.build, smp.normalisation, smp.ensure_weights),
         ModelFamily("torchvision", tv.build, tv.normalisation, tv.ensure_weights),
+        ModelFamily("seed", seed.build, seed.normalisation, seed.ensure_weights),
     )
 }
 

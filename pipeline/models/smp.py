@@ -58,18 +58,39 @@ def build(cfg: SmpModelParams, classes: int, meta: ModelMeta) -> SegmentationMod
         in_channels=cfg.in_channels if state is None else 3,
     )
     if state is not None:
-        try:
-            net.encoder.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            file = ENCODER_WEIGHT_FILES[cfg.encoder_name].name
-            raise RuntimeError(f"{file} does not fit encoder {cfg.encoder_name!r}: {exc}") from exc
-        net.encoder.set_in_channels(cfg.in_channels, pretrained=True)
+        _load_encoder_state(net.encoder, cfg.encoder_name, state, cfg.in_channels)
 
     if meta.mean is None:
         mean, std = normalisation(cfg)
         meta = replace(meta, mean=mean, std=std)
     multiple, min_size = input_size_rule(net)
     return SegmentationModel(net, meta, multiple=multiple, min_size=min_size)
+
+
+def encoder(name: str, weights: str | None, in_channels: int, output_stride: int = 32) -> nn.Module:
+    """smp's encoder ``name`` alone (for the decoders of ``pipeline.models.seed``), its ImageNet
+    weights read as ``build`` reads them: a verified file from ``$SEG_WEIGHTS_DIR`` when set, else
+    smp's download. ``output_stride`` 8 or 16 dilates its last stages. ``ValueError`` naming
+    ``model.encoder_name`` for a name smp does not know."""
+    if not _is_known_encoder(name):
+        raise ValueError(_unknown_encoder_message(name))
+    weights_dir = paths.weights_dir() if weights == IMAGENET else None
+    state = read_encoder_weights(name, weights_dir) if weights_dir is not None else None
+    net = smp.encoders.get_encoder(name, in_channels=3 if state is not None else in_channels,
+                                   weights=weights if state is None else None, output_stride=output_stride)
+    if state is not None:
+        _load_encoder_state(net, name, state, in_channels)
+    return net
+
+
+def _load_encoder_state(net: nn.Module, name: str, state: dict, in_channels: int) -> None:
+    """Load a local file's 3-channel weights, then adapt the first conv to ``in_channels``, in
+    the order smp itself uses (load, then set_in_channels)."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{ENCODER_WEIGHT_FILES[name].name} does not fit encoder {name!r}: {exc}") from exc
+    net.set_in_channels(in_channels, pretrained=True)
 
 
 def normalisation(cfg: SmpModelParams) -> tuple[tuple[float, ...], tuple[float, ...]]:

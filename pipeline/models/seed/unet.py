@@ -31,6 +31,7 @@ UPSAMPLING = (*upsampling.METHODS, *LEARNED)
 REFUSED = {"max_unpool": "needs the encoder's pooling indices, which smp encoders do not return "
                          "(SegNet and ENet keep theirs)"}
 SKIP_MERGES = ("concat", "add")
+DEFAULT_UPSAMPLING, DEFAULT_SKIP_MERGE = "bilinear", "concat"
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
@@ -92,8 +93,8 @@ class DecoderBlock(nn.Module):
 class UNet(nn.Module):
     output_stride = OUTPUT_STRIDE
 
-    def __init__(self, encoder: nn.Module, classes: int, upsampling_method: str = "bilinear",
-                 skip_merge: str = "concat"):
+    def __init__(self, encoder: nn.Module, classes: int, upsampling_method: str = DEFAULT_UPSAMPLING,
+                 skip_merge: str = DEFAULT_SKIP_MERGE):
         super().__init__()
         check_choices(upsampling_method, skip_merge)
         self.encoder = encoder
