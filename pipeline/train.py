@@ -269,8 +269,9 @@ def fit(
         # Validation is not split: each worker evaluates every world-th row of it.
         dataset_config=ShardConfig(datasets_to_split=["train"]),
     )
-    log.info("training %s on %d worker(s), %d epochs (Ray run %s)", model_cfg.arch, cfg.num_workers,
-             cfg.epochs, name)
+    budget = f" or {cfg.max_minutes:g} minutes, whichever ends first" if cfg.max_minutes is not None else ""
+    log.info("training %s on %d worker(s), %d epochs%s (Ray run %s)", model_cfg.arch, cfg.num_workers,
+             cfg.epochs, budget, name)
     epochs = console.EpochConsole(cfg.epochs)
     try:
         with ProgressFollower(progress_file, epochs.show):
@@ -333,6 +334,11 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
              "params": {"train": cfg.model_dump(mode="json"), "loss": loss_cfg.model_dump(mode="json")}}
     _, task = task_of_data(data)
     best = export_best(result, out, extra, score_key(data))
+    last = result.metrics
+    if int(last["epoch"]) + 1 < cfg.epochs:
+        log.info("stopped after %d of %d epochs: another would end after train.max_minutes %g "
+                 "(%.1f minutes of epochs so far)", int(last["epoch"]) + 1, cfg.epochs, cfg.max_minutes,
+                 last["elapsed_s"] / 60)
     # The last epoch's (warm) rate; Result.metrics_dataframe holds only the kept checkpoints.
     summary = write_summary(best, float(result.metrics["train_images_per_s"]), metrics_path, plots_dir, task)
     best_key = f"best_val_{task.primary_metric}"

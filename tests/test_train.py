@@ -58,6 +58,20 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
 
 
+def test_a_time_budget_stops_training_before_an_epoch_that_would_overrun_it(prepared, env, local_ray, caplog):
+    """train.max_minutes far below one epoch: the first epoch runs (at least one always does),
+    no second starts, the best (only) epoch is exported and the log says why it stopped."""
+    params = write_params(env / "params.yaml", epochs=20, max_minutes=0.001)
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        summary = train_stage.train(prepared, env / "model", env / "metrics.json", params,
+                                    env / "ray_results")
+    client, run = only_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [0]
+    assert run.data.metrics["planned_epochs"] == 1 and run.data.metrics["elapsed_s"] > 0.06
+    assert summary["best_epoch"] == 1 and load_model(env / "model")
+    assert "stopped after 1 of 20 epochs: another would end after train.max_minutes 0.001" in caplog.text
+
+
 @pytest.mark.slow          # a real Ray Train run killed or repeated: 80-110 s
 def test_a_finished_run_is_trained_afresh_not_restored(prepared, env, local_ray):
     """The same params, data and code again (``dvc repro -f``): Ray must not restore the finished

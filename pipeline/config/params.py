@@ -172,6 +172,10 @@ class TrainParams(Section):
     section: ClassVar[str] = "train"
 
     epochs: int = Field(..., ge=1, le=10_000)
+    max_minutes: float | None = Field(..., gt=0, le=100_000, description=(
+        "a wall-clock budget for the epochs (training and validation): stop before an epoch that "
+        "would not end within it, the schedule fitted to the epochs that do (pipeline.engine.budget); "
+        "null: train.epochs alone"))
     batch_size: int = Field(..., ge=1, le=4096, description="per worker")
     val_batch_size: int = Field(..., ge=1, le=4096)
     crop_size: tuple[int, int] = Field(...)

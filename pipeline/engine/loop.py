@@ -45,25 +45,43 @@ def build_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: TrainParams) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, poly_power: float) -> float:
     """Multiplier of the base learning rate at ``step``: linear warm-up, then cosine or poly."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if cfg.schedule == "poly":
-        return (1.0 - progress) ** cfg.poly_power
+    if schedule == "poly":
+        return (1.0 - progress) ** poly_power
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LRSchedule:
+    """``lr_factor`` over ``total_steps``, as ``LambdaLR``'s multiplier. An object, not a lambda,
+    so that ``LambdaLR.state_dict()`` saves its attributes: a time budget re-plans
+    ``total_steps`` (``replan``), and a resumed run must go on with that plan."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, schedule: str, poly_power: float):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.schedule, self.poly_power = schedule, poly_power
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.schedule, self.poly_power)
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step schedule over ``cfg.epochs * steps_per_epoch`` steps."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, cfg)
-    )
+    schedule = LRSchedule(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
+                          cfg.schedule, cfg.poly_power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def replan(scheduler: torch.optim.lr_scheduler.LambdaLR, epochs: int, steps_per_epoch: int) -> None:
+    """End ``build_scheduler``'s schedule after ``epochs`` epochs instead (a time budget's plan,
+    ``pipeline.engine.budget``); the learning rate of the next step follows the new plan."""
+    for schedule in scheduler.lr_lambdas:
+        schedule.total_steps = epochs * steps_per_epoch
 
 
 def train_one_epoch(
@@ -172,6 +190,16 @@ def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     return {"loss": loss_sum / max(1.0, loss_images), "loss_images": int(loss_images), "images": int(images),
             "steps": int(steps), "skipped_steps": int(skipped), "seconds": seconds,
             "data_wait_seconds": waited}
+
+
+def slowest_rank(seconds: float) -> float:
+    """The largest of every rank's ``seconds`` (unchanged without a process group): what all
+    ranks then decide on together, as a time budget's plan must be."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=collective_device(dist.get_backend()))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 @torch.no_grad()

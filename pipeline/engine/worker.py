@@ -25,15 +25,18 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from pipeline.artifacts.model_dir import CONFIG_FILE
 from pipeline.config.params import LossParams, ModelParams, TrainParams
 from pipeline.engine import priority
+from pipeline.engine.budget import planned_epochs
 from pipeline.engine.loop import (
     all_reduce_stats,
     build_optimizer,
     build_scheduler,
     evaluate,
     memory_format,
+    replan,
     restore_training_state,
     seed_epoch,
     seed_everything,
+    slowest_rank,
     train_one_epoch,
     training_state,
 )
@@ -78,12 +81,15 @@ def train_worker(config: dict[str, Any]) -> None:
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
-    start_epoch, best = 0, float("-inf")
+    start_epoch, best, elapsed, planned = 0, float("-inf"), 0.0, cfg.epochs
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
         start_epoch, best = restore_training_state(state, model, optimizer, scheduler, scaler)
+        # The time budget's clock and plan go on where the checkpoint left them.
+        elapsed, planned = state.get("elapsed_s", 0.0), state.get("planned_epochs", cfg.epochs)
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
     model = ray.train.torch.prepare_model(model)
     plain = model.module if hasattr(model, "module") else model
     if config.get("local_cluster_root"):
@@ -99,7 +105,9 @@ def train_worker(config: dict[str, Any]) -> None:
     client, run_id = _mlflow(config) if rank == 0 else (None, None)
     nodes = _count_nodes(world)
 
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while epoch < planned:                  # a time budget re-plans the epochs after each one
+        epoch_start = time.perf_counter()
         # This rank's random streams for this epoch, the same in a resumed run as in an
         # uninterrupted one (augmentation included).
         seed_epoch(cfg.seed, epoch, rank, transform)
@@ -121,6 +129,11 @@ def train_worker(config: dict[str, Any]) -> None:
         metric, val_loss = evaluate(plain, val_batches, metric, device, loss_fn,
                                     channels_last=cfg.channels_last, task=task)
         val = task.epoch_metrics(metric.compute(), names)
+        # Every rank plans with the slowest one's epoch time, so all stop after the same epoch.
+        epoch_s = slowest_rank(time.perf_counter() - epoch_start)
+        elapsed += epoch_s
+        planned = planned_epochs(cfg.epochs, epoch + 1, elapsed, epoch_s, budget_s)
+        replan(scheduler, planned, steps)
         is_best = val[primary] > best
         best = max(best, val[primary])
         metrics = {
@@ -130,6 +143,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "train_seconds": stats["seconds"], "train_data_wait_s": stats["data_wait_seconds"],
             "val_seconds": time.perf_counter() - start_val,
             "lr": scheduler.get_last_lr()[0], "is_best": float(is_best), f"best_{primary}": best,
+            "elapsed_s": elapsed, "planned_epochs": planned,
             **val,
         }
         if rank == 0:
@@ -137,7 +151,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 from pipeline.artifacts.tracking import log_epoch
                 log_epoch(client, run_id, metrics, step=epoch)
             with tempfile.TemporaryDirectory() as d:
-                state = training_state(plain, optimizer, scheduler, scaler, epoch, best)
+                state = training_state(plain, optimizer, scheduler, scaler, epoch, best) | {
+                    "elapsed_s": elapsed, "planned_epochs": planned}
                 torch.save(state, Path(d) / STATE_FILE)
                 write_json_atomic(Path(d) / META_FILE, {
                     "model": model_cfg.model_dump(mode="json"), "num_classes": num_classes,
@@ -148,9 +163,10 @@ def train_worker(config: dict[str, Any]) -> None:
             if config.get("progress_file"):
                 # Once the checkpoint is safe: the driver prints this epoch as done.
                 append_record(Path(config["progress_file"]),
-                              epoch_record(metrics, cfg.epochs, primary, task.primary_label))
+                              epoch_record(metrics, planned, primary, task.primary_label))
         else:
             ray.train.report(metrics, checkpoint=None)
+        epoch += 1
 
 
 def model_meta(config: dict) -> ModelMeta:

@@ -158,6 +158,10 @@ class EpochConsole:
 
     def show(self, record: Mapping[str, Any]) -> str:
         now = self.clock()
+        # A time budget (train.max_minutes) re-plans the epochs after each one.
+        self.epochs = int(record.get("epochs", self.epochs))
+        if self.bar is not None:
+            self.bar.total = self.epochs
         epoch = int(_field(record, "epoch"))
         self.seen.append((epoch, now))
         (first_epoch, first_t) = self.seen[0]

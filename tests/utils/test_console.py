@@ -105,6 +105,16 @@ def test_epoch_console_prints_each_record_once_and_estimates_time_left():
     assert err.getvalue() == ""                    # not a terminal: no bar
 
 
+def test_the_epochs_a_time_budget_plans_replace_train_epochs_in_the_line_and_the_estimate():
+    clock, out = FakeClock(), io.StringIO()
+    shown = console.EpochConsole(100, out=out, bar_stream=Terminal(), clock=clock)
+    clock.t += 60
+    line = shown.show(RECORD | {"epochs": 5})      # train.max_minutes holds five of the hundred
+    assert line.startswith("epoch 3/5") and line.endswith("left ~2m00s")    # 60 s x 2 to go
+    assert shown.bar.total == 5
+    shown.close()
+
+
 def test_a_terminal_gets_a_bar_and_the_lines_above_it():
     out, err = io.StringIO(), Terminal()
     shown = console.EpochConsole(10, out=out, bar_stream=err, clock=FakeClock())
