@@ -32,7 +32,7 @@ test-slow: $(VENV)/.installed-test
 	python -m pytest -m slow
 
 lint: $(VENV)/.installed-test
-	ruff check pipeline tests bench
+	ruff check pipeline tests bench dashboards
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -1,0 +1,256 @@
+"""The architectures compared on one wall-clock budget: ``docs/results.md`` from ``dvc exp`` runs.
+
+Each row of ``ROWS`` is trained by ``dvc exp run --temp -n cmp-<row>`` on the repository's
+recipe (params.yaml, CamVid by default) with ``train.max_minutes`` as its budget
+(``train.epochs`` high enough never to decide), evaluated once at native size without
+test-time augmentation, and registered under a model name of its own (the recipe's champion
+is left alone). Experiments already run are not run again, so an interrupted comparison
+goes on where it stopped. The table then takes each experiment's test mIoU and boundary mIoU
+(``metrics/evaluate.json``), the epochs its MLflow run trained, and, measured here on the
+model as built: parameters, GFLOPs of one forward pass at 360 x 480 (``torch.utils.
+flop_counter``, a multiply-add counted as two) and CPU images/s at that size.
+
+    python bench/compare_archs.py                  # every row, 10 minutes each, then the table
+    python bench/compare_archs.py --table-only     # the table from the experiments already run
+    python bench/compare_archs.py --quick          # three rows, 1 minute each
+
+The last line is ``RESULT rows=... best=<row> best_miou=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PREFIX = "cmp-"                      # the experiments' names
+SIZE = (360, 480)                    # CamVid's frames: GFLOPs and images/s at this size
+MOBILENET = {"encoder_name": "mobilenet_v2", "encoder_weights": "imagenet"}
+SCRATCH = {"encoder_name": None, "encoder_weights": None}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str                        # the experiment is PREFIX + name
+    family: str
+    arch: str
+    encoder: dict[str, Any] = field(default_factory=lambda: dict(MOBILENET))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backbone(self) -> str:
+        name = self.encoder["encoder_name"]
+        if name is None:
+            return "VGG-16, scratch" if self.arch.startswith(("FCN", "DeepLab")) else "own, scratch"
+        return f"{name}{', ImageNet' if self.encoder['encoder_weights'] else ', scratch'}"
+
+    def model(self, classes: int | None = None) -> dict[str, Any]:
+        return {"family": self.family, "arch": self.arch, **self.encoder, "in_channels": 3,
+                "classes": classes, "kwargs": self.kwargs}
+
+
+ROWS = (
+    Row("unet", "smp", "Unet"), Row("fpn", "smp", "FPN"), Row("deeplabv3plus", "smp", "DeepLabV3Plus"),
+    Row("pspnet", "smp", "PSPNet"), Row("linknet", "smp", "Linknet"),
+    Row("fcn32s", "seed", "FCN32s"), Row("fcn16s", "seed", "FCN16s"), Row("fcn8s", "seed", "FCN8s"),
+    Row("fcn8s-vgg16", "seed", "FCN8s", SCRATCH),
+    Row("deeplabv1", "seed", "DeepLabV1"), Row("deeplabv2", "seed", "DeepLabV2"),
+    Row("deeplabv1-vgg16", "seed", "DeepLabV1", SCRATCH),
+    Row("segnet", "seed", "SegNet", SCRATCH), Row("enet", "seed", "ENet", SCRATCH),
+    Row("fcdensenet56", "seed", "FCDenseNet56", SCRATCH),
+    Row("fcdensenet67", "seed", "FCDenseNet67", SCRATCH),
+    Row("fcdensenet103", "seed", "FCDenseNet103", SCRATCH),
+    Row("seed-unet-bilinear", "seed", "UNet", kwargs={"upsampling": "bilinear", "skip_merge": "concat"}),
+    Row("seed-unet-transposed-add", "seed", "UNet", kwargs={"upsampling": "transposed", "skip_merge": "add"}),
+)
+QUICK_ROWS = ("unet", "enet", "fcn8s")
+
+
+def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
+    """``dvc exp run -S`` arguments: the row's model, the budget, one cheap evaluation. A mapping
+    with keys is replaced by deleting and adding it (Hydra refuses new keys in an assignment)."""
+    model = {k: v for k, v in row.model().items() if k not in ("classes", "kwargs")}
+    sets = [f"model.{k}={v if v is not None else 'null'}" for k, v in model.items()]
+    if row.kwargs:
+        mapping = ", ".join(f"{k}: {v}" for k, v in row.kwargs.items())
+        sets += ["~model.kwargs", f"+model.kwargs={{{mapping}}}"]
+    else:
+        sets.append("model.kwargs={}")
+    sets += [f"train.max_minutes={minutes:g}", "train.epochs=10000",
+             "evaluate.flip_tta=false", "evaluate.scales=[1.0]",
+             "register.onnx=false", f"register.model_name={model_name}"]
+    return [arg for s in sets for arg in ("-S", s)]
+
+
+def dvc(*args: str, repo: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def experiments(repo: Path) -> dict[str, dict[str, Any]]:
+    """``dvc exp show``'s experiments of the current commit by name: their params and metrics."""
+    shown = json.loads(dvc("exp", "show", "--json", repo=repo))
+    found = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") and rev.get("data"):
+                    found[rev["name"]] = rev["data"]
+    return found
+
+
+def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str) -> None:
+    done = experiments(repo)
+    for row in rows:
+        name = PREFIX + row.name
+        if name in done:
+            print(f"{name}: already run", flush=True)
+            continue
+        start = time.monotonic()
+        print(f"{name}: training {row.arch} ({row.backbone}) for {minutes:g} minutes", flush=True)
+        dvc("exp", "run", "--temp", "-n", name, *overrides(row, minutes, model_name), repo=repo)
+        print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
+
+
+def epochs_trained(exp_name: str, repo: Path) -> int | None:
+    """The epochs the experiment's MLflow run trained (its last ``planned_epochs``), from
+    ``$MLFLOW_TRACKING_URI`` or the repository's embedded store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import paths
+
+    embedded = f"sqlite:///{(repo / paths.MLFLOW_DB).resolve()}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or embedded
+    client = MlflowClient(uri)
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], f"tags.dvc_exp = '{exp_name}'"):
+            if "planned_epochs" in run.data.metrics:
+                return int(run.data.metrics["planned_epochs"])
+    return None
+
+
+def measure(row: Row, classes: int, repeats: int = 5) -> dict[str, float]:
+    """Parameters, GFLOPs and CPU images/s of the row's model (random weights) at ``SIZE``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.config.params import ModelParams
+    from pipeline.models.registry import build_model
+
+    cfg = ModelParams.model_validate(row.model(classes) | {"encoder_weights": None})
+    model = build_model(cfg, classes).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, *SIZE).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+        model(x)                                   # warm
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        seconds = (time.perf_counter() - start) / repeats
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": counter.get_total_flops() / 1e9, "img_s": 1 / seconds}
+
+
+def table_rows(rows: list[Row], found: dict[str, dict[str, Any]], classes: int,
+               repo: Path) -> list[dict[str, Any]]:
+    """One result per row that has an experiment: its scores, budget and epochs, and ``measure``."""
+    out = []
+    for row in rows:
+        data = found.get(PREFIX + row.name)
+        if data is None:
+            continue
+        evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+        train = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {})
+        out.append({"row": row, "miou": evaluation.get("miou"),
+                    "boundary_miou": evaluation.get("boundary_miou"),
+                    "minutes": train.get("max_minutes"), "epochs": epochs_trained(PREFIX + row.name, repo),
+                    **measure(row, classes)})
+    return out
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    def cell(value: Any, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = [
+        "# Architectures compared on CamVid",
+        "",
+        "Written by `python bench/compare_archs.py` (do not edit by hand): each architecture trained "
+        "by `dvc exp run` with the repository's recipe and a wall-clock budget (`train.max_minutes`, "
+        "training and validation; column minutes) on this machine's CPU, then scored on the test "
+        "split at native size without test-time augmentation. Parameters, GFLOPs (a multiply-add is two) "
+        f"and CPU images/s (batch 1, channels-last) are measured on the model at {SIZE[0]} x {SIZE[1]}.",
+        "",
+        "| architecture | backbone | test mIoU | boundary mIoU | minutes | epochs | parameters (M) | GFLOPs "
+        "| CPU img/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: -(r["miou"] or 0)):
+        row: Row = r["row"]
+        options = ", ".join(f"{k} {v}" for k, v in row.kwargs.items())
+        label = f"{row.arch} ({options})" if options else row.arch
+        cells = [label, row.backbone, cell(r["miou"], ".3f"), cell(r["boundary_miou"], ".3f"),
+                 cell(r["minutes"], "g"), cell(r["epochs"], "d"), f"{r['params_m']:.2f}",
+                 f"{r['gflops']:.1f}", f"{r['img_s']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Published CamVid test mIoU for context (other budgets, GPUs, full schedules): SegNet 46.4 "
+              "and ENet 51.3 (ENet paper, Table 4), BiSeNet 68.7.", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=None, help="budget per architecture (default 10)")
+    all_rows = " ".join(r.name for r in ROWS)
+    parser.add_argument("--rows", nargs="*", help=f"row names (default all: {all_rows})")
+    parser.add_argument("--quick", action="store_true", help=f"rows {' '.join(QUICK_ROWS)}, 1 minute each")
+    parser.add_argument("--table-only", action="store_true",
+                        help="no training: the table from the experiments already run")
+    parser.add_argument("--repo", type=Path, default=REPO)
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--model-name", default="camvid-archs", help="register.model_name of the experiments")
+    args = parser.parse_args(argv)
+    minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
+    names = args.rows or (QUICK_ROWS if args.quick else [r.name for r in ROWS])
+    unknown = sorted(set(names) - {r.name for r in ROWS})
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(unknown)}; known: {all_rows}")
+    rows = [r for r in ROWS if r.name in names]
+    if not args.table_only:
+        run_rows(rows, minutes, args.repo, args.model_name)
+    classes = json.loads((args.repo / "data/prepared/classes.json").read_text())["num_classes"]
+    results = table_rows(rows, experiments(args.repo), classes, args.repo)
+    out = args.out if args.out.is_absolute() else args.repo / args.out
+    write_atomic(out, markdown(results))
+    scored = [r for r in results if r["miou"] is not None]
+    best = max(scored, key=lambda r: r["miou"]) if scored else None
+    print(f"{out}: {len(results)} rows")
+    print(f"RESULT rows={len(results)} best={best['row'].name if best else 'none'} "
+          f"best_miou={best['miou'] if best else float('nan'):.4f}")
+    return {"rows": results, "out": out}
+
+
+if __name__ == "__main__":
+    main()

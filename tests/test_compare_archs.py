@@ -1,0 +1,113 @@
+"""``bench/compare_archs.py``: the architecture table (docs/results.md) from ``dvc exp`` runs."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config.params import ModelParams
+from tests.factories import make_colour_coded_dataset
+from tests.test_dvc_pipeline import dvc, scratch_repo
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compare_archs", REPO / "bench" / "compare_archs.py")
+compare = sys.modules["compare_archs"] = importlib.util.module_from_spec(_spec)    # dataclasses need it there
+_spec.loader.exec_module(compare)
+
+
+def test_every_row_is_a_valid_model_section():
+    for row in compare.ROWS:
+        assert ModelParams.model_validate(row.model()).arch == row.arch
+    assert len({row.name for row in compare.ROWS}) == len(compare.ROWS)
+    assert {row.arch for row in compare.ROWS} >= {
+        "FCN32s", "FCN16s", "FCN8s", "SegNet", "ENet", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103",
+        "DeepLabV1", "DeepLabV2", "UNet", "Unet", "FPN", "DeepLabV3Plus", "PSPNet", "Linknet"}
+
+
+def test_the_overrides_replace_a_mapping_the_way_hydra_takes_it():
+    row = next(r for r in compare.ROWS if r.name == "seed-unet-transposed-add")
+    args = compare.overrides(row, 10, "archs")
+    sets = args[1::2]
+    assert args[::2] == ["-S"] * len(sets)
+    assert "~model.kwargs" in sets and "+model.kwargs={upsampling: transposed, skip_merge: add}" in sets
+    assert {"model.family=seed", "model.arch=UNet", "model.encoder_name=mobilenet_v2", "train.max_minutes=10",
+            "register.model_name=archs", "register.onnx=false"} <= set(sets)
+    enet = compare.overrides(next(r for r in compare.ROWS if r.name == "enet"), 1.5, "archs")[1::2]
+    assert {"model.encoder_name=null", "model.encoder_weights=null", "model.kwargs={}",
+            "train.max_minutes=1.5"} <= set(enet)
+
+
+def test_measure_counts_parameters_and_flops_of_the_model_as_built():
+    enet = compare.measure(next(r for r in compare.ROWS if r.name == "enet"), classes=11, repeats=1)
+    assert enet["params_m"] == pytest.approx(0.377, abs=0.001)      # the ENet paper's 0.37 M
+    # ENet's paper: 3.83 GFLOPs at 512 x 512 (multiply-adds counted once, it seems); at 360 x 480,
+    # counted twice, about 2 x 3.83 x 0.66: the right order, not exact (the unpooling is free here).
+    assert 2 < enet["gflops"] < 8 and enet["img_s"] > 0
+
+
+def test_the_table_ranks_by_test_miou_and_marks_what_is_missing():
+    rows = {r.name: r for r in compare.ROWS}
+    results = [
+        {"row": rows["enet"], "miou": 0.41, "boundary_miou": 0.2, "minutes": 10, "epochs": 7,
+         "params_m": 0.37, "gflops": 4.4, "img_s": 12.0},
+        {"row": rows["seed-unet-bilinear"], "miou": 0.55, "boundary_miou": None, "minutes": 10,
+         "epochs": None, "params_m": 6.0, "gflops": 9.0, "img_s": 5.0},
+    ]
+    text = compare.markdown(results)
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert table[0].startswith("| UNet (upsampling bilinear, skip_merge concat) | mobilenet_v2, ImageNet "
+                               "| 0.550 | – ")
+    assert table[1].startswith("| ENet | own, scratch | 0.410 | 0.200 | 10 | 7 | 0.37 | 4.4 | 12.00 |")
+
+
+@pytest.mark.slow          # a baseline repro and two budgeted experiments on tiny data: about 6 minutes
+def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_training(tmp_path):
+    repo, env = scratch_repo(tmp_path)
+    env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    make_colour_coded_dataset(tmp_path / "user", n=20)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
+    params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
+    params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
+    params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [64, 64], "warmup_epochs": 0.2,
+                        "threads_per_worker": 1}
+    params["register"] |= {"model_name": "tiny", "onnx": False}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc(repo, "repro", env=env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)
+
+    script = [sys.executable, str(REPO / "bench" / "compare_archs.py"), "--repo", str(repo)]
+    run = subprocess.run([*script, "--rows", "enet", "segnet", "--minutes", "0.02"], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("RESULT rows=2 best=")
+    table = (repo / "docs" / "results.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith(("| ENet ", "| SegNet "))]
+    assert len(lines) == 2
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert 0 <= float(cells[2]) <= 1 and cells[4] == "0.02"
+        assert cells[5] == "1"          # a budget below one epoch: exactly one epoch trained
+    names = json.loads(dvc(repo, "exp", "show", "--json", env=env, stdout_only=True))
+    assert "cmp-enet" in json.dumps(names)
+
+    (repo / "docs" / "results.md").unlink()
+    again = subprocess.run([*script, "--rows", "enet", "segnet", "--table-only"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "training" not in again.stdout          # nothing trained again
+    assert _same_scores((repo / "docs" / "results.md").read_text(), table)
+
+
+def _same_scores(a: str, b: str) -> bool:
+    """The same rows and scores (the measured images/s differ from run to run)."""
+    def scores(text):
+        return [line.split("|")[1:7] for line in text.splitlines()
+                if line.startswith(("| ENet ", "| SegNet "))]
+    return scores(a) == scores(b)
