@@ -65,6 +65,7 @@ def test_the_table_ranks_by_test_miou_and_marks_what_is_missing():
 
 
 @pytest.mark.slow          # a baseline repro and two budgeted experiments on tiny data: about 6 minutes
+@pytest.mark.timeout(1800)
 def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_training(tmp_path):
     repo, env = scratch_repo(tmp_path)
     env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}

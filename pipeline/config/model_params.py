@@ -106,11 +106,12 @@ class TorchvisionModelParams(ModelParams):
 
 # family seed (pipeline.models.seed): the classic architectures smp lacks. Those with their own
 # encoder take encoder_name null; FCN and DeepLab take null for the paper's VGG-16 or an smp encoder;
-# UNet (our decoder) an smp encoder.
+# UNet (our decoder) and PointRend an smp encoder.
 SEED_FCN_ARCHS = ("FCN32s", "FCN16s", "FCN8s")
 SEED_DEEPLAB_ARCHS = ("DeepLabV1", "DeepLabV2")
 SEED_OWN_ENCODER_ARCHS = ("SegNet", "ENet", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103")
-SEED_ARCHS = SEED_FCN_ARCHS + SEED_OWN_ENCODER_ARCHS + SEED_DEEPLAB_ARCHS + ("UNet",)
+SEED_SMP_ENCODER_ARCHS = ("UNet", "PointRend")       # over an smp encoder only
+SEED_ARCHS = SEED_FCN_ARCHS + SEED_OWN_ENCODER_ARCHS + SEED_DEEPLAB_ARCHS + SEED_SMP_ENCODER_ARCHS
 
 
 class SeedModelParams(ModelParams):
@@ -118,7 +119,8 @@ class SeedModelParams(ModelParams):
     (``pipeline.models.seed``). Same keys as ``smp``, so ``-S model.family=seed -S model.arch=...``
     switches a recipe: ``encoder_name`` null means the arch's own encoder (the paper's VGG-16 for
     FCN and DeepLab, the whole net for SegNet, ENet and FC-DenseNet), else an smp encoder
-    (FCN, DeepLab, UNet); ``kwargs`` the arch's options (UNet: ``upsampling``, ``skip_merge``)."""
+    (FCN, DeepLab, UNet, PointRend); ``kwargs`` the arch's options (UNet: ``upsampling``,
+    ``skip_merge``; PointRend: ``train_points``, ``subdivision_points``)."""
 
     family: Literal["seed"] = Field(...)
     arch: Literal[SEED_ARCHS] = Field(...)
@@ -138,8 +140,8 @@ class SeedModelParams(ModelParams):
             raise ValueError(
                 f"encoder_name: {self.arch} has its own encoder, trained from scratch; set "
                 f"model.encoder_name: null and model.encoder_weights: null (not {self.encoder_name!r})")
-        if self.arch == "UNet" and self.encoder_name is None:
-            raise ValueError("encoder_name: UNet is a decoder over an smp encoder; "
+        if self.arch in SEED_SMP_ENCODER_ARCHS and self.encoder_name is None:
+            raise ValueError(f"encoder_name: {self.arch} works over an smp encoder; "
                              "name one (e.g. mobilenet_v2)")
         if self.encoder_name is None and self.encoder_weights is not None:
             where = f"{self.arch}'s own encoder" if own else f"the paper's VGG-16 of {self.arch}"

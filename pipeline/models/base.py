@@ -6,8 +6,9 @@ picks one by ``model.family`` (``pipeline.models.registry``) build on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,17 @@ class ModelMeta:
         return asdict(self)
 
 
+class TrainingOutput(NamedTuple):
+    """What a network with a loss of its own returns in training mode (PointRend's point loss):
+    ``logits`` as in eval mode, and ``loss(targets)``, its own term for (N, H, W) targets of the
+    input's size, added to the pipeline's loss of the logits. The network's own ``loss`` takes
+    ``(targets, ignore_index)`` for targets of its padded input; ``SegmentationModel`` pads them
+    and supplies its ``meta.ignore_index``. In eval mode such a network returns the logits alone."""
+
+    logits: torch.Tensor
+    loss: Callable[..., torch.Tensor]
+
+
 class SegmentationModel(nn.Module):
     """A family's network that accepts any input size, plus the model's ``meta``.
 
@@ -123,9 +135,20 @@ class SegmentationModel(nn.Module):
         self.meta = meta if meta is not None else ModelMeta()
         self.multiple, self.min_size = multiple, min_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | TrainingOutput:
         h, w = x.shape[-2:]
-        return self.net(pad_input(x, self.multiple, self.min_size))[..., :h, :w]
+        padded = pad_input(x, self.multiple, self.min_size)
+        out = self.net(padded)
+        if not isinstance(out, TrainingOutput):
+            return out[..., :h, :w]
+        pad_h, pad_w = padded.shape[-2] - h, padded.shape[-1] - w
+        ignore = self.meta.ignore_index
+
+        def loss(targets: torch.Tensor) -> torch.Tensor:
+            # The padding has no labels: the net's own loss leaves it out.
+            return out.loss(F.pad(targets, (0, pad_w, 0, pad_h), value=ignore), ignore)
+
+        return TrainingOutput(out.logits[..., :h, :w], loss)
 
 
 def pad_input(x: torch.Tensor, multiple: int, min_size: int = 1) -> torch.Tensor:

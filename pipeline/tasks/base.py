@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from pipeline.models.base import TrainingOutput
 from pipeline.tasks.options import QueryOption
 
 JSON = "application/json"     # the media type of a JSON answer (``Task.answer``)
@@ -90,8 +91,12 @@ class Task(ABC):
         """One training step's scalar loss. The engine calls it under autocast when mixed
         precision is on; here the forward runs under it and the loss, in float32, outside."""
         outputs = model(images)
+        own = None
+        if isinstance(outputs, TrainingOutput):           # a network with a loss of its own (PointRend)
+            outputs, own = outputs
         with torch.autocast(images.device.type, enabled=False):
-            return loss_fn(outputs.float(), targets)
+            loss = loss_fn(outputs.float(), targets)
+            return loss if own is None else loss + own(targets)
 
     def validation_step(self, model: nn.Module, images: torch.Tensor, targets: Any,
                         loss_fn: nn.Module | None) -> tuple[Any, torch.Tensor | None]:

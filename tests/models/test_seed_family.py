@@ -16,6 +16,7 @@ from pipeline.artifacts.onnx_export import export_onnx, onnx_logits
 from pipeline.config import paths
 from pipeline.config.model_params import SEED_ARCHS, SEED_OWN_ENCODER_ARCHS, SeedModelParams
 from pipeline.config.params import ModelParams, ParamsError, parse_section
+from pipeline.models.base import TrainingOutput
 from pipeline.models.registry import build_model
 from pipeline.models.weights import ENCODER_WEIGHT_FILES, read_encoder_weights
 
@@ -42,7 +43,7 @@ def seed(arch: str, **overrides) -> SeedModelParams:
 
 def test_every_arch_the_issue_names_is_a_seed_arch():
     assert set(SEED_ARCHS) == {"FCN32s", "FCN16s", "FCN8s", "SegNet", "ENet", "FCDenseNet56", "FCDenseNet67",
-                               "FCDenseNet103", "DeepLabV1", "DeepLabV2", "UNet"}
+                               "FCDenseNet103", "DeepLabV1", "DeepLabV2", "UNet", "PointRend"}
 
 
 def test_an_arch_with_its_own_encoder_refuses_an_encoder_name_saying_what_to_set():
@@ -57,7 +58,7 @@ def test_pretrained_weights_need_an_smp_encoder():
     with pytest.raises(ParamsError, match=r"model.encoder_weights: no pretrained weights for the paper's "
                                           r"VGG-16 of FCN8s here"):
         seed("FCN8s", encoder_name=None, encoder_weights="imagenet")
-    with pytest.raises(ParamsError, match=r"model.encoder_name: UNet is a decoder over an smp encoder"):
+    with pytest.raises(ParamsError, match=r"model.encoder_name: UNet works over an smp encoder; name one"):
         seed("UNet", encoder_name=None)
 
 
@@ -97,8 +98,13 @@ def test_every_arch_takes_any_size_in_either_layout_forward_and_backward(arch, c
     model = model.to(memory_format=layout).train()
     x = torch.randn(2, 3, 37, 53).to(memory_format=layout)
     out = model(x)
+    if isinstance(out, TrainingOutput):       # PointRend: its point loss besides the logits
+        loss = out.logits.mean() + out.loss(torch.randint(0, CLASSES, (2, 37, 53)))
+        out = out.logits
+    else:
+        loss = out.mean()
     assert out.shape == (2, CLASSES, 37, 53)
-    out.mean().backward()
+    loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 

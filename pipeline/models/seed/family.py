@@ -5,8 +5,8 @@
 ImageNet VGG weights are verified here, so trained from scratch), the whole network for
 SegNet, ENet and FC-DenseNet. Otherwise it names an smp encoder, whose ImageNet weights come
 as for the ``smp`` family (``pipeline.models.smp.encoder``); DeepLab builds it at output
-stride 8. ``kwargs`` are the arch's options: UNet's ``upsampling`` and ``skip_merge``; the
-other archs take none.
+stride 8, as PointRend does. ``kwargs`` are the arch's options: UNet's ``upsampling`` and
+``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``; the others take none.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from torch import nn
 from pipeline.config.model_params import SEED_DEEPLAB_ARCHS, SEED_FCN_ARCHS, SeedModelParams
 from pipeline.models import smp as smp_family
 from pipeline.models.base import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegmentationModel, cycle_channels
-from pipeline.models.seed import deeplab, fcn, tiramisu, unet
+from pipeline.models.seed import deeplab, fcn, pointrend, tiramisu, unet
 from pipeline.models.seed.enet import ENet
 from pipeline.models.seed.segnet import SegNet
 from pipeline.models.weights import ensure_encoder_weights
 
-ARCH_OPTIONS: dict[str, tuple[str, ...]] = {"UNet": ("upsampling", "skip_merge")}   # model.kwargs keys
+ARCH_OPTIONS: dict[str, tuple[str, ...]] = {                  # model.kwargs keys
+    "UNet": ("upsampling", "skip_merge"), "PointRend": ("train_points", "subdivision_points")}
+POINTS_RANGE = (16, 1 << 20)
 DEEPLAB_RATES = {"DeepLabV1": deeplab.V1_RATES, "DeepLabV2": deeplab.V2_RATES}
 
 
@@ -66,6 +68,11 @@ def _check_kwargs(cfg: SeedModelParams) -> None:
         if key not in allowed:
             takes = f"takes only {', '.join(allowed)}" if allowed else "takes no options"
             raise ValueError(f"model.kwargs.{key}: not an option of seed arch {cfg.arch} (it {takes})")
+    for key in ("train_points", "subdivision_points"):
+        value = cfg.kwargs.get(key)
+        if value is not None and not (isinstance(value, int) and POINTS_RANGE[0] <= value <= POINTS_RANGE[1]):
+            raise ValueError(f"model.kwargs.{key}: an integer from {POINTS_RANGE[0]} to {POINTS_RANGE[1]}, "
+                             f"not {value!r}")
     if cfg.arch == "UNet":
         try:
             unet.check_choices(cfg.kwargs.get("upsampling", unet.DEFAULT_UPSAMPLING),
@@ -106,10 +113,15 @@ def _unet(cfg: SeedModelParams, classes: int) -> nn.Module:
                      skip_merge=cfg.kwargs.get("skip_merge", unet.DEFAULT_SKIP_MERGE))
 
 
+def _pointrend(cfg: SeedModelParams, classes: int) -> nn.Module:
+    return pointrend.PointRend(_encoder(cfg, pointrend.OUTPUT_STRIDE), classes, **cfg.kwargs)
+
+
 _BUILDERS: dict[str, Callable[[SeedModelParams, int], nn.Module]] = {
     "fcn": _fcn,
     "deeplab": _deeplab,
     "UNet": _unet,
+    "PointRend": _pointrend,
     "SegNet": lambda cfg, classes: SegNet(cfg.in_channels, classes),
     "ENet": lambda cfg, classes: ENet(cfg.in_channels, classes),
     "fcdensenet": lambda cfg, classes: tiramisu.fc_densenet(cfg.arch, cfg.in_channels, classes),
