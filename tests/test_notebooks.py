@@ -114,9 +114,9 @@ def test_data_notebook_counts_the_tiny_datasets_images(kernel, nb_env, coded):
     assert result["samples_shown"] == 3
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_upsampling_notebook_checks_the_transposed_convolution_identity(kernel, nb_env):
-    result = run_notebook("02-upsampling.ipynb", kernel, nb_env, 120)
+    result = run_notebook("02-upsampling.ipynb", kernel, nb_env, 300)
     assert result["transpose_identity"] == {"stride_1": True, "stride_2": True}
     assert result["shapes"]["input"] == [4, 4]
     assert {tuple(s) for name, s in result["shapes"].items() if name != "input"} == {(8, 8)}
@@ -124,6 +124,10 @@ def test_upsampling_notebook_checks_the_transposed_convolution_identity(kernel, 
     assert result["checkerboard_values"] == [1.0, 2.0, 4.0]      # uneven overlap: the checkerboard
     assert result["resize_conv_values"] == [9.0]                  # even
     assert result["stacked_variation"]["resize_conv"] == 0 < result["stacked_variation"]["transposed"]
+    # The two seed-family U-Net decoders it trains briefly both learn the toy scene.
+    assert set(result["decoders"]) == {"transposed", "resize_conv"}
+    for decoder in result["decoders"].values():
+        assert decoder["last_loss"] < 0.5 * decoder["first_loss"] and 0.3 < decoder["miou"] <= 1
 
 
 @pytest.mark.timeout(180)
