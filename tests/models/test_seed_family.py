@@ -159,3 +159,30 @@ def test_the_unpooling_archs_export_to_onnx_that_runs_like_pytorch(arch, tmp_pat
 def test_every_other_arch_exports_to_onnx_that_runs_like_pytorch(arch, tmp_path):
     onnx_matches_pytorch(arch, tmp_path)
 
+
+
+def test_jpu_gives_deeplab_stride_8_features_from_an_undilated_encoder():
+    model = build_model(seed("DeepLabV2", kwargs={"jpu": True}), CLASSES)
+    jpu = model.net.backbone
+    assert int(jpu.encoder.output_stride) == 32 and model.multiple == 32        # no dilation
+    x = torch.randn(1, 3, 64, 96)
+    assert jpu(x).shape == (1, jpu.out_channels, 8, 12) and jpu.out_channels == 512
+    out = model(torch.randn(2, 3, 45, 61))
+    assert out.shape == (2, CLASSES, 45, 61)
+    out.mean().backward()
+
+
+def test_jpu_needs_an_smp_encoder_and_a_boolean():
+    with pytest.raises(ValueError, match=r"model.kwargs.jpu: joint pyramid upsampling reads an smp encoder"):
+        build_model(seed("DeepLabV1", encoder_name=None, kwargs={"jpu": True}), CLASSES)
+    with pytest.raises(ValueError, match=r"model.kwargs.jpu: true or false, not 'yes'"):
+        build_model(seed("DeepLabV1", kwargs={"jpu": "yes"}), CLASSES)
+
+
+@pytest.mark.slow
+def test_deeplab_with_jpu_exports_to_onnx_that_runs_like_pytorch(tmp_path):
+    model = build_model(seed("DeepLabV2", kwargs={"jpu": True}), CLASSES).eval()
+    path = export_onnx(model, tmp_path / "jpu.onnx")
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        assert np.abs(onnx_logits(path, x.numpy()) - model(x).numpy()).max() < 1e-4

@@ -6,7 +6,8 @@ ImageNet VGG weights are verified here, so trained from scratch), the whole netw
 SegNet, ENet and FC-DenseNet. Otherwise it names an smp encoder, whose ImageNet weights come
 as for the ``smp`` family (``pipeline.models.smp.encoder``); DeepLab builds it at output
 stride 8, as PointRend does. ``kwargs`` are the arch's options: UNet's ``upsampling`` and
-``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``; the others take none.
+``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``, DeepLab's ``jpu`` (FastFCN's
+joint pyramid upsampling over an undilated smp encoder in place of dilation); the others take none.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pipeline.models.seed.segnet import SegNet
 from pipeline.models.weights import ensure_encoder_weights
 
 ARCH_OPTIONS: dict[str, tuple[str, ...]] = {                  # model.kwargs keys
-    "UNet": ("upsampling", "skip_merge"), "PointRend": ("train_points", "subdivision_points")}
+    "UNet": ("upsampling", "skip_merge"), "PointRend": ("train_points", "subdivision_points"),
+    "DeepLabV1": ("jpu",), "DeepLabV2": ("jpu",)}
 POINTS_RANGE = (16, 1 << 20)
 DEEPLAB_RATES = {"DeepLabV1": deeplab.V1_RATES, "DeepLabV2": deeplab.V2_RATES}
 
@@ -73,6 +75,13 @@ def _check_kwargs(cfg: SeedModelParams) -> None:
         if value is not None and not (isinstance(value, int) and POINTS_RANGE[0] <= value <= POINTS_RANGE[1]):
             raise ValueError(f"model.kwargs.{key}: an integer from {POINTS_RANGE[0]} to {POINTS_RANGE[1]}, "
                              f"not {value!r}")
+    if "jpu" in cfg.kwargs:
+        if not isinstance(cfg.kwargs["jpu"], bool):
+            raise ValueError(f"model.kwargs.jpu: true or false, not {cfg.kwargs['jpu']!r}")
+        if cfg.kwargs["jpu"] and cfg.encoder_name is None:
+            raise ValueError("model.kwargs.jpu: joint pyramid upsampling reads an smp encoder's stride-8, "
+                             "16 and 32 maps; name one in model.encoder_name (the paper's VGG-16 is "
+                             "dilated instead)")
     if cfg.arch == "UNet":
         try:
             unet.check_choices(cfg.kwargs.get("upsampling", unet.DEFAULT_UPSAMPLING),
@@ -102,8 +111,12 @@ def _fcn(cfg: SeedModelParams, classes: int) -> nn.Module:
 
 
 def _deeplab(cfg: SeedModelParams, classes: int) -> nn.Module:
-    backbone = (deeplab.AtrousVGG16(cfg.in_channels) if cfg.encoder_name is None
-                else deeplab.SmpAtrous(_encoder(cfg, deeplab.OUTPUT_STRIDE)))
+    if cfg.kwargs.get("jpu", False):
+        backbone = deeplab.JPU(_encoder(cfg))
+    elif cfg.encoder_name is None:
+        backbone = deeplab.AtrousVGG16(cfg.in_channels)
+    else:
+        backbone = deeplab.SmpAtrous(_encoder(cfg, deeplab.OUTPUT_STRIDE))
     return deeplab.DeepLab(backbone, classes, DEEPLAB_RATES[cfg.arch])
 
 
