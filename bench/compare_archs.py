@@ -188,10 +188,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return "–" if value is None else format(value, fmt)
 
     lines = [
-        "# Architectures compared on CamVid",
+        "# Architectures compared on one wall-clock budget",
         "",
         "Written by `python bench/compare_archs.py` (do not edit by hand): each architecture trained "
-        "by `dvc exp run` with the repository's recipe and a wall-clock budget (`train.max_minutes`, "
+        "by `dvc exp run` with the repository's recipe and data (CamVid by default) and a wall-clock "
+        "budget (`train.max_minutes`, "
         "training and validation; column minutes) on this machine's CPU, then scored on the test "
         "split at native size without test-time augmentation. Parameters, GFLOPs (a multiply-add is two) "
         f"and CPU images/s (batch 1, channels-last) are measured on the model at {SIZE[0]} x {SIZE[1]}.",
