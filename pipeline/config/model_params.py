@@ -106,11 +106,11 @@ class TorchvisionModelParams(ModelParams):
 
 # family seed (pipeline.models.seed): the classic architectures smp lacks. Those with their own
 # encoder take encoder_name null; FCN and DeepLab take null for the paper's VGG-16 or an smp encoder;
-# UNet (our decoder) and PointRend an smp encoder.
+# UNet (our decoder), PointRend and GatedSCNN an smp encoder.
 SEED_FCN_ARCHS = ("FCN32s", "FCN16s", "FCN8s")
 SEED_DEEPLAB_ARCHS = ("DeepLabV1", "DeepLabV2")
 SEED_OWN_ENCODER_ARCHS = ("SegNet", "ENet", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103")
-SEED_SMP_ENCODER_ARCHS = ("UNet", "PointRend")       # over an smp encoder only
+SEED_SMP_ENCODER_ARCHS = ("UNet", "PointRend", "GatedSCNN")       # over an smp encoder only
 SEED_ARCHS = SEED_FCN_ARCHS + SEED_OWN_ENCODER_ARCHS + SEED_DEEPLAB_ARCHS + SEED_SMP_ENCODER_ARCHS
 
 
@@ -119,7 +119,7 @@ class SeedModelParams(ModelParams):
     (``pipeline.models.seed``). Same keys as ``smp``, so ``-S model.family=seed -S model.arch=...``
     switches a recipe: ``encoder_name`` null means the arch's own encoder (the paper's VGG-16 for
     FCN and DeepLab, the whole net for SegNet, ENet and FC-DenseNet), else an smp encoder
-    (FCN, DeepLab, UNet, PointRend); ``kwargs`` the arch's options (UNet: ``upsampling``,
+    (FCN, DeepLab, UNet, PointRend, GatedSCNN); ``kwargs`` the arch's options (UNet: ``upsampling``,
     ``skip_merge``; PointRend: ``train_points``, ``subdivision_points``)."""
 
     family: Literal["seed"] = Field(...)

@@ -43,7 +43,8 @@ def seed(arch: str, **overrides) -> SeedModelParams:
 
 def test_every_arch_the_issue_names_is_a_seed_arch():
     assert set(SEED_ARCHS) == {"FCN32s", "FCN16s", "FCN8s", "SegNet", "ENet", "FCDenseNet56", "FCDenseNet67",
-                               "FCDenseNet103", "DeepLabV1", "DeepLabV2", "UNet", "PointRend"}
+                               "FCDenseNet103", "DeepLabV1", "DeepLabV2", "UNet", "PointRend",
+                               "GatedSCNN"}
 
 
 def test_an_arch_with_its_own_encoder_refuses_an_encoder_name_saying_what_to_set():
@@ -98,7 +99,7 @@ def test_every_arch_takes_any_size_in_either_layout_forward_and_backward(arch, c
     model = model.to(memory_format=layout).train()
     x = torch.randn(2, 3, 37, 53).to(memory_format=layout)
     out = model(x)
-    if isinstance(out, TrainingOutput):       # PointRend: its point loss besides the logits
+    if isinstance(out, TrainingOutput):       # PointRend, Gated-SCNN: a loss of their own
         loss = out.logits.mean() + out.loss(torch.randint(0, CLASSES, (2, 37, 53)))
         out = out.logits
     else:

@@ -5,7 +5,7 @@
 ImageNet VGG weights are verified here, so trained from scratch), the whole network for
 SegNet, ENet and FC-DenseNet. Otherwise it names an smp encoder, whose ImageNet weights come
 as for the ``smp`` family (``pipeline.models.smp.encoder``); DeepLab builds it at output
-stride 8, as PointRend does. ``kwargs`` are the arch's options: UNet's ``upsampling`` and
+stride 8, as PointRend and Gated-SCNN do. ``kwargs`` are the arch's options: UNet's ``upsampling`` and
 ``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``, DeepLab's ``jpu`` (FastFCN's
 joint pyramid upsampling over an undilated smp encoder in place of dilation); the others take none.
 """
@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.config.model_params import SEED_DEEPLAB_ARCHS, SEED_FCN_ARCHS, SeedModelParams
 from pipeline.models import smp as smp_family
 from pipeline.models.base import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SegmentationModel, cycle_channels
-from pipeline.models.seed import deeplab, fcn, pointrend, tiramisu, unet
+from pipeline.models.seed import deeplab, fcn, gscnn, pointrend, tiramisu, unet
 from pipeline.models.seed.enet import ENet
 from pipeline.models.seed.segnet import SegNet
 from pipeline.models.weights import ensure_encoder_weights
@@ -126,6 +126,10 @@ def _unet(cfg: SeedModelParams, classes: int) -> nn.Module:
                      skip_merge=cfg.kwargs.get("skip_merge", unet.DEFAULT_SKIP_MERGE))
 
 
+def _gated_scnn(cfg: SeedModelParams, classes: int) -> nn.Module:
+    return gscnn.GatedSCNN(_encoder(cfg, gscnn.OUTPUT_STRIDE), classes)
+
+
 def _pointrend(cfg: SeedModelParams, classes: int) -> nn.Module:
     return pointrend.PointRend(_encoder(cfg, pointrend.OUTPUT_STRIDE), classes, **cfg.kwargs)
 
@@ -135,6 +139,7 @@ _BUILDERS: dict[str, Callable[[SeedModelParams, int], nn.Module]] = {
     "deeplab": _deeplab,
     "UNet": _unet,
     "PointRend": _pointrend,
+    "GatedSCNN": _gated_scnn,
     "SegNet": lambda cfg, classes: SegNet(cfg.in_channels, classes),
     "ENet": lambda cfg, classes: ENet(cfg.in_channels, classes),
     "fcdensenet": lambda cfg, classes: tiramisu.fc_densenet(cfg.arch, cfg.in_channels, classes),
