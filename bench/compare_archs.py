@@ -65,6 +65,8 @@ ROWS = (
     Row("fcn8s-vgg16", "seed", "FCN8s", SCRATCH),
     Row("deeplabv1", "seed", "DeepLabV1"), Row("deeplabv2", "seed", "DeepLabV2"),
     Row("deeplabv1-vgg16", "seed", "DeepLabV1", SCRATCH),
+    Row("deeplabv2-jpu", "seed", "DeepLabV2", kwargs={"jpu": True}),
+    Row("pointrend", "seed", "PointRend"), Row("gatedscnn", "seed", "GatedSCNN"),
     Row("segnet", "seed", "SegNet", SCRATCH), Row("enet", "seed", "ENet", SCRATCH),
     Row("fcdensenet56", "seed", "FCDenseNet56", SCRATCH),
     Row("fcdensenet67", "seed", "FCDenseNet67", SCRATCH),
@@ -81,7 +83,7 @@ def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
     model = {k: v for k, v in row.model().items() if k not in ("classes", "kwargs")}
     sets = [f"model.{k}={v if v is not None else 'null'}" for k, v in model.items()]
     if row.kwargs:
-        mapping = ", ".join(f"{k}: {v}" for k, v in row.kwargs.items())
+        mapping = ", ".join(f"{k}: {json.dumps(v)}" for k, v in row.kwargs.items())
         sets += ["~model.kwargs", f"+model.kwargs={{{mapping}}}"]
     else:
         sets.append("model.kwargs={}")

@@ -25,7 +25,8 @@ def test_every_row_is_a_valid_model_section():
     assert len({row.name for row in compare.ROWS}) == len(compare.ROWS)
     assert {row.arch for row in compare.ROWS} >= {
         "FCN32s", "FCN16s", "FCN8s", "SegNet", "ENet", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103",
-        "DeepLabV1", "DeepLabV2", "UNet", "Unet", "FPN", "DeepLabV3Plus", "PSPNet", "Linknet"}
+        "DeepLabV1", "DeepLabV2", "UNet", "PointRend", "GatedSCNN", "Unet", "FPN", "DeepLabV3Plus", "PSPNet",
+        "Linknet"}
 
 
 def test_the_overrides_replace_a_mapping_the_way_hydra_takes_it():
@@ -33,7 +34,9 @@ def test_the_overrides_replace_a_mapping_the_way_hydra_takes_it():
     args = compare.overrides(row, 10, "archs")
     sets = args[1::2]
     assert args[::2] == ["-S"] * len(sets)
-    assert "~model.kwargs" in sets and "+model.kwargs={upsampling: transposed, skip_merge: add}" in sets
+    assert "~model.kwargs" in sets and '+model.kwargs={upsampling: "transposed", skip_merge: "add"}' in sets
+    jpu = compare.overrides(next(r for r in compare.ROWS if r.name == "deeplabv2-jpu"), 10, "archs")[1::2]
+    assert "+model.kwargs={jpu: true}" in jpu
     assert {"model.family=seed", "model.arch=UNet", "model.encoder_name=mobilenet_v2", "train.max_minutes=10",
             "register.model_name=archs", "register.onnx=false"} <= set(sets)
     enet = compare.overrides(next(r for r in compare.ROWS if r.name == "enet"), 1.5, "archs")[1::2]
