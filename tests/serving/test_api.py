@@ -6,10 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.config.params import ServeParams
+from pipeline.config.params import ModelParams, ServeParams
 from pipeline.inference.predictor import Predictor
+from pipeline.models.base import ModelMeta
+from pipeline.models.registry import build_model
 from pipeline.serving import api
 from pipeline.serving.service import ModelRef, Service, resolve_model
 from pipeline.tasks.options import INTEGER, NUMBER, QueryOption
@@ -215,3 +218,25 @@ def test_metadata_shows_the_versions_recorded_score_after_a_later_evaluation(cod
     assert shown["metrics"]["mean_dice"] == pytest.approx(first["mean_dice"])
     assert shown["settings"]["flip_tta"] is True and shown["split_version"] == first["split_version"]
     json.dumps(shown)                                              # the /metadata answer is JSON
+
+
+@pytest.mark.parametrize("arch, encoder", [("ENet", None), ("PointRend", "resnet18"),
+                                           ("GatedSCNN", "resnet18")])
+def test_a_seed_family_model_is_served_like_any(arch, encoder):
+    """The classic architectures (issue 19) through the service: JSON, PNG and a tiled image."""
+    cfg = ModelParams.model_validate({"family": "seed", "arch": arch, "encoder_name": encoder,
+                                      "encoder_weights": None, "in_channels": 3, "classes": None,
+                                      "kwargs": {}})
+    meta = ModelMeta(class_names=CLASSES, palette=[(0, 0, 0), (128, 64, 128), (64, 0, 128)])
+    torch.manual_seed(0)
+    model = build_model(cfg, len(CLASSES), meta).eval()
+    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"),
+                      ServeParams.defaults(tile_above_pixels=1500, tile_size=[32, 32]))
+    buf = io.BytesIO()
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(image).save(buf, format="PNG")
+    reply = service.handle_predict(buf.getvalue(), "image/png", [("format", "json")])
+    assert reply.status == 200, reply.body
+    assert json.loads(reply.body)["width"] == 53
+    reply = service.handle_predict(buf.getvalue(), "image/png", [("format", "png")])
+    assert reply.status == 200 and Image.open(io.BytesIO(reply.body)).size == (53, 37)
