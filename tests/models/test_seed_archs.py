@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.models.seed.deeplab import V1_RATES, V2_RATES, AtrousVGG16, DeepLab, atrous_smp_features
+from pipeline.models.seed.deeplab import OUTPUT_STRIDE, V1_RATES, V2_RATES, AtrousVGG16, DeepLab, SmpAtrous
 from pipeline.models.seed.enet import ENet
 from pipeline.models.seed.fcn import FCN, SKIPS, SmpFeatures, VGG16Features, upsampler
 from pipeline.models.seed.segnet import SegNet
 from pipeline.models.seed.tiramisu import VARIANTS, FCDenseNet, fc_densenet
 from pipeline.models.seed.unet import LEARNED, SKIP_MERGES, UPSAMPLING, UNet
+from pipeline.models.smp import encoder
 
 # (class, parameters the paper gives, classes): the ENet paper (Paszke et al. 2016) compares
 # both in its table of hardware requirements: ENet 0.37 M, SegNet 29.46 M.
@@ -128,7 +129,8 @@ def test_deeplab_v1_largefov_has_the_papers_20_5_m_parameters():
     assert parameters(DeepLab(AtrousVGG16(3), 21, V1_RATES)) == pytest.approx(20.5e6, rel=0.01)
 
 
-@pytest.mark.parametrize("backbone", [lambda: AtrousVGG16(3), lambda: atrous_smp_features("mobilenet_v2")],
+@pytest.mark.parametrize("backbone", [lambda: AtrousVGG16(3),
+                                      lambda: SmpAtrous(encoder("mobilenet_v2", None, 3, OUTPUT_STRIDE))],
                          ids=["vgg16", "smp-mobilenet_v2"])
 def test_deeplab_backbones_keep_stride_8_and_v2_pools_four_rates(backbone):
     torch.manual_seed(0)

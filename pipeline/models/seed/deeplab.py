@@ -10,7 +10,7 @@ atrous (dilated) backbone at output stride 8, class scores upsampled bilinearly 
 
 Their dense-CRF post-processing comes with issue 20. The backbone is that VGG-16, any smp
 encoder built at output stride 8 (``smp.encoders.get_encoder(..., output_stride=8)``, which
-dilates its last stages): ``atrous_smp_features``, or an undilated smp encoder under FastFCN's
+dilates its last stages; ``SmpAtrous`` takes its deepest map), or an undilated smp encoder under FastFCN's
 joint pyramid upsampling (``JPU``), which gives stride-8 features without dilation.
 """
 
@@ -61,13 +61,6 @@ class SmpAtrous(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[-1]
-
-
-def atrous_smp_features(name: str, in_channels: int = 3, weights: str | None = None) -> SmpAtrous:
-    import segmentation_models_pytorch as smp
-
-    return SmpAtrous(smp.encoders.get_encoder(name, in_channels=in_channels, weights=weights,
-                                              output_stride=OUTPUT_STRIDE))
 
 
 class JPU(nn.Module):
