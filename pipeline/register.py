@@ -282,7 +282,7 @@ def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, spli
     import onnx
 
     from pipeline.artifacts.model_dir import load_model
-    from pipeline.artifacts.onnx_export import export_onnx, max_difference
+    from pipeline.artifacts.onnx_export import OnnxExportError, export_onnx, max_difference
     from pipeline.data import shards
     from pipeline.inference.tensors import to_tensor
 
@@ -290,7 +290,10 @@ def log_onnx(run_id: str, model_dir: Path, data: Path, cfg: RegisterParams, spli
     _, image, _ = next(shards.iter_samples(data, split))
     x = to_tensor([image], model.meta.mean, model.meta.std)
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "model.onnx", cfg.onnx_opset)
+        try:
+            path = export_onnx(model, Path(tmp) / "model.onnx", cfg.onnx_opset)
+        except OnnxExportError as exc:
+            raise RegisterError(str(exc)) from exc
         diff = max_difference(path, model, x)
         if diff > 1e-3:
             raise RegisterError(f"the ONNX export differs from PyTorch by {diff:.2e} on a test image")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,25 @@ MAX_SIDE = 16384
 # The exporter's graph passes log every rewrite at INFO.
 for _name in ("onnx_ir", "onnxscript"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+class OnnxExportError(RuntimeError):
+    """A model the ONNX exporter cannot take; the message names the operation when the exporter does."""
+
+
+def unsupported_operation(exc: BaseException) -> str:
+    """The operation an exporter error names (``aten.remainder.Scalar``), else its first line."""
+    text = "\n".join(str(e) for e in _chain(exc))
+    found = re.search(r"torch\.ops\.(aten\.[\w.]+)|target=([\w.]+)", text)
+    if found:
+        return (found.group(1) or found.group(2)).removeprefix("torch.ops.")
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
+
+
+def _chain(exc: BaseException | None):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 class _Exportable(nn.Module):
@@ -56,7 +76,8 @@ def min_side(model: SegmentationModel) -> int:
 
 
 def export_onnx(model: SegmentationModel, path: Path, opset: int = 18) -> Path:
-    """Write ``model`` as ONNX to ``path`` (a temporary sibling renamed into place)."""
+    """Write ``model`` as ONNX to ``path`` (a temporary sibling renamed into place). A network the
+    exporter cannot take raises ``OnnxExportError`` naming the operation."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Exportable(model).eval()
@@ -68,9 +89,15 @@ def export_onnx(model: SegmentationModel, path: Path, opset: int = 18) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
     try:
-        torch.onnx.export(wrapper, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True,
-                          external_data=False, verbose=False)
+        try:
+            torch.onnx.export(wrapper, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True,
+                              external_data=False, verbose=False)
+        except Exception as exc:     # torch.export's and the ONNX translation's errors alike
+            raise OnnxExportError(
+                f"the ONNX exporter (opset {opset}) cannot take {type(model.net).__name__}: "
+                f"{unsupported_operation(exc)}; set register.onnx: false to register it without "
+                "an ONNX export") from exc
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -187,3 +187,25 @@ def test_deeplab_with_jpu_exports_to_onnx_that_runs_like_pytorch(tmp_path):
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
         assert np.abs(onnx_logits(path, x.numpy()) - model(x).numpy()).max() < 1e-4
+
+
+class _CellIndex(torch.nn.Module):
+    """Adds each pixel's column, computed as a remainder by the symbolic width: an operation the
+    ONNX translation cannot take (PointRend's first version did this)."""
+
+    output_stride = 1
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        column = torch.arange(h * w, device=x.device).view(1, 1, h, w) % w
+        return x[:, :1] + column
+
+
+def test_an_operation_the_exporter_cannot_take_is_refused_naming_it(tmp_path):
+    from pipeline.artifacts.onnx_export import OnnxExportError
+    from pipeline.models.base import SegmentationModel
+
+    with pytest.raises(OnnxExportError, match=r"the ONNX exporter \(opset 18\) cannot take _CellIndex: "
+                                              r"aten\.remainder\.Scalar; set register.onnx: false"):
+        export_onnx(SegmentationModel(_CellIndex()), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())         # nothing written half-way
