@@ -5,9 +5,10 @@
 ImageNet VGG weights are verified here, so trained from scratch), the whole network for
 SegNet, ENet and FC-DenseNet. Otherwise it names an smp encoder, whose ImageNet weights come
 as for the ``smp`` family (``pipeline.models.smp.encoder``); DeepLab builds it at output
-stride 8, as PointRend and Gated-SCNN do. ``kwargs`` are the arch's options: UNet's ``upsampling`` and
-``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``, DeepLab's ``jpu`` (FastFCN's
-joint pyramid upsampling over an undilated smp encoder in place of dilation); the others take none.
+stride 8, as PointRend and Gated-SCNN do. ``kwargs`` are the arch's options: UNet's
+``upsampling`` and ``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``,
+DeepLab's ``jpu`` (FastFCN's joint pyramid upsampling over an undilated smp encoder in place of
+dilation); the others take none.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def build(cfg: SeedModelParams, classes: int, meta: ModelMeta) -> SegmentationMo
     if meta.mean is None:
         mean, std = normalisation(cfg)
         meta = replace(meta, mean=mean, std=std)
-    stride = net.output_stride    # an smp encoder's too: DeepLab builds it at 8, the others at 32
+    # The smp encoder's too: built at 8 under DeepLab, PointRend and Gated-SCNN (32 under JPU),
+    # at 32 under the others.
+    stride = net.output_stride
     return SegmentationModel(net, meta, multiple=stride, min_size=stride)
 
 
