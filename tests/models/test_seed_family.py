@@ -92,7 +92,8 @@ def test_an_unknown_smp_encoder_is_named():
 # The paper's VGG-16 backbones (134 M and 20 M parameters) are tested in test_seed_archs; here
 # the smp-encoder variants keep the suite fast.
 @pytest.mark.parametrize("arch", SEED_ARCHS)
-@pytest.mark.parametrize("channels_last", [False, True])
+# NHWC for every arch is a slow test; the default suite keeps NCHW and ENet's unpooling in NHWC.
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_every_arch_takes_any_size_in_either_layout_forward_and_backward(arch, channels_last):
     model = build_model(seed(arch), CLASSES)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -107,6 +108,10 @@ def test_every_arch_takes_any_size_in_either_layout_forward_and_backward(arch, c
     assert out.shape == (2, CLASSES, 37, 53)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_enet_s_unpooling_trains_channels_last():
+    test_every_arch_takes_any_size_in_either_layout_forward_and_backward("ENet", True)
 
 
 @pytest.mark.parametrize("arch, stride", [("ENet", 8), ("DeepLabV1", 8), ("FCN8s", 32), ("UNet", 32),
