@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config.params import ModelParams
-from tests.factories import make_colour_coded_dataset
-from tests.test_dvc_pipeline import dvc, scratch_repo
+from tests.test_dvc_pipeline import dvc, tiny_pipeline_repo
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compare_archs", REPO / "bench" / "compare_archs.py")
@@ -70,18 +68,7 @@ def test_the_table_ranks_by_test_miou_and_marks_what_is_missing():
 @pytest.mark.slow          # a baseline repro and two budgeted experiments on tiny data: about 6 minutes
 @pytest.mark.timeout(1800)
 def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_training(tmp_path):
-    repo, env = scratch_repo(tmp_path)
-    env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    make_colour_coded_dataset(tmp_path / "user", n=20)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
-    params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
-    params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
-    params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [64, 64], "warmup_epochs": 0.2,
-                        "threads_per_worker": 1}
-    params["register"] |= {"model_name": "tiny", "onnx": False}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    repo, env = tiny_pipeline_repo(tmp_path, crop=64, register={"onnx": False})
     dvc(repo, "repro", env=env)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)

@@ -59,6 +59,28 @@ def scratch_repo(tmp_path: Path) -> tuple[Path, dict]:
     return repo, env
 
 
+def tiny_pipeline_repo(tmp_path: Path, crop: int = 32, **sections: dict) -> tuple[Path, dict]:
+    """``scratch_repo`` on 20 tiny colour-coded images: a 2-epoch resnet18 recipe registered as
+    ``tiny``, each of ``sections`` merged into its params section; a local Ray cluster without
+    auth and the embedded MLflow store."""
+    repo, env = scratch_repo(tmp_path)
+    env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    make_colour_coded_dataset(tmp_path / "user", n=20)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
+    params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
+    params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
+    params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [crop, crop], "warmup_epochs": 0.2,
+                        "threads_per_worker": 1}
+    params["evaluate"]["overlays"] = {"samples": 2, "worst_per_class": 1}
+    params["register"] |= {"model_name": "tiny"}
+    for name, values in sections.items():
+        params[name] |= values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    return repo, env
+
+
 def test_repro_is_cached_and_push_pull_restores_the_raw_bytes(tmp_path):
     repo, env = scratch_repo(tmp_path)
     make_folder_dataset(tmp_path / "user", n=12, binary_255=True)
@@ -96,20 +118,7 @@ def test_repro_is_cached_and_push_pull_restores_the_raw_bytes(tmp_path):
 def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     """download -> ... -> register on tiny colour-coded data, a no-op re-run, then
     ``dvc exp run -S``: a second MLflow run named after the experiment, gated like any."""
-    repo, env = scratch_repo(tmp_path)
-    env = env | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    make_colour_coded_dataset(tmp_path / "user", n=20)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["download"] |= {"dataset": "folder", "folder": str(tmp_path / "user")}
-    params["prepare"] |= {"classes": ["background", "road", "car"], "workers": 1, "test_fraction": 0.2}
-    params["model"] |= {"encoder_name": "resnet18", "encoder_weights": None}
-    params["loss"] |= {"terms": {"ce": 0.5, "dice": 0.5}}
-    params["train"] |= {"epochs": 2, "batch_size": 4, "crop_size": [32, 32], "warmup_epochs": 0.2,
-                        "threads_per_worker": 1}
-    params["evaluate"]["overlays"] = {"samples": 2, "worst_per_class": 1}
-    params["register"] |= {"model_name": "tiny"}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    repo, env = tiny_pipeline_repo(tmp_path, loss={"terms": {"ce": 0.5, "dice": 0.5}})
 
     out = dvc(repo, "repro", env=env)
     assert "test: mIoU " in out                       # the evaluate stage's headline line (task labels)
