@@ -4,14 +4,17 @@ Each row of ``ROWS`` is trained by ``dvc exp run --temp -n cmp-<row>`` on the re
 recipe (params.yaml, CamVid by default) with ``train.max_minutes`` as its budget
 (``train.epochs`` high enough never to decide), evaluated once at native size without
 test-time augmentation, and registered under a model name of its own (the recipe's champion
-is left alone). Experiments already run are not run again, so an interrupted comparison
-goes on where it stopped. The table then takes each experiment's test mIoU and boundary mIoU
-(``metrics/evaluate.json``), the epochs its MLflow run trained, and, measured here on the
-model as built: parameters, GFLOPs of one forward pass at 360 x 480 (``torch.utils.
-flop_counter``, a multiply-add counted as two) and CPU images/s at that size.
+is left alone). Each finished experiment's test mIoU and boundary mIoU (``metrics/evaluate.
+json``), the epochs its MLflow run trained and the commit it ran on go into a ledger committed
+beside the table (``docs/results-archs.json``): ``dvc exp`` refs and the MLflow store are local
+to one clone, the ledger is not, so a comparison interrupted in one clone goes on in another
+where it stopped. A row is run again when its model or budget no longer matches its ledger
+entry. The table is written from the ledger, with, measured here on the model as built:
+parameters, GFLOPs of one forward pass at 360 x 480 (``torch.utils.flop_counter``, a
+multiply-add counted as two) and CPU images/s at that size.
 
     python bench/compare_archs.py                  # every row, 10 minutes each, then the table
-    python bench/compare_archs.py --table-only     # the table from the experiments already run
+    python bench/compare_archs.py --table-only     # the table from the ledger, nothing trained
     python bench/compare_archs.py --quick          # three rows, 1 minute each
 
 The last line is ``RESULT rows=... best=<row> best_miou=...``.
@@ -114,17 +117,72 @@ def experiments(repo: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str) -> None:
+def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        ledger = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not JSON ({err}); restore it from git or delete it") from None
+    if not isinstance(ledger, dict):
+        raise SystemExit(f"{path}: expected an object of rows by name, got {type(ledger).__name__}")
+    return ledger
+
+
+def current(entry: dict[str, Any] | None, row: Row, minutes: float) -> bool:
+    """Whether a ledger entry was trained with the row's model and this budget."""
+    return entry is not None and entry.get("model") == row.model() and entry.get("minutes") == minutes
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def num_classes(repo: Path) -> int:
+    """The prepared data's class count; prepares the data in the workspace first when it is not
+    there (the experiments then start from it instead of each preparing it again)."""
+    classes = repo / "data/prepared/classes.json"
+    if not classes.exists():
+        print("data/prepared: missing, dvc repro prepare", flush=True)
+        dvc("repro", "prepare", repo=repo)
+    return json.loads(classes.read_text())["num_classes"]
+
+
+def record(row: Row, minutes: float, data: dict[str, Any], repo: Path, classes: int) -> dict[str, Any]:
+    """The ledger entry of a finished experiment, from ``dvc exp show``'s data and its MLflow run."""
+    evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+    return {"experiment": PREFIX + row.name, "commit": git_head(repo), "model": row.model(),
+            "minutes": minutes, "classes": classes, "miou": evaluation.get("miou"),
+            "boundary_miou": evaluation.get("boundary_miou"),
+            "epochs": epochs_trained(PREFIX + row.name, repo),
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str, ledger_path: Path) -> None:
+    """Runs each row the ledger lacks (or holds for another model or budget), recording each as it
+    finishes; an experiment of this commit already run is recorded without training again."""
+    ledger = read_ledger(ledger_path)
+    classes = num_classes(repo)
     done = experiments(repo)
     for row in rows:
         name = PREFIX + row.name
-        if name in done:
-            print(f"{name}: already run", flush=True)
+        if current(ledger.get(row.name), row, minutes):
+            print(f"{name}: in the ledger (commit {ledger[row.name]['commit']})", flush=True)
             continue
-        start = time.monotonic()
-        print(f"{name}: training {row.arch} ({row.backbone}) for {minutes:g} minutes", flush=True)
-        dvc("exp", "run", "--temp", "-n", name, *overrides(row, minutes, model_name), repo=repo)
-        print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
+        if name in done and done[name].get("params", {}).get("params.yaml", {}).get("data", {}).get(
+                "train", {}).get("max_minutes") == minutes:
+            print(f"{name}: already run", flush=True)
+        else:
+            if name in done:                       # another budget: dvc refuses a name twice
+                dvc("exp", "remove", name, repo=repo)
+            start = time.monotonic()
+            print(f"{name}: training {row.arch} ({row.backbone}) for {minutes:g} minutes", flush=True)
+            dvc("exp", "run", "--temp", "-n", name, *overrides(row, minutes, model_name), repo=repo)
+            print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
+            done = experiments(repo)
+        ledger[row.name] = record(row, minutes, done[name], repo, classes)
+        write_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
 
 def epochs_trained(exp_name: str, repo: Path) -> int | None:
@@ -168,20 +226,17 @@ def measure(row: Row, classes: int, repeats: int = 5) -> dict[str, float]:
             "gflops": counter.get_total_flops() / 1e9, "img_s": 1 / seconds}
 
 
-def table_rows(rows: list[Row], found: dict[str, dict[str, Any]], classes: int,
-               repo: Path) -> list[dict[str, Any]]:
-    """One result per row that has an experiment: its scores, budget and epochs, and ``measure``."""
+def table_rows(rows: list[Row], ledger: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per row the ledger holds for the row's current model: its scores, budget,
+    epochs and commit, and ``measure``."""
     out = []
     for row in rows:
-        data = found.get(PREFIX + row.name)
-        if data is None:
+        entry = ledger.get(row.name)
+        if entry is None or entry.get("model") != row.model():
             continue
-        evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
-        train = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {})
-        out.append({"row": row, "miou": evaluation.get("miou"),
-                    "boundary_miou": evaluation.get("boundary_miou"),
-                    "minutes": train.get("max_minutes"), "epochs": epochs_trained(PREFIX + row.name, repo),
-                    **measure(row, classes)})
+        out.append({"row": row, **{k: entry.get(k) for k in ("miou", "boundary_miou", "minutes", "epochs",
+                                                             "commit")},
+                    **measure(row, entry["classes"])})
     return out
 
 
@@ -196,12 +251,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "by `dvc exp run` with the repository's recipe and data (CamVid by default) and a wall-clock "
         "budget (`train.max_minutes`, "
         "training and validation; column minutes) on this machine's CPU, then scored on the test "
-        "split at native size without test-time augmentation. Parameters, GFLOPs (a multiply-add is two) "
-        f"and CPU images/s (batch 1, channels-last) are measured on the model at {SIZE[0]} x {SIZE[1]}.",
+        "split at native size without test-time augmentation; column commit is the commit each ran on "
+        "(rows are recorded in `docs/results-archs.json` as they finish). Parameters, GFLOPs (a "
+        "multiply-add is two) and CPU images/s (batch 1, channels-last) are measured on the model at "
+        f"{SIZE[0]} x {SIZE[1]}.",
         "",
         "| architecture | backbone | test mIoU | boundary mIoU | minutes | epochs | parameters (M) | GFLOPs "
-        "| CPU img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU img/s | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: -(r["miou"] or 0)):
         row: Row = r["row"]
@@ -209,7 +266,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         label = f"{row.arch} ({options})" if options else row.arch
         cells = [label, row.backbone, cell(r["miou"], ".3f"), cell(r["boundary_miou"], ".3f"),
                  cell(r["minutes"], "g"), cell(r["epochs"], "d"), f"{r['params_m']:.2f}",
-                 f"{r['gflops']:.1f}", f"{r['img_s']:.2f}"]
+                 f"{r['gflops']:.1f}", f"{r['img_s']:.2f}", r.get("commit") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Published CamVid test mIoU for context (other budgets, GPUs, full schedules): SegNet 46.4 "
               "and ENet 51.3 (ENet paper, Table 4), BiSeNet 68.7.", ""]
@@ -233,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="no training: the table from the experiments already run")
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--ledger", type=Path, default=Path("docs/results-archs.json"),
+                        help="the rows recorded so far (relative paths are in --repo)")
     parser.add_argument("--model-name", default="camvid-archs", help="register.model_name of the experiments")
     args = parser.parse_args(argv)
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
@@ -241,10 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"--rows: unknown {', '.join(unknown)}; known: {all_rows}")
     rows = [r for r in ROWS if r.name in names]
+    ledger = args.ledger if args.ledger.is_absolute() else args.repo / args.ledger
     if not args.table_only:
-        run_rows(rows, minutes, args.repo, args.model_name)
-    classes = json.loads((args.repo / "data/prepared/classes.json").read_text())["num_classes"]
-    results = table_rows(rows, experiments(args.repo), classes, args.repo)
+        run_rows(rows, minutes, args.repo, args.model_name, ledger)
+    results = table_rows(rows, read_ledger(ledger))
     out = args.out if args.out.is_absolute() else args.repo / args.out
     write_atomic(out, markdown(results))
     scored = [r for r in results if r["miou"] is not None]

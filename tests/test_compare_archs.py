@@ -65,6 +65,47 @@ def test_the_table_ranks_by_test_miou_and_marks_what_is_missing():
     assert table[1].startswith("| ENet | own, scratch | 0.410 | 0.200 | 10 | 7 | 0.37 | 4.4 | 12.00 |")
 
 
+def test_a_ledger_entry_counts_only_for_the_same_model_and_budget():
+    enet = next(r for r in compare.ROWS if r.name == "enet")
+    entry = {"model": enet.model(), "minutes": 10}
+    assert compare.current(entry, enet, 10)
+    assert not compare.current(entry, enet, 5)                     # another budget: run again
+    assert not compare.current({**entry, "model": {**enet.model(), "arch": "SegNet"}}, enet, 10)
+    assert not compare.current(None, enet, 10)
+
+
+def test_the_table_is_written_from_the_ledger_alone(tmp_path):
+    """A fresh clone has neither the ``dvc exp`` refs nor the MLflow store: the ledger is enough,
+    and an entry for a model the row no longer has is left out rather than shown as the row's."""
+    rows = {r.name: r for r in compare.ROWS}
+    ledger = {
+        "enet": {"model": rows["enet"].model(), "minutes": 10, "classes": 11, "miou": 0.41,
+                 "boundary_miou": 0.2, "epochs": 7, "commit": "abc1234"},
+        "segnet": {"model": rows["enet"].model(), "minutes": 10, "classes": 11, "miou": 0.9,
+                   "boundary_miou": 0.2, "epochs": 7, "commit": "abc1234"},
+    }
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results-archs.json").write_text(json.dumps(ledger))
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "compare_archs.py"), "--repo", str(tmp_path),
+                          "--rows", "enet", "segnet", "--table-only"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "RESULT rows=1 best=enet best_miou=0.4100"
+    table = (tmp_path / "docs" / "results.md").read_text()
+    assert "| ENet | own, scratch | 0.410 | 0.200 | 10 | 7 | 0.38 |" in table and "| abc1234 |" in table
+    assert "SegNet" not in table.split("|---")[1]
+
+
+def test_a_broken_ledger_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "results-archs.json"
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="results-archs.json: not JSON"):
+        compare.read_ledger(path)
+    path.write_text("[]")
+    with pytest.raises(SystemExit, match="expected an object of rows by name"):
+        compare.read_ledger(path)
+
+
 @pytest.mark.slow          # a baseline repro and two budgeted experiments on tiny data: about 6 minutes
 @pytest.mark.timeout(1800)
 def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_training(tmp_path):
@@ -87,6 +128,10 @@ def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_tr
         assert cells[5] == "1"          # a budget below one epoch (0.06 s): exactly one epoch trained
     names = json.loads(dvc(repo, "exp", "show", "--json", env=env, stdout_only=True))
     assert "cmp-enet" in json.dumps(names)
+
+    ledger = json.loads((repo / "docs" / "results-archs.json").read_text())
+    assert sorted(ledger) == ["enet", "segnet"] and ledger["enet"]["experiment"] == "cmp-enet"
+    assert ledger["enet"]["minutes"] == 0.001 and ledger["enet"]["epochs"] == 1
 
     (repo / "docs" / "results.md").unlink()
     again = subprocess.run([*script, "--rows", "enet", "segnet", "--table-only"], env=env,
