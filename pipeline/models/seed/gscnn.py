@@ -15,10 +15,12 @@ gated by the regular stream's deeper features, and a dual-task loss.
 - Dual-task loss (``TrainingOutput``), added to the recipe's loss of the class scores:
   ``EDGE_WEIGHT`` x a class-balanced binary cross-entropy of the boundary logits against the
   label edges (labelled pixels whose 3x3 window holds another labelled class), plus the
-  regulariser's second term: cross-entropy of the class scores on the pixels the shape stream
-  is sure are boundaries (probability above ``EDGE_THRESHOLD``), ``REGULARISER_WEIGHT``. (The
-  regulariser's first term, matching the boundaries of the predicted segmentation to the
-  label edges, is left out.)
+  regulariser's two terms, each weighted ``REGULARISER_WEIGHT``: the boundaries of the
+  predicted segmentation held to the label's (``boundary_consistency``: the spatial gradient
+  magnitude of each class's soft map, softmax at temperature ``TAU``, against that of the
+  label's one-hot map, L1 over the pixels where either has a boundary; the paper's Gumbel
+  noise is left out, so that the loss is deterministic), and cross-entropy of the class scores
+  on the pixels the shape stream is sure are boundaries (probability above ``EDGE_THRESHOLD``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SHAPE_CHANNELS = 32
 ASPP_CHANNELS = 256
 ASPP_RATES = (12, 24)                 # at output stride 8
 EDGE_WEIGHT, REGULARISER_WEIGHT, EDGE_THRESHOLD = 20.0, 1.0, 0.8    # the paper's
+TAU = 1.0                             # the soft argmax's temperature in boundary_consistency
 
 
 def label_edges(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -46,6 +49,32 @@ def label_edges(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     high = F.max_pool2d(values.masked_fill(~labelled.unsqueeze(1), float("-inf")), 3, stride=1, padding=1)
     low = -F.max_pool2d((-values).masked_fill(~labelled.unsqueeze(1), float("-inf")), 3, stride=1, padding=1)
     return labelled & (high != low).squeeze(1)
+
+
+def gradient_magnitude(maps: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H, W): the Sobel gradient's magnitude of each map (a unit step
+    gives 1/2 on each side of it), replicating the border so that the frame draws no edge."""
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=maps.device) / 8
+    kernels = torch.stack([sobel, sobel.T]).unsqueeze(1).repeat(maps.shape[1], 1, 1, 1)
+    padded = F.pad(maps, (1, 1, 1, 1), mode="replicate")
+    grads = F.conv2d(padded, kernels.to(maps.dtype), groups=maps.shape[1])
+    gx, gy = grads[:, 0::2], grads[:, 1::2]
+    return torch.sqrt(gx * gx + gy * gy + 1e-12)
+
+
+def boundary_consistency(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean L1 distance between the boundaries of the predicted segmentation (the gradient
+    magnitude of each class's softmax(logits / ``TAU``)) and the label's (the same of its one-hot
+    map), over the pixels and classes where either draws a boundary; pixels within one of an
+    ignored one are left out (their label map has no value to differ from)."""
+    labelled = targets != ignore_index
+    near_ignored = F.max_pool2d((~labelled).float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0
+    valid = (labelled & ~near_ignored).unsqueeze(1)
+    one_hot = F.one_hot(targets.masked_fill(~labelled, 0), logits.shape[1]).permute(0, 3, 1, 2)
+    predicted = gradient_magnitude(torch.softmax(logits / TAU, dim=1))
+    label = gradient_magnitude((one_hot * labelled.unsqueeze(1)).to(logits.dtype))
+    either = valid & ((predicted.detach() > 1e-3) | (label > 1e-3))
+    return ((predicted - label).abs() * either).sum() / either.sum().clamp(min=1)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -144,8 +173,9 @@ class GatedSCNN(nn.Module):
 def dual_task_loss(logits: torch.Tensor, edge_logits: torch.Tensor, targets: torch.Tensor,
                    ignore_index: int) -> torch.Tensor:
     """``EDGE_WEIGHT`` x class-balanced BCE of the boundary logits (N, H, W) against the label
-    edges over labelled pixels, plus ``REGULARISER_WEIGHT`` x the cross-entropy of ``logits`` on
-    the labelled pixels the shape stream gives a boundary probability above ``EDGE_THRESHOLD``."""
+    edges over labelled pixels, plus ``REGULARISER_WEIGHT`` x (``boundary_consistency`` of
+    ``logits`` and the cross-entropy of ``logits`` on the labelled pixels the shape stream gives
+    a boundary probability above ``EDGE_THRESHOLD``)."""
     logits, edge_logits = logits.float(), edge_logits.float()
     labelled = targets != ignore_index
     edges = label_edges(targets, ignore_index).float()
@@ -156,4 +186,5 @@ def dual_task_loss(logits: torch.Tensor, edge_logits: torch.Tensor, targets: tor
     sure = labelled & (torch.sigmoid(edge_logits.detach()) > EDGE_THRESHOLD)
     per_pixel = F.cross_entropy(logits, targets.masked_fill(~labelled, 0), reduction="none")
     regulariser = (per_pixel * sure).sum() / sure.sum().clamp(min=1)
-    return EDGE_WEIGHT * edge_loss + REGULARISER_WEIGHT * regulariser
+    consistency = boundary_consistency(logits, targets, ignore_index)
+    return EDGE_WEIGHT * edge_loss + REGULARISER_WEIGHT * (consistency + regulariser)
