@@ -97,8 +97,10 @@ def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
 
 
 def dvc(*args: str, repo: Path) -> str:
+    # The stages run `python`: this interpreter's, whether or not its environment is activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
-                          env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+                          env=os.environ | {"DVC_NO_ANALYTICS": "1", "PATH": path})
     if proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")
