@@ -134,7 +134,8 @@ class PrepareParams(Section):
         return self
 
 
-LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary")
+LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary",
+              "distance_ce", "sensitivity_specificity", "hausdorff", "surface")
 # The instance task's terms: weights of Mask R-CNN's own losses (pipeline.tasks.instance).
 INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask")
 # The panoptic task's: those of its Mask R-CNN and its semantic branch's (pipeline.models.panoptic_fpn).
@@ -156,6 +157,10 @@ class LossParams(Section):
     tversky_beta: float = Field(..., ge=0, le=1)
     topk_fraction: float = Field(..., gt=0, le=1, description="share of hardest pixels")
     boundary_width: int = Field(..., ge=1, le=32, description="pixels either side of an edge")
+    distance_w0: float = Field(..., ge=0, le=100, description="distance_ce: extra weight at an edge")
+    distance_sigma: float = Field(..., gt=0, le=100, description="distance_ce: its fall-off, pixels")
+    sensitivity_weight: float = Field(..., ge=0, le=1, description="sensitivity_specificity: r")
+    hausdorff_alpha: float = Field(..., gt=0, le=4, description="hausdorff: the distances' exponent")
 
     @model_validator(mode="after")
     def _weights_positive(self) -> LossParams:

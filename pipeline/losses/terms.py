@@ -220,6 +220,17 @@ def build_term(name: str, cfg: LossParams, ignore_index: int, weight: Tensor | N
             return TopKCrossEntropy(ignore_index, cfg.topk_fraction)
         case "boundary":
             return BoundaryCrossEntropy(ignore_index, cfg.boundary_width)
+    from pipeline.losses import distance  # it builds on Term and boundary_mask from here
+
+    match name:
+        case "distance_ce":
+            return distance.DistanceWeightedCrossEntropy(ignore_index, cfg.distance_w0, cfg.distance_sigma)
+        case "sensitivity_specificity":
+            return distance.SensitivitySpecificity(ignore_index, cfg.sensitivity_weight)
+        case "hausdorff":
+            return distance.HausdorffDistanceLoss(ignore_index, cfg.hausdorff_alpha)
+        case "surface":
+            return distance.SurfaceLoss(ignore_index)
     if name in INSTANCE_LOSS_NAMES:
         raise ValueError(f"loss.terms: {name!r} weighs a Mask R-CNN loss of the instance task; semantic "
                          f"segmentation takes {', '.join(LOSS_NAMES)}")

@@ -26,7 +26,8 @@ TARGETS = {
 }
 CLASS_WEIGHTS = [1.0, 2.0, 0.5]
 CFG = {"focal_gamma": 2.0, "tversky_alpha": 0.3, "tversky_beta": 0.7, "topk_fraction": 0.4,
-       "boundary_width": 1}
+       "boundary_width": 1, "distance_w0": 10.0, "distance_sigma": 1.5, "sensitivity_weight": 0.3,
+       "hausdorff_alpha": 2.0}
 
 
 def loss_params(**kw) -> LossParams:
@@ -132,13 +133,97 @@ def boundary_hand(px):
     return ce_hand(px)
 
 
+def sensitivity_specificity_hand(px, r=CFG["sensitivity_weight"]):
+    per_class = []
+    for c in range(len(px[0][0])):
+        err = [((y == c) - softmax(v)[c]) ** 2 for v, y in px]
+        pos = [e for e, (_, y) in zip(err, px, strict=True) if y == c]
+        neg = [e for e, (_, y) in zip(err, px, strict=True) if y != c]
+        per_class.append(r * sum(pos) / max(len(pos), 1) + (1 - r) * sum(neg) / max(len(neg), 1))
+    return sum(per_class) / len(per_class)
+
+
 HAND = {"ce": ce_hand, "weighted_ce": weighted_ce_hand, "focal": focal_hand, "dice": dice_hand,
         "jaccard": jaccard_hand, "lovasz": lovasz_hand, "tversky": tversky_hand, "topk": topk_hand,
-        "boundary": boundary_hand}
+        "boundary": boundary_hand, "sensitivity_specificity": sensitivity_specificity_hand}
+
+
+# ---- the distance-based terms, by hand on the whole grid (brute-force Euclidean distances) ----
+
+def cells(grid):
+    return [(i, j) for i in range(len(grid)) for j in range(len(grid[0]))]
+
+
+def nearest(x, points):
+    return min(math.dist(x, q) for q in points) if points else math.inf
+
+
+def softmax_at(logits, i, j):
+    return softmax([logits[k][i][j] for k in range(len(logits))])
+
+
+def distance_ce_hand(logits, target, ignore=IGN, w0=CFG["distance_w0"], sigma=CFG["distance_sigma"]):
+    """U-Net's weight map: edges are labelled pixels with another value (the ignore label too)
+    in their 3 x 3 window."""
+    h, w = len(target), len(target[0])
+    def window(i, j):
+        rows, cols = range(max(0, i - 1), min(h, i + 2)), range(max(0, j - 1), min(w, j + 2))
+        return {target[a][b] for a in rows for b in cols}
+    labelled = [x for x in cells(target) if target[x[0]][x[1]] != ignore]
+    edges = [x for x in labelled if window(*x) != {target[x[0]][x[1]]}]
+    weights = {x: 1 + w0 * math.exp(-nearest(x, edges) ** 2 / (2 * sigma**2)) for x in labelled}
+    return sum(weights[x] * -math.log(softmax_at(logits, *x)[target[x[0]][x[1]]]) for x in labelled) / sum(
+        weights.values())
+
+
+def side_distance(x, inside, grid):
+    """MONAI's distance fields: to the nearest pixel on the other side (0 for an empty or full set)."""
+    if not inside or len(inside) == len(cells(grid)):
+        return 0.0
+    return nearest(x, [q for q in cells(grid) if (q in inside) != (x in inside)])
+
+
+def per_class_sets(logits, target, ignore=IGN):
+    """For each class: the labelled pixels, its thresholded prediction and its label region
+    (ignored pixels in neither)."""
+    labelled = [x for x in cells(target) if target[x[0]][x[1]] != ignore]
+    for c in range(len(logits)):
+        pred = {x for x in labelled if softmax_at(logits, *x)[c] > 0.5}
+        region = {x for x in labelled if target[x[0]][x[1]] == c}
+        yield c, labelled, pred, region
+
+
+def hausdorff_hand(logits, target, ignore=IGN, alpha=CFG["hausdorff_alpha"]):
+    total, labelled = 0.0, []
+    for c, labelled, pred, region in per_class_sets(logits, target, ignore):
+        for x in labelled:
+            err = (softmax_at(logits, *x)[c] - (x in region)) ** 2
+            distances = side_distance(x, pred, target) ** alpha + side_distance(x, region, target) ** alpha
+            total += err * distances
+    return total / (len(labelled) * len(logits))
+
+
+def surface_hand(logits, target, ignore=IGN):
+    total, labelled = 0.0, []
+    for c, labelled, _, region in per_class_sets(logits, target, ignore):
+        for x in labelled:
+            d = side_distance(x, region, target)
+            phi = -(d - 1) if x in region else d
+            total += (softmax_at(logits, *x)[c] - (x in region)) * phi
+    return total / (len(labelled) * len(logits))
+
+
+GRID_HAND = {"distance_ce": distance_ce_hand, "hausdorff": hausdorff_hand, "surface": surface_hand}
 
 
 def test_every_loss_name_has_a_hand_formula():
-    assert set(HAND) == set(LOSS_NAMES)
+    assert set(HAND) | set(GRID_HAND) == set(LOSS_NAMES) and not set(HAND) & set(GRID_HAND)
+
+
+def hand(name, logits, target, ignore=IGN):
+    if name in GRID_HAND:
+        return GRID_HAND[name](logits, target, ignore)
+    return HAND[name](pixels(logits, target, ignore))
 
 
 @pytest.mark.parametrize("target_name", TARGETS)
@@ -146,7 +231,43 @@ def test_every_loss_name_has_a_hand_formula():
 def test_term_matches_hand_computation(name, target_name):
     target = TARGETS[target_name]
     loss = make_loss(name)(torch.tensor([LOGITS]), torch.tensor([target]))
-    assert loss.item() == pytest.approx(HAND[name](pixels(LOGITS, target)), abs=1e-5)
+    assert loss.item() == pytest.approx(hand(name, LOGITS, target), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["distance_ce", "sensitivity_specificity", "hausdorff", "surface"])
+def test_distance_terms_match_the_hand_computation_on_a_larger_image(name):
+    """7 x 9 regions with void: distances of several pixels, edges away from the border."""
+    gen = torch.Generator().manual_seed(5)
+    target = torch.zeros(7, 9, dtype=torch.int64)
+    target[2:6, 3:8] = 1
+    target[4:, :2] = 2
+    target[0, 5:] = IGN
+    logits = torch.randn(3, 7, 9, generator=gen) * 2
+    loss = make_loss(name)(logits[None], target[None])
+    assert loss.item() == pytest.approx(hand(name, logits.tolist(), target.tolist()), rel=1e-4)
+
+
+def test_the_surface_loss_is_zero_for_the_label_itself_and_grows_with_the_error():
+    target = torch.zeros(1, 8, 8, dtype=torch.int64)
+    target[:, 2:6, 2:6] = 1
+    exact = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 50
+    shifted = torch.roll(exact, 1, dims=3)
+    far = torch.roll(exact, 3, dims=3)
+    surface = make_loss("surface", num_classes=2)
+    assert surface(exact, target).item() == pytest.approx(0, abs=1e-6)
+    assert 0 < surface(shifted, target).item() < surface(far, target).item()
+
+
+def test_distance_ce_weighs_pixels_near_an_edge_up():
+    target = torch.zeros(1, 1, 20, dtype=torch.int64)
+    target[..., 10:] = 1                                     # an edge between columns 9 and 10
+    logits = torch.zeros(1, 2, 1, 20)                        # the same CE everywhere
+    near, far = logits.clone(), logits.clone()
+    near[0, :, 0, 9] = far[0, :, 0, 0] = torch.tensor([-5.0, 5.0])   # one mistake each, class 1 for 0
+    loss = make_loss("distance_ce", num_classes=2, distance_sigma=2.0)
+    assert loss(near, target).item() > 2 * loss(far, target).item()
+    no_edges = make_loss("distance_ce", num_classes=2)(logits, torch.zeros(1, 1, 20, dtype=torch.int64))
+    assert no_edges.item() == pytest.approx(math.log(2))     # w = 1 everywhere: plain CE
 
 
 def test_ce_plus_dice_is_the_weighted_sum_and_components_are_unweighted():
