@@ -287,12 +287,14 @@ def scores(src: Sources, run_id: str, key: str) -> dict[str, Any]:
 
 
 def class_table(metrics: dict[str, Any], colours: dict[str, list[int]]) -> pd.DataFrame:
-    """One row per class: IoU, Dice, precision, recall, boundary IoU, pixel share, colour."""
+    """One row per class: IoU, Dice, precision, recall, boundary IoU, the surface distances HD95
+    and ASD in pixels (None in a report from before they were measured), pixel share, colour."""
     rows = []
     for name, s in metrics["per_class"].items():
         rows.append({"class": name, "IoU": s.get("iou"), "Dice": s.get("dice"),
                      "precision": s.get("precision"), "recall": s.get("recall"),
-                     "boundary IoU": s.get("boundary_iou"), "pixel share": s.get("pixel_share"),
+                     "boundary IoU": s.get("boundary_iou"), "HD95 (px)": s.get("hd95"),
+                     "ASD (px)": s.get("asd"), "pixel share": s.get("pixel_share"),
                      "colour": rgb_hex(colours.get(name, (128, 128, 128)))})
     return pd.DataFrame(rows)
 

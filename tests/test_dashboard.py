@@ -105,6 +105,8 @@ def test_per_class_for_any_evaluated_run(app, workspace):
     for name, scores in good["per_class"].items():
         assert table.loc[name, "IoU"] == pytest.approx(scores["iou"], nan_ok=True)
         assert table.loc[name, "recall"] == pytest.approx(scores["recall"], nan_ok=True)
+        assert table.loc[name, "HD95 (px)"] == pytest.approx(scores["hd95"], nan_ok=True)
+        assert table.loc[name, "ASD (px)"] == pytest.approx(scores["asd"], nan_ok=True)
     picker = app.selectbox(key="per-class-run")
     assert picker.value == (good["run_id"], good["eval_key"])
     # Labels: the champion's recorded evaluation first, each with its version, test mIoU and key.

@@ -26,6 +26,7 @@ from pipeline.evaluate import evaluate
 from pipeline.inference.predictor import Predictor, window_starts
 from pipeline.metrics.boundary import BoundaryIoU, boundary_band
 from pipeline.metrics.confusion import confusion_matrix
+from pipeline.metrics.surface import SurfaceDistances
 from pipeline.tasks.base import EvaluateError
 from pipeline.tasks.semantic import SemanticTask
 from pipeline.tasks.semantic_eval import Evaluation, report
@@ -183,6 +184,17 @@ def test_stage_per_class_iou_agrees_with_scikit_learn_on_its_predictions(coded, 
     sk_iou = sk_scores(jaccard_score, t, p, np.isin([0, 1, 2], t) | np.isin([0, 1, 2], p), labels=(0, 1, 2))
     ours = as_nan([metrics["per_class"][n]["iou"] for n in CLASSES])
     np.testing.assert_allclose(ours, sk_iou, atol=1e-6)
+
+    # Surface distances: the stage's per class and their means, from its own predictions.
+    surface = SurfaceDistances(3, 255)
+    for image_id, _, truth in shards.iter_samples(coded, "test"):
+        entry = next(e for e in index["images"] if e["id"] == image_id)
+        surface.update(np.asarray(Image.open(env / "evaluation" / entry["files"]["prediction"])), truth)
+    expected = surface.compute()
+    for key in ("hd95", "asd", "unmatched"):
+        np.testing.assert_allclose(as_nan([metrics["per_class"][n][key] for n in CLASSES]), expected[key])
+    assert metrics["mean_hd95"] == pytest.approx(np.nanmean(expected["hd95"]))
+    assert metrics["mean_asd"] == pytest.approx(np.nanmean(expected["asd"])) and metrics["mean_asd"] >= 0
 
     # Overlays: the samples and the worst image of each class, with every view on disk.
     assert len(index["samples"]) == 2 and set(index["worst"]) == set(CLASSES)

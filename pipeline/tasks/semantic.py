@@ -30,7 +30,7 @@ class SemanticTask(Task):
     primary_label = "mIoU"
     labels = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy", "mean_dice": "mean Dice",
               "fw_iou": "frequency-weighted IoU", "boundary_miou": "boundary mIoU"}
-    per_class_keys = ("iou", "dice", "boundary_iou")
+    per_class_keys = ("iou", "dice", "boundary_iou", "hd95", "asd")
     views = ("per_class", "confusion", "overlays")
 
     def train_transform(self, crop, scale, jitter, ignore_index):

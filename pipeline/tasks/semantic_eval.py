@@ -3,7 +3,10 @@ per-class scores, boundary IoU, and the pictures of the evaluate stage's folder.
 
 One confusion matrix summed over the split gives the scores (``pipeline.metrics.confusion``):
 the ignore label is left out, and a class absent from both truth and prediction is NaN
-(``null`` in the JSON files) and left out of the means.
+(``null`` in the JSON files) and left out of the means. Per class also: boundary IoU, and the
+surface distances HD95 and ASD in pixels (``pipeline.metrics.surface``: means over the images
+with the class in both truth and prediction), whose class means are ``mean_hd95`` and
+``mean_asd`` (lower is better).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pipeline.data import shards
 from pipeline.inference.predictor import Predictor
 from pipeline.metrics.boundary import BoundaryIoU
 from pipeline.metrics.confusion import confusion_matrix, segmentation_metrics
+from pipeline.metrics.surface import SurfaceDistances
 from pipeline.models.base import SegmentationModel
 from pipeline.tasks.base import EvaluateError
 from pipeline.utils.io import read_json, write_json_atomic
@@ -49,6 +53,7 @@ class Evaluation:
     ignore_index: int
     confusion: np.ndarray                     # (C, C) int64, rows = truth
     boundary_iou: list[float]
+    surface: dict[str, list[float]] = field(default_factory=dict)   # SurfaceDistances.compute()
     ids: list[str] = field(default_factory=list)
     image_confusions: list[np.ndarray] = field(default_factory=list)
     predictions: list[bytes] = field(default_factory=list)    # palette PNG per image
@@ -67,6 +72,7 @@ def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams,
     result = Evaluation(classes["names"], classes["palette"], ignore,
                         np.zeros((n_classes, n_classes), np.int64), [])
     boundary = BoundaryIoU(n_classes, ignore, cfg.boundary_width)
+    surface = SurfaceDistances(n_classes, ignore)
     start = time.perf_counter()
     samples = shards.iter_samples(data, cfg.split)
     for image_id, image, truth in tqdm(samples, total=total, desc=f"evaluate {cfg.split}", disable=None):
@@ -75,11 +81,13 @@ def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams,
         cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), n_classes, ignore).numpy()
         result.confusion += cm
         boundary.update(pred, truth)
+        surface.update(pred, truth)
         result.ids.append(image_id)
         result.image_confusions.append(cm)
         result.predictions.append(overlays.palette_png(pred, classes["palette"]))
     result.seconds = time.perf_counter() - start
     result.boundary_iou = boundary.compute()
+    result.surface = surface.compute()
     if not result.ids:
         raise EvaluateError(f"{data}/{cfg.split}: the split has no images")
     return result
@@ -93,6 +101,11 @@ def _json_number(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
+def _nanmean(values: list[float]) -> float | None:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
 def report(ev: Evaluation) -> dict[str, Any]:
     """The metrics JSON: headline scores and one entry per class (NaN -> null)."""
     m = segmentation_metrics(torch.from_numpy(ev.confusion))
@@ -101,10 +114,12 @@ def report(ev: Evaluation) -> dict[str, Any]:
     per_class = {
         name: {key: _json_number(value) for key, value in (
             ("iou", m["iou"][c]), ("dice", m["dice"][c]), ("precision", m["precision"][c]),
-            ("recall", m["recall"][c]), ("boundary_iou", ev.boundary_iou[c]), ("pixel_share", share[c]))}
+            ("recall", m["recall"][c]), ("boundary_iou", ev.boundary_iou[c]), ("pixel_share", share[c]),
+            *((key, ev.surface[key][c]) for key in ("hd95", "asd", "unmatched") if key in ev.surface))}
         for c, name in enumerate(ev.class_names)
     }
-    return {
+    distances = {f"mean_{key}": _nanmean(ev.surface[key]) for key in ("hd95", "asd") if key in ev.surface}
+    return distances | {
         "pixel_accuracy": _json_number(m["pixel_accuracy"]), "miou": _json_number(m["miou"]),
         "mean_dice": _json_number(m["mean_dice"]), "fw_iou": _json_number(m["fw_iou"]),
         "boundary_miou": _json_number(float(np.nanmean(ev.boundary_iou))) if any(
