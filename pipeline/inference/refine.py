@@ -1,0 +1,60 @@
+"""Refining a prediction with the image: GrabCut (Rother et al. 2004, OpenCV's ``cv2.grabCut``)
+seeded from a foreground probability map.
+
+``grabcut_seeds`` turns the probabilities into GrabCut's four labels: pixels the model is sure
+of (``p >= sure`` foreground, ``p <= 1 - sure`` background) are fixed, the rest are probable
+foreground (``p >= 0.5``) or probable background; GrabCut then fits its colour models to the
+image and re-decides the probable pixels only. ``grabcut`` returns the refined binary mask;
+with no seed on one side (all foreground or all background) there is nothing for GrabCut's
+colour models to compare, and it says so (``RefineError``) rather than returning the input as
+if refined. OpenCV's RNG is seeded first, so a refinement is reproducible. ``margin`` crops the work to the probable pixels' bounding box plus that many
+pixels (an instance's neighbourhood), the rest keeps its seed.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+class RefineError(ValueError):
+    """A refinement that cannot run on this input (the message says why)."""
+
+
+def grabcut_seeds(probability: np.ndarray, sure: float) -> np.ndarray:
+    """(H, W) foreground probabilities in [0, 1] -> (H, W) uint8 GrabCut labels
+    (``cv2.GC_BGD``, ``GC_FGD``, ``GC_PR_BGD``, ``GC_PR_FGD``)."""
+    if not 0.5 < sure <= 1:
+        raise RefineError(f"grabcut: sure must be above 0.5 and at most 1, got {sure}")
+    seeds = np.where(probability >= 0.5, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    seeds[probability >= sure] = cv2.GC_FGD
+    seeds[probability <= 1 - sure] = cv2.GC_BGD
+    return seeds
+
+
+def grabcut(image: np.ndarray, probability: np.ndarray, *, sure: float = 0.9, iterations: int = 5,
+            margin: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB and (H, W) foreground probabilities -> (H, W) bool refined mask."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise RefineError(f"grabcut: the image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    if probability.shape != image.shape[:2]:
+        raise RefineError(f"grabcut: probabilities {probability.shape} do not match the image {image.shape[:2]}")
+    seeds = grabcut_seeds(probability, sure)
+    top, left, bottom, right = 0, 0, *seeds.shape
+    if margin is not None:
+        rows, cols = np.nonzero(seeds != cv2.GC_BGD)
+        if rows.size:
+            top, left = max(0, rows.min() - margin), max(0, cols.min() - margin)
+            bottom, right = min(seeds.shape[0], rows.max() + margin + 1), min(seeds.shape[1], cols.max() + margin + 1)
+    crop = np.ascontiguousarray(seeds[top:bottom, left:right])
+    foreground = np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    if foreground.all() or not foreground.any():
+        side = "foreground" if foreground.any() else "background"
+        raise RefineError(f"grabcut: every pixel is {side}; GrabCut needs both to compare their colours")
+    bgr = np.ascontiguousarray(image[top:bottom, left:right, ::-1])
+    background_model, foreground_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)           # its colour models start from k-means on OpenCV's global RNG: reproducible
+    cv2.grabCut(bgr, crop, None, background_model, foreground_model, iterations, cv2.GC_INIT_WITH_MASK)
+    out = np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    out[top:bottom, left:right] = np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    return out

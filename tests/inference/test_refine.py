@@ -1,0 +1,71 @@
+"""GrabCut refinement seeded from probabilities (``pipeline.inference.refine``)."""
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.inference.refine import RefineError, grabcut, grabcut_seeds
+
+
+def scene(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy red disc on a noisy green-grey background: (RGB image, true disc)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    image = np.where(disc[..., None], [200, 40, 40], [60, 140, 90]).astype(float)
+    image += rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), disc
+
+
+def blurry_guess(disc: np.ndarray, grow: int = 4) -> np.ndarray:
+    """A model's probabilities: a disc too large by ``grow`` pixels, soft at its edge (sure only inside it)."""
+    grown = cv2.dilate(disc.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+    return cv2.GaussianBlur(grown.astype(np.float32), (0, 0), 4)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_seeds_fix_the_sure_pixels_and_leave_the_rest_probable():
+    p = np.array([[0.0, 0.05, 0.3, 0.5, 0.7, 0.95, 1.0]])
+    assert grabcut_seeds(p, 0.9).tolist() == [[cv2.GC_BGD, cv2.GC_BGD, cv2.GC_PR_BGD, cv2.GC_PR_FGD,
+                                               cv2.GC_PR_FGD, cv2.GC_FGD, cv2.GC_FGD]]
+    with pytest.raises(RefineError, match="sure must be above 0.5"):
+        grabcut_seeds(p, 0.5)
+
+
+def test_grabcut_is_opencvs_own_on_the_same_seeds_and_improves_a_blurry_guess():
+    image, disc = scene()
+    p = blurry_guess(disc)
+    refined = grabcut(image, p, sure=0.9, iterations=5)
+    seeds = grabcut_seeds(p, 0.9)
+    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)
+    cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), seeds, None, bgd, fgd, 5, cv2.GC_INIT_WITH_MASK)
+    np.testing.assert_array_equal(refined, np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)))
+    assert iou(p >= 0.5, disc) < 0.75 and iou(refined, disc) > 0.97
+
+
+def test_a_margin_works_around_the_object_only_and_keeps_the_seeds_elsewhere():
+    image = scene(160, seed=1)[0]
+    small_image, small_disc = scene(96, seed=1)
+    image[:96, :96] = small_image                          # a disc in the top-left corner and one in the middle
+    truth = np.zeros((160, 160), bool)
+    truth[:96, :96] = small_disc
+    p = np.zeros((160, 160), np.float32)
+    p[:96, :96] = blurry_guess(small_disc)                 # the guess knows only the corner's
+    refined = grabcut(image, p, margin=8)
+    assert iou(refined, truth) > 0.95 and not refined[120:, 120:].any()
+
+
+def test_nothing_to_compare_and_wrong_inputs_are_clear_errors():
+    image, disc = scene(32)
+    with pytest.raises(RefineError, match="every pixel is foreground"):
+        grabcut(image, np.ones(disc.shape, np.float32))
+    with pytest.raises(RefineError, match="every pixel is background"):
+        grabcut(image, np.zeros(disc.shape, np.float32))
+    with pytest.raises(RefineError, match=r"probabilities \(8, 8\) do not match the image \(32, 32\)"):
+        grabcut(image, np.zeros((8, 8), np.float32))
+    with pytest.raises(RefineError, match="uint8 RGB"):
+        grabcut(image[..., 0], disc.astype(np.float32))
