@@ -1,5 +1,13 @@
-"""Refining a prediction with the image: GrabCut (Rother et al. 2004, OpenCV's ``cv2.grabCut``)
-seeded from a foreground probability map.
+"""Refining a prediction with the image: a fully connected CRF (Kraehenbuehl and Koltun 2011,
+DeepLab v1/v2's refinement; ``pydensecrf2``) over the class probabilities, and GrabCut (Rother et
+al. 2004, OpenCV's ``cv2.grabCut``) seeded from a foreground probability map.
+
+``dense_crf``: the unary is -log of the probabilities (``pydensecrf.utils.unary_from_softmax``);
+two pairwise kernels with Potts compatibility, a Gaussian over positions (``gaussian_sxy``,
+smoothness) and a bilateral one over positions and colours (``bilateral_sxy``, ``bilateral_srgb``,
+appearance), weighted by their ``compat``; mean-field ``iterations``; it returns the refined
+marginals (C, H, W). The library is an optional extra (``pip install
+'segmentation-pipeline[crf]'``, built from source with g++): without it, ``dense_crf`` says so.
 
 ``grabcut_seeds`` turns the probabilities into GrabCut's four labels: pixels the model is sure
 of (``p >= sure`` foreground, ``p <= 1 - sure`` background) are fixed, the rest are probable
@@ -7,8 +15,9 @@ foreground (``p >= 0.5``) or probable background; GrabCut then fits its colour m
 image and re-decides the probable pixels only. ``grabcut`` returns the refined binary mask;
 with no seed on one side (all foreground or all background) there is nothing for GrabCut's
 colour models to compare, and it says so (``RefineError``) rather than returning the input as
-if refined. OpenCV's RNG is seeded first, so a refinement is reproducible. ``margin`` crops the work to the probable pixels' bounding box plus that many
-pixels (an instance's neighbourhood), the rest keeps its seed.
+if refined. OpenCV's RNG is seeded first, so a refinement is reproducible. ``margin`` crops
+the work to the probable pixels' bounding box plus that many pixels (an instance's
+neighbourhood); the rest keeps its seed.
 """
 
 from __future__ import annotations
@@ -19,6 +28,35 @@ import numpy as np
 
 class RefineError(ValueError):
     """A refinement that cannot run on this input (the message says why)."""
+
+
+def dense_crf(image: np.ndarray, probabilities: np.ndarray, *, iterations: int = 5, gaussian_sxy: float = 3,
+              gaussian_compat: float = 3, bilateral_sxy: float = 80, bilateral_srgb: float = 13,
+              bilateral_compat: float = 10) -> np.ndarray:
+    """(H, W, 3) uint8 RGB and (C, H, W) class probabilities -> (C, H, W) float32 refined marginals.
+    The defaults are the kernel parameters of pydensecrf's own example."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError:
+        raise RefineError("crf: needs the optional pydensecrf2 (pip install 'segmentation-pipeline[crf]', "
+                          "which builds it with g++)") from None
+    _check_image(image, "crf")
+    if probabilities.ndim != 3 or probabilities.shape[1:] != image.shape[:2]:
+        raise RefineError(f"crf: probabilities {probabilities.shape} are not (C, H, W) for the image "
+                          f"{image.shape[:2]}")
+    classes, height, width = probabilities.shape
+    crf = dcrf.DenseCRF2D(width, height, classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probabilities.astype(np.float32))))
+    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image),
+                             compat=bilateral_compat)
+    return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(classes, height, width)
+
+
+def _check_image(image: np.ndarray, what: str) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise RefineError(f"{what}: the image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
 
 
 def grabcut_seeds(probability: np.ndarray, sure: float) -> np.ndarray:
@@ -35,17 +73,18 @@ def grabcut_seeds(probability: np.ndarray, sure: float) -> np.ndarray:
 def grabcut(image: np.ndarray, probability: np.ndarray, *, sure: float = 0.9, iterations: int = 5,
             margin: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB and (H, W) foreground probabilities -> (H, W) bool refined mask."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise RefineError(f"grabcut: the image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    _check_image(image, "grabcut")
     if probability.shape != image.shape[:2]:
-        raise RefineError(f"grabcut: probabilities {probability.shape} do not match the image {image.shape[:2]}")
+        raise RefineError(f"grabcut: probabilities {probability.shape} do not match the image "
+                          f"{image.shape[:2]}")
     seeds = grabcut_seeds(probability, sure)
     top, left, bottom, right = 0, 0, *seeds.shape
     if margin is not None:
         rows, cols = np.nonzero(seeds != cv2.GC_BGD)
         if rows.size:
             top, left = max(0, rows.min() - margin), max(0, cols.min() - margin)
-            bottom, right = min(seeds.shape[0], rows.max() + margin + 1), min(seeds.shape[1], cols.max() + margin + 1)
+            bottom = min(seeds.shape[0], rows.max() + margin + 1)
+            right = min(seeds.shape[1], cols.max() + margin + 1)
     crop = np.ascontiguousarray(seeds[top:bottom, left:right])
     foreground = np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD))
     if foreground.all() or not foreground.any():

@@ -1,10 +1,11 @@
-"""GrabCut refinement seeded from probabilities (``pipeline.inference.refine``)."""
+"""Refinement with the image (``pipeline.inference.refine``): the dense CRF, against pydensecrf's own
+and on noisy probabilities; GrabCut seeded from probabilities, against OpenCV's own."""
 
 import cv2
 import numpy as np
 import pytest
 
-from pipeline.inference.refine import RefineError, grabcut, grabcut_seeds
+from pipeline.inference.refine import RefineError, dense_crf, grabcut, grabcut_seeds
 
 
 def scene(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -18,7 +19,8 @@ def scene(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blurry_guess(disc: np.ndarray, grow: int = 4) -> np.ndarray:
-    """A model's probabilities: a disc too large by ``grow`` pixels, soft at its edge (sure only inside it)."""
+    """A model's probabilities: a disc too large by ``grow`` pixels, soft at its edge (sure only
+    inside the disc)."""
     grown = cv2.dilate(disc.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
     return cv2.GaussianBlur(grown.astype(np.float32), (0, 0), 4)
 
@@ -50,7 +52,7 @@ def test_grabcut_is_opencvs_own_on_the_same_seeds_and_improves_a_blurry_guess():
 def test_a_margin_works_around_the_object_only_and_keeps_the_seeds_elsewhere():
     image = scene(160, seed=1)[0]
     small_image, small_disc = scene(96, seed=1)
-    image[:96, :96] = small_image                          # a disc in the top-left corner and one in the middle
+    image[:96, :96] = small_image                   # a disc in the top-left corner and one in the middle
     truth = np.zeros((160, 160), bool)
     truth[:96, :96] = small_disc
     p = np.zeros((160, 160), np.float32)
@@ -69,3 +71,45 @@ def test_nothing_to_compare_and_wrong_inputs_are_clear_errors():
         grabcut(image, np.zeros((8, 8), np.float32))
     with pytest.raises(RefineError, match="uint8 RGB"):
         grabcut(image[..., 0], disc.astype(np.float32))
+
+
+def two_class(p: np.ndarray) -> np.ndarray:
+    return np.stack([1 - p, p]).clip(1e-4, 1 - 1e-4).astype(np.float32)
+
+
+def test_dense_crf_is_pydensecrfs_own_on_the_same_inputs_and_follows_the_image():
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    image, disc = scene()
+    guess = blurry_guess(disc, grow=6)
+    probs = two_class(guess)
+    ours = dense_crf(image, probs, iterations=5)
+    crf = dcrf.DenseCRF2D(96, 96, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(image), compat=10)
+    np.testing.assert_allclose(ours, np.asarray(crf.inference(5)).reshape(2, 96, 96), atol=1e-6)
+    assert ours.shape == (2, 96, 96) and ours.dtype == np.float32
+    assert iou(ours.argmax(0) == 1, disc) > iou(guess >= 0.5, disc) + 0.1
+
+
+def test_dense_crf_cleans_speckle_in_regions_of_one_colour():
+    rng = np.random.default_rng(3)
+    truth = np.zeros((64, 96), np.int64)
+    truth[:, 32:64], truth[:, 64:] = 1, 2
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220]], float)
+    image = np.clip(colours[truth] + rng.normal(0, 10, (64, 96, 3)), 0, 255).astype(np.uint8)
+    logits = np.eye(3)[truth].transpose(2, 0, 1) * 1.0 + rng.normal(0, 0.8, (3, 64, 96))
+    probs = (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
+    before = (probs.argmax(0) == truth).mean()
+    after = (dense_crf(image, probs, iterations=10).argmax(0) == truth).mean()
+    assert before < 0.9 and after > 0.99
+
+
+def test_dense_crf_refuses_probabilities_of_another_shape():
+    image, _ = scene(32)
+    with pytest.raises(RefineError, match=r"probabilities \(2, 16, 16\) are not \(C, H, W\) for the image"):
+        dense_crf(image, np.full((2, 16, 16), 0.5, np.float32))
+    with pytest.raises(RefineError, match="crf: the image must be"):
+        dense_crf(image[..., :2].copy(), np.full((2, 32, 32), 0.5, np.float32))
