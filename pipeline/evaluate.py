@@ -42,7 +42,8 @@ from pipeline.artifacts.model_dir import load_model, read_config
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams, load_params
 from pipeline.data import shards
-from pipeline.models.base import SegmentationModel
+from pipeline.inference.refine import refinement_of
+from pipeline.models.base import NO_REFINEMENT, SegmentationModel
 from pipeline.tasks import task_of_data, task_of_model
 from pipeline.tasks.base import EvaluateError, Task
 from pipeline.utils.io import write_json_atomic
@@ -51,6 +52,7 @@ log = logging.getLogger("pipeline.evaluate")
 
 # Settings that cannot change a score: left out of the evaluation key.
 UNSCORED_SETTINGS = {"overlays", "threads"}
+REFINEMENT_SETTINGS = {"postprocess", "crf", "grabcut"}    # in the key as the refinement chosen, if any
 
 
 def split_version(data: Path, split: str) -> str:
@@ -63,8 +65,14 @@ def split_version(data: Path, split: str) -> str:
 
 
 def settings(cfg: EvaluateParams) -> dict[str, Any]:
-    """The evaluation settings that change a score (all but ``UNSCORED_SETTINGS``)."""
-    return cfg.model_dump(mode="json", exclude=UNSCORED_SETTINGS)
+    """The evaluation settings that change a score (all but ``UNSCORED_SETTINGS``): a refinement
+    with its own parameters only (``postprocess: {method, params}``), and none at all without
+    one, so that evaluations from before refinements existed keep their keys."""
+    out = cfg.model_dump(mode="json", exclude=UNSCORED_SETTINGS | REFINEMENT_SETTINGS)
+    refinement = refinement_of(cfg)
+    if refinement is not None and refinement.method != NO_REFINEMENT:
+        out["postprocess"] = {"method": refinement.method, "params": dict(refinement.params)}
+    return out
 
 
 def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
@@ -77,8 +85,12 @@ def eval_key(metrics: dict[str, Any], cfg: EvaluateParams) -> str:
 def predictor_for(model: SegmentationModel, cfg: EvaluateParams, task: Task | None = None) -> Any:
     """What the model's task predicts with (``Task.predictor``), with ``cfg``'s inference settings."""
     task = task if task is not None else task_of_model(model)
-    return task.predictor(model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
-                          tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap, scales=cfg.scales)
+    try:
+        return task.predictor(model, flip_tta=cfg.flip_tta, tile_above_pixels=cfg.tile_above_pixels,
+                              tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap, scales=cfg.scales,
+                              postprocess=refinement_of(cfg))
+    except ValueError as exc:          # settings the model's task cannot predict with
+        raise EvaluateError(f"evaluate: {exc}") from None
 
 
 def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams,

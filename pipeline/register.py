@@ -50,6 +50,7 @@ from pipeline.artifacts.registry_lock import LockTimeout, registry_lock
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams, RegisterParams, load_params
 from pipeline.evaluate import eval_key
+from pipeline.inference.refine import refinement_of
 from pipeline.models.base import InferenceSettings
 from pipeline.tasks import task_of_model, task_of_model_dir
 from pipeline.tasks.base import EvaluateError, Task
@@ -85,12 +86,17 @@ class Decision:
 
 def inference_settings(cfg: EvaluateParams) -> InferenceSettings:
     """The settings ``cfg`` predicts with (``pipeline.evaluate.predictor_for``)."""
-    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_KEYS)))
+    return InferenceSettings(**cfg.model_dump(include=set(INFERENCE_KEYS) - {"postprocess"}),
+                             postprocess=refinement_of(cfg))
 
 
 def inference_tag(cfg: EvaluateParams) -> str:
-    """``inference_settings`` as canonical JSON."""
-    return json.dumps(asdict(inference_settings(cfg)), sort_keys=True)
+    """``inference_settings`` as canonical JSON (without a refinement, as before refinements
+    existed, so that earlier versions' tags still match)."""
+    settings = asdict(inference_settings(cfg))
+    if settings["postprocess"] is None:
+        del settings["postprocess"]
+    return json.dumps(settings, sort_keys=True)
 
 
 def params_hash(config: dict[str, Any]) -> str:

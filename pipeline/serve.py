@@ -100,7 +100,10 @@ class Segmenter:
             image, options = await asyncio.to_thread(
                 service.parse, body, request.headers.get("content-type"), request.query_params.multi_items(),
                 admitted)
-            prediction = await self.predict_batch(image)
+            if service.batched(options):
+                prediction = await self.predict_batch(image)
+            else:                                    # its own refinement: alone, beside the batches
+                prediction = await asyncio.to_thread(service.predict_one, image, options)
             return await asyncio.to_thread(service.answer, image, prediction, options)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)

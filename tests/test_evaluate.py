@@ -2,6 +2,7 @@
 band, prediction by tiles and flips, the overlay outputs and the MLflow logging."""
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -255,6 +256,38 @@ def test_the_evaluation_key_changes_with_what_changes_a_score_only():
                     {"tile_size": [256, 256]}, {"tile_overlap": 0.5}, {"tile_above_pixels": 4096},
                     {"boundary_width": 0.05}, {"split": "val"}):
         assert key(**changed) != first, changed
+    # A refinement: its parameters count only when it is chosen; without one the key is as before
+    # refinements existed (the settings without postprocess, crf and grabcut).
+    crf = base["crf"] | {"iterations": 9}
+    assert key(crf=crf) == first and key(grabcut=base["grabcut"] | {"sure": 0.99}) == first
+    assert key(postprocess="crf") != first and key(postprocess="crf", crf=crf) != key(postprocess="crf")
+    assert key(postprocess="crf", grabcut=base["grabcut"] | {"sure": 0.99}) == key(postprocess="crf")
+    unscored = ("postprocess", "crf", "grabcut", "threads", "overlays")
+    legacy = {k: v for k, v in base.items() if k not in unscored}
+    blob = json.dumps({"split_version": "sha256:a", "settings": legacy}, sort_keys=True)
+    assert first == hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def test_the_evaluate_stage_refines_with_a_crf_when_asked(coded, fitted, env):
+    model, cfg = fitted
+    tracked_model(env / "model", model, cfg)
+    def run(name, extra):
+        params = repo_params(env / f"{name}.yaml", evaluate=SMALL | extra)
+        return evaluate(env / "model", coded, env / name / "evaluation", env / name / "metrics.json",
+                        env / name / "plots", params)
+
+    plain, refined = run("plain", {}), run("crf", {"postprocess": "crf"})
+    assert refined["settings"]["postprocess"]["method"] == "crf" and "postprocess" not in plain["settings"]
+    assert refined["eval_key"] != plain["eval_key"]
+    assert 0 <= refined["miou"] <= 1 and refined["miou"] != pytest.approx(plain["miou"], abs=1e-9)
+
+
+def test_a_refinement_the_model_cannot_take_stops_the_stage_with_what_to_do(coded, fitted, env):
+    model, cfg = fitted
+    tracked_model(env / "model", model, cfg)
+    params = repo_params(env / "p.yaml", evaluate=SMALL | {"postprocess": "grabcut"})
+    with pytest.raises(EvaluateError, match=r"grabcut refines a binary mask \(2 classes\); this model has 3"):
+        evaluate(env / "model", coded, env / "evaluation", env / "metrics.json", env / "plots", params)
 
 
 def test_two_evaluations_with_other_settings_are_two_records_on_the_run(coded, fitted, env):

@@ -23,10 +23,17 @@ def formats(meta: dict | None) -> tuple[str | None, str | None]:
 
 def query_controls(meta: dict | None) -> dict:
     """An input for each of the task's own query parameters (/metadata's ``query_options``,
-    e.g. instance segmentation's score threshold); the values set (None: left out)."""
+    e.g. instance segmentation's score threshold, semantic segmentation's refinement); the
+    values set (None: left out)."""
     chosen = {}
     for name, spec in (meta or {}).get("query_options", {}).items():
         label, helps, key = name.replace("_", " "), spec.get("description"), f"option-{name}"
+        if spec["type"] == "string":                       # a choice: the server's default first
+            value = st.selectbox(label, [None, *spec["enum"]], key=key, help=helps,
+                                 format_func=lambda v: "model's own" if v is None else v)
+            if value is not None:
+                chosen[name] = value
+            continue
         low, high, default = spec["minimum"], spec["maximum"], spec["default"]
         if spec["type"] == "integer":
             value = st.number_input(label, int(low), int(high), default, step=1, key=key, help=helps)

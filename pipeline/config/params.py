@@ -224,6 +224,29 @@ class OverlayParams(Section):
     worst_per_class: int = Field(..., ge=0, le=100, description="lowest IoU for each class")
 
 
+class CrfParams(Section):
+    """The dense CRF's kernels (``pipeline.inference.refine.dense_crf``; pydensecrf's names)."""
+
+    iterations: int = Field(..., ge=1, le=50, description="mean-field iterations")
+    gaussian_sxy: float = Field(..., gt=0, le=100, description="smoothness kernel: position scale, pixels")
+    gaussian_compat: float = Field(..., ge=0, le=100, description="smoothness kernel: its weight")
+    bilateral_sxy: float = Field(..., gt=0, le=1000, description="appearance kernel: position scale, pixels")
+    bilateral_srgb: float = Field(..., gt=0, le=255, description="appearance kernel: colour scale, 0-255")
+    bilateral_compat: float = Field(..., ge=0, le=100, description="appearance kernel: its weight")
+
+
+class GrabCutParams(Section):
+    """GrabCut seeded from the prediction (``pipeline.inference.refine.grabcut``)."""
+
+    iterations: int = Field(..., ge=1, le=20)
+    sure: float = Field(..., gt=0.5, le=1, description="probabilities >= sure (or <= 1 - sure): fixed")
+    margin: int | None = Field(..., ge=0, le=10_000,
+                               description="pixels around the probable region GrabCut sees; null: all")
+
+
+POSTPROCESS = Literal["none", "crf", "grabcut"]
+
+
 class EvaluateParams(Section):
     """Test-split evaluation at native resolution."""
 
@@ -240,6 +263,9 @@ class EvaluateParams(Section):
     boundary_width: float = Field(..., gt=0, le=0.5,
                                   description="boundary IoU band, as a share of the image diagonal")
     threads: int | None = Field(..., ge=1, le=256, description="torch threads; null: all cores")
+    postprocess: POSTPROCESS = Field(..., description="refine each prediction with its image")
+    crf: CrfParams = Field(...)
+    grabcut: GrabCutParams = Field(...)
     overlays: OverlayParams = Field(...)
 
     @model_validator(mode="after")
@@ -300,6 +326,10 @@ class ServeParams(Section):
     flip_tta: bool | None = Field(...)
     scales: tuple[float, ...] | None = Field(..., min_length=1, max_length=8,
                                              description="multi-scale TTA factors; null: the model's own")
+    postprocess: POSTPROCESS | None = Field(..., description="refinement; null: the model's own")
+    # The parameters of a refinement the model does not record (serve.postprocess or ?refine=).
+    crf: CrfParams = Field(...)
+    grabcut: GrabCutParams = Field(...)
     overlay_alpha: float = Field(..., ge=0, le=1, description="default opacity of ?format=overlay")
 
     @model_validator(mode="after")

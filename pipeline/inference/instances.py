@@ -197,6 +197,7 @@ class InstancePredictor(RecordedSettings):
     nms_iou: float = 0.5           # mask IoU of instances from windows that share none: duplicates
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         refuse_probability_tta(self, "instance")
         if not 0.0 < self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap: {self.tile_overlap:g}; instances cut by a tile border are "

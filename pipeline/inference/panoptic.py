@@ -49,6 +49,7 @@ class PanopticPredictor(RecordedSettings):
     stuff_min_area: int = DEFAULT_STUFF_MIN_AREA
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         refuse_probability_tta(self, "panoptic")
         num_classes = len(self.model.meta.class_names)
         things = set(self.model.meta.thing_classes)

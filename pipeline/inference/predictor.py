@@ -18,6 +18,10 @@ mask (H, W) uint8 (``mask``) or class probabilities (C, H, W) float32 (``probs``
   window resized by each factor, its probabilities resized back), so it stays bounded too;
 - with ``flip_tta`` each image or window is also predicted mirrored left-right, in the
   same batch, and the two probability maps are averaged (test-time augmentation).
+- with ``postprocess`` (a ``Refinement``: ``crf`` or ``grabcut``) the mask is refined with the
+  image from the whole image's probabilities (``pipeline.inference.refine.refine_mask``);
+  images above ``tile_above_pixels`` are refused then (``RefineError``), since a refinement
+  needs C x H x W at once.
 
 ``masks(images)`` predicts a batch of images of any sizes (a serving batch): images of the
 same size go through the network together, one forward per size, so each mask is exactly
@@ -36,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.inference.refine import RefineError, check_available, refine_mask
 from pipeline.inference.tensors import to_tensor
-from pipeline.models.base import InferenceSettings, SegmentationModel
+from pipeline.models.base import NO_REFINEMENT, InferenceSettings, Refinement, SegmentationModel
 
 
 def window_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -87,6 +92,11 @@ class RecordedSettings:
     tile_size: tuple[int, int] = (512, 512)
     tile_overlap: float = 0.25
     scales: tuple[float, ...] = (1.0,)
+    postprocess: Refinement | None = None
+
+    def __post_init__(self) -> None:
+        refinement = Refinement.of(self.postprocess)     # an explicit "none" overrides the model's own
+        self.postprocess = None if refinement is None or refinement.method == NO_REFINEMENT else refinement
 
     @classmethod
     def for_model(cls, model: SegmentationModel, **overrides):
@@ -97,12 +107,12 @@ class RecordedSettings:
 
     def settings(self) -> InferenceSettings:
         return InferenceSettings(self.flip_tta, self.scales, self.tile_above_pixels, self.tile_size,
-                                 self.tile_overlap)
+                                 self.tile_overlap, self.postprocess)
 
 
 def refuse_probability_tta(predictor, task: str) -> None:
-    """Normalise ``scales`` and ``tile_size`` to tuples, and refuse flip and multi-scale TTA,
-    which are defined for class probabilities, for a ``task`` whose predictions are not."""
+    """Normalise ``scales`` and ``tile_size`` to tuples, and refuse flip and multi-scale TTA and
+    refinements, which are defined for class probabilities, for a ``task`` whose predictions are not."""
     predictor.scales = tuple(float(s) for s in predictor.scales)
     predictor.tile_size = tuple(int(t) for t in predictor.tile_size)
     if predictor.flip_tta:
@@ -112,11 +122,23 @@ def refuse_probability_tta(predictor, task: str) -> None:
         listed = ", ".join(f"{s:g}" for s in predictor.scales)
         raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for {task} "
                          "segmentation; set scales to [1.0]")
+    if predictor.postprocess is not None:
+        raise ValueError(f"postprocess: {predictor.postprocess.method} refines class probabilities, which "
+                         f"{task} segmentation does not predict; set postprocess to none")
 
 
 @dataclass
 class Predictor(RecordedSettings):
     max_pixels: ClassVar[int | None] = None    # the largest image it predicts: any (it tiles)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        classes = len(self.model.meta.class_names)
+        if self.postprocess is not None and self.postprocess.method == "grabcut" and classes != 2:
+            raise ValueError(f"postprocess: grabcut refines a binary mask (2 classes); this model has "
+                             f"{classes}: use crf")
+        if self.postprocess is not None:
+            check_available(self.postprocess.method)
 
     @torch.no_grad()
     def probs(self, image: np.ndarray) -> torch.Tensor:
@@ -128,6 +150,13 @@ class Predictor(RecordedSettings):
     def mask(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W) uint8 class indices."""
         _check(image)
+        if self.postprocess is not None:
+            if self._tiled(image):
+                h, w = image.shape[:2]
+                raise RefineError(f"postprocess {self.postprocess.method}: refines images of at most "
+                                  f"tile_above_pixels ({self.tile_above_pixels:,}) pixels whole; this one "
+                                  f"has {h * w:,}")
+            return refine_mask(image, self._whole(image).numpy(), self.postprocess)
         if not self._tiled(image):
             return self._whole(image).argmax(0).to(torch.uint8).numpy()
         mask = np.empty(image.shape[:2], np.uint8)
@@ -231,7 +260,10 @@ class Predictor(RecordedSettings):
 
     @torch.no_grad()
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Class-index masks of ``images`` (any sizes), one forward per distinct size."""
+        """Class-index masks of ``images`` (any sizes), one forward per distinct size (one each
+        with a refinement)."""
+        if self.postprocess is not None:
+            return [self.mask(image) for image in images]
         out: list[np.ndarray | None] = [None] * len(images)
         same_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):

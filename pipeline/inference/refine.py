@@ -13,21 +13,43 @@ marginals (C, H, W). The library is an optional extra (``pip install
 of (``p >= sure`` foreground, ``p <= 1 - sure`` background) are fixed, the rest are probable
 foreground (``p >= 0.5``) or probable background; GrabCut then fits its colour models to the
 image and re-decides the probable pixels only. ``grabcut`` returns the refined binary mask;
-with no seed on one side (all foreground or all background) there is nothing for GrabCut's
-colour models to compare, and it says so (``RefineError``) rather than returning the input as
-if refined. OpenCV's RNG is seeded first, so a refinement is reproducible. ``margin`` crops
-the work to the probable pixels' bounding box plus that many pixels (an instance's
-neighbourhood); the rest keeps its seed.
+where the region it works on holds only one side (all foreground or all background) GrabCut's
+colour models have nothing to compare, and the prediction stands as it is. OpenCV's RNG is
+seeded first, so a refinement is reproducible. ``margin`` crops the work to the probable
+pixels' bounding box plus that many pixels (an instance's neighbourhood); the rest keeps its
+seed.
+
+``refine_mask`` applies a ``Refinement`` (``pipeline.models.base``: a method and its
+parameters, as a model records them) to one image's class probabilities; ``refinement_of``
+makes one from a params section (``evaluate`` or ``serve``: ``postprocess``, ``crf``,
+``grabcut``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
+
+from pipeline.models.base import NO_REFINEMENT, Refinement
 
 
 class RefineError(ValueError):
     """A refinement that cannot run on this input (the message says why)."""
+
+
+def check_available(method: str) -> None:
+    """``RefineError`` when ``method`` needs a library this environment lacks (crf: pydensecrf2)."""
+    if method == "crf":
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+        except ImportError:
+            raise RefineError(CRF_MISSING) from None
+
+
+CRF_MISSING = ("crf: needs the optional pydensecrf2 (pip install 'segmentation-pipeline[crf]', which "
+               "builds it with g++)")
 
 
 def dense_crf(image: np.ndarray, probabilities: np.ndarray, *, iterations: int = 5, gaussian_sxy: float = 3,
@@ -39,8 +61,7 @@ def dense_crf(image: np.ndarray, probabilities: np.ndarray, *, iterations: int =
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError:
-        raise RefineError("crf: needs the optional pydensecrf2 (pip install 'segmentation-pipeline[crf]', "
-                          "which builds it with g++)") from None
+        raise RefineError(CRF_MISSING) from None
     _check_image(image, "crf")
     if probabilities.ndim != 3 or probabilities.shape[1:] != image.shape[:2]:
         raise RefineError(f"crf: probabilities {probabilities.shape} are not (C, H, W) for the image "
@@ -88,8 +109,7 @@ def grabcut(image: np.ndarray, probability: np.ndarray, *, sure: float = 0.9, it
     crop = np.ascontiguousarray(seeds[top:bottom, left:right])
     foreground = np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD))
     if foreground.all() or not foreground.any():
-        side = "foreground" if foreground.any() else "background"
-        raise RefineError(f"grabcut: every pixel is {side}; GrabCut needs both to compare their colours")
+        return np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD))          # one side only: nothing to refine
     bgr = np.ascontiguousarray(image[top:bottom, left:right, ::-1])
     background_model, foreground_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)           # its colour models start from k-means on OpenCV's global RNG: reproducible
@@ -97,3 +117,28 @@ def grabcut(image: np.ndarray, probability: np.ndarray, *, sure: float = 0.9, it
     out = np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD))
     out[top:bottom, left:right] = np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD))
     return out
+
+
+def refinement_of(cfg: Any, method: str | None = None) -> Refinement | None:
+    """The refinement a params section (evaluate's or serve's: ``postprocess``, ``crf``,
+    ``grabcut``) asks for, or ``method`` with that section's parameters; None when the section's
+    ``postprocess`` is null (serve: the model's own)."""
+    method = method if method is not None else cfg.postprocess
+    if method is None:
+        return None
+    if method == NO_REFINEMENT:
+        return Refinement(NO_REFINEMENT)
+    return Refinement(method, getattr(cfg, method).model_dump())
+
+
+def refine_mask(image: np.ndarray, probabilities: np.ndarray, refinement: Refinement) -> np.ndarray:
+    """(H, W, 3) uint8 RGB and its (C, H, W) class probabilities -> (H, W) uint8 class indices,
+    refined as ``refinement`` says (``grabcut`` takes two classes: class 1 is the foreground)."""
+    if refinement.method == "crf":
+        return dense_crf(image, probabilities, **refinement.kwargs()).argmax(0).astype(np.uint8)
+    if refinement.method == "grabcut":
+        if probabilities.shape[0] != 2:
+            raise RefineError(f"grabcut refines a binary mask (2 classes); this model has "
+                              f"{probabilities.shape[0]}: use crf")
+        return grabcut(image, probabilities[1], **refinement.kwargs()).astype(np.uint8)
+    return probabilities.argmax(0).astype(np.uint8)

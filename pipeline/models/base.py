@@ -23,20 +23,57 @@ PAD_REFLECT = "reflect"
 PAD_REPLICATE = "replicate"
 
 
+NO_REFINEMENT = "none"
+REFINEMENTS = ("crf", "grabcut")     # pipeline.inference.refine's methods
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """A refinement of the prediction with the image (``pipeline.inference.refine``): ``method``
+    (``crf``, ``grabcut``, or ``none``: explicitly none, which overrides a model's own) and its
+    keyword parameters as sorted (name, value) pairs, so that it stays hashable."""
+
+    method: str
+    params: tuple[tuple[str, float | int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in (NO_REFINEMENT, *REFINEMENTS):
+            raise ValueError(f"postprocess: {self.method!r} is not one of none, {', '.join(REFINEMENTS)}")
+        pairs = self.params.items() if isinstance(self.params, dict) else self.params
+        object.__setattr__(self, "params", tuple(sorted((str(k), v) for k, v in pairs)))
+
+    @classmethod
+    def of(cls, value: Any) -> Refinement | None:
+        """None, a ``Refinement``, or its ``asdict`` form (read back from JSON) -> a Refinement."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(value["method"], value.get("params", ()))
+        raise ValueError(f"postprocess: expected a method and its parameters, got {value!r}")
+
+    def kwargs(self) -> dict[str, float | int]:
+        return dict(self.params)
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """How a whole image is predicted (``pipeline.inference.predictor.Predictor``'s keywords): flip TTA,
-    multi-scale factors, and overlapping ``tile_size`` windows above ``tile_above_pixels``."""
+    multi-scale factors, overlapping ``tile_size`` windows above ``tile_above_pixels``, and a
+    refinement with the image (``postprocess``; None: none)."""
 
     flip_tta: bool
     scales: tuple[float, ...]
     tile_above_pixels: int
     tile_size: tuple[int, int]
     tile_overlap: float
+    postprocess: Refinement | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "tile_size", tuple(int(t) for t in self.tile_size))
+        refinement = Refinement.of(self.postprocess)
+        none = refinement is None or refinement.method == NO_REFINEMENT
+        object.__setattr__(self, "postprocess", None if none else refinement)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,11 @@ import numpy as np
 from pipeline.artifacts import records
 from pipeline.config.params import ServeParams
 from pipeline.data.images import ImageError, ImageLimits, decode_image
+from pipeline.inference.refine import refinement_of
 from pipeline.models.base import InferenceSettings
 from pipeline.serving import api
 from pipeline.tasks import task_of_model
+from pipeline.tasks.options import REFINE
 
 RETRY_AFTER_S = 1
 INFERENCE_KEYS = tuple(f.name for f in fields(InferenceSettings))   # serve params that set them
@@ -190,7 +192,9 @@ class Service:
         self.ref, self.cfg = ref, cfg
         self.task = task_of_model(self.model)
         # The model's own inference settings (its registered score's), unless serve sets one.
-        self.predictor = self.task.predictor(self.model, **cfg.model_dump(include=set(INFERENCE_KEYS)))
+        overrides = cfg.model_dump(include=set(INFERENCE_KEYS) - {"postprocess"})
+        self.predictor = self.task.predictor(self.model, **overrides, postprocess=refinement_of(cfg))
+        self._refined: dict[str, Any] = {}      # ?refine= method -> its predictor
         # A predictor that does not tile (panoptic) takes images up to its own limit only.
         own_limit = self.predictor.max_pixels
         max_pixels = cfg.max_pixels if own_limit is None else min(cfg.max_pixels, own_limit)
@@ -209,6 +213,28 @@ class Service:
         (semantic: (H, W) uint8 masks)."""
         return self.task.predict(self.predictor, images)
 
+    def predictor_for(self, refine: str | None):
+        """The predictor of a request's ``?refine=`` (None: the service's own): the model's own
+        refinement when it records that method, else the method with serve's parameters
+        (``serve.crf``, ``serve.grabcut``); ``none``: no refinement. ``ValueError`` when the
+        model cannot be refined so (grabcut of more than two classes, a library missing)."""
+        if refine is None:
+            return self.predictor
+        if refine not in self._refined:
+            own = self.predictor.postprocess
+            refinement = own if own is not None and own.method == refine else refinement_of(self.cfg, refine)
+            self._refined[refine] = replace(self.predictor, postprocess=refinement)
+        return self._refined[refine]
+
+    def predict_one(self, image: np.ndarray, options: api.Options):
+        """One image as its request's options ask (its own refinement), outside a batch."""
+        return self.task.predict(self.predictor_for(options.task_options.get(REFINE)), [image])[0]
+
+    @staticmethod
+    def batched(options: api.Options) -> bool:
+        """Whether a request goes into the shared batch (one that asks for no refinement of its own)."""
+        return options.task_options.get(REFINE) is None
+
     def admission(self) -> Admission:
         """``with service.admission() as admitted:`` around parse .. answer of one request."""
         return Admission(self.budget)
@@ -218,11 +244,22 @@ class Service:
         """A /predict request -> (RGB image, options); its pixels are taken from the budget
         into ``admitted`` before decoding. Raises ``api.ApiError`` (``Busy`` when full)."""
         options = api.parse_options(query, self.task.answers, self.cfg.overlay_alpha, self.task.query_options)
+        refine = options.task_options.get(REFINE)
+        try:
+            predictor = self.predictor_for(refine)
+        except ValueError as exc:
+            raise api.ApiError(400, f"refine={refine}: {exc}") from None
         data, declared = api.image_bytes(body, content_type)
         try:
-            return decode_image(data, declared, self.limits, admit=admitted.take), options
+            image = decode_image(data, declared, self.limits, admit=admitted.take)
         except ImageError as exc:
             raise api.ApiError(exc.status, str(exc)) from None
+        pixels = image.shape[0] * image.shape[1]
+        if predictor.postprocess is not None and pixels > predictor.tile_above_pixels:
+            raise api.ApiError(413, f"{predictor.postprocess.method} refines images of at most "
+                                    f"{predictor.tile_above_pixels:,} pixels whole; this one has {pixels:,}"
+                                    + (" (?refine=none predicts it without)" if refine is None else ""))
+        return image, options
 
     def answer(self, image: np.ndarray, prediction, options: api.Options) -> api.Reply:
         return api.render(options, image, prediction, self.task, self.model.meta, self.model_facts)
@@ -234,7 +271,7 @@ class Service:
                 image, options = self.parse(body, content_type, query, admitted)
             except api.ApiError as exc:
                 return error_answer(exc)
-            return self.answer(image, self.predict([image])[0], options)
+            return self.answer(image, self.predict_one(image, options), options)
 
     def metadata(self) -> dict[str, Any]:
         meta = self.model.meta

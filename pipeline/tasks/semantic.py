@@ -78,6 +78,7 @@ class SemanticTask(Task):
         return {semantic_eval.PER_CLASS_PLOT: bars, semantic_eval.CONFUSION_PLOT: rows}
 
     answers = semantic_answers.ANSWERS
+    query_options = semantic_answers.QUERY_OPTIONS
 
     def predict(self, predictor, images):
         return predictor.masks(images)

@@ -8,9 +8,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.tasks.base import JSON
+from pipeline.tasks.options import REFINE, QueryOption
 from pipeline.viz import overlays
 
 ANSWERS = {"png": "image/png", "json": JSON, "overlay": "image/jpeg"}
+QUERY_OPTIONS = {REFINE: QueryOption.choice(
+    ("none", "crf", "grabcut"),
+    "refine the mask with the image: a dense CRF, or GrabCut (two-class models); default: the model's own")}
 
 
 def answer(options, image: np.ndarray, mask: np.ndarray, meta) -> tuple[Any, str]:

@@ -28,6 +28,7 @@ from pipeline.config import paths
 from pipeline.config.params import EvaluateParams
 from pipeline.data import shards
 from pipeline.inference.predictor import Predictor
+from pipeline.inference.refine import RefineError
 from pipeline.metrics.boundary import BoundaryIoU
 from pipeline.metrics.confusion import confusion_matrix, segmentation_metrics
 from pipeline.metrics.surface import SurfaceDistances
@@ -76,7 +77,10 @@ def evaluate_split(model: SegmentationModel, data: Path, cfg: EvaluateParams,
     start = time.perf_counter()
     samples = shards.iter_samples(data, cfg.split)
     for image_id, image, truth in tqdm(samples, total=total, desc=f"evaluate {cfg.split}", disable=None):
-        pred = predictor.mask(image)
+        try:
+            pred = predictor.mask(image)
+        except RefineError as exc:
+            raise EvaluateError(f"{cfg.split} image {image_id}: {exc}") from None
         truth = np.array(truth)            # writable, as torch wants
         cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), n_classes, ignore).numpy()
         result.confusion += cm

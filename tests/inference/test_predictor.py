@@ -119,3 +119,39 @@ def test_tiled_prediction_holds_a_band_not_the_whole_image():
     whole_mb = classes * h * w * 4 / 2**20
     band_mb = classes * 256 * w * 4 / 2**20
     assert added_mb < 3 * band_mb + 40, f"{added_mb:.0f} MB added; whole-image probs: {whole_mb:.0f} MB"
+
+
+# ---- refinement with the image (postprocess) --------------------------------------------------
+
+CRF = {"iterations": 5, "gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 80, "bilateral_srgb": 13,
+       "bilateral_compat": 10}
+
+
+def test_a_refined_mask_is_the_refinement_of_the_whole_images_probabilities():
+    from pipeline.inference.refine import dense_crf, grabcut
+    from pipeline.models.base import Refinement
+
+    image = picture(40, 56, seed=3)
+    crf = Predictor(pixel_model(3), postprocess=Refinement("crf", CRF))
+    expected = dense_crf(image, Predictor(pixel_model(3)).probs(image).numpy(), **CRF).argmax(0)
+    np.testing.assert_array_equal(crf.mask(image), expected)
+    np.testing.assert_array_equal(crf.masks([image, image[:20]])[0], expected)     # batches: each alone
+    cut = {"iterations": 3, "sure": 0.9, "margin": None}
+    two = Predictor(pixel_model(2, seed=1), postprocess={"method": "grabcut", "params": cut})  # JSON's form
+    p = Predictor(pixel_model(2, seed=1)).probs(image).numpy()
+    np.testing.assert_array_equal(two.mask(image), grabcut(image, p[1], **cut).astype(np.uint8))
+    assert two.settings().postprocess == Refinement("grabcut", cut)
+
+
+def test_refinements_the_model_cannot_take_are_refused_with_what_to_do():
+    from pipeline.inference.refine import RefineError
+    from pipeline.models.base import Refinement
+
+    with pytest.raises(ValueError, match=r"grabcut refines a binary mask \(2 classes\); this model has 3"):
+        Predictor(pixel_model(3), postprocess=Refinement("grabcut", {"iterations": 1, "sure": 0.9}))
+    assert Predictor(pixel_model(3), postprocess=Refinement("none")).postprocess is None
+    tiled = Predictor(pixel_model(3), postprocess=Refinement("crf", CRF), tile_above_pixels=1024)
+    with pytest.raises(RefineError, match=r"refines images of at most tile_above_pixels \(1,024\) pixels"):
+        tiled.mask(picture(40, 56))
+    with pytest.raises(ValueError, match="postprocess: 'blur' is not one of none, crf, grabcut"):
+        Refinement("blur")

@@ -61,12 +61,10 @@ def test_a_margin_works_around_the_object_only_and_keeps_the_seeds_elsewhere():
     assert iou(refined, truth) > 0.95 and not refined[120:, 120:].any()
 
 
-def test_nothing_to_compare_and_wrong_inputs_are_clear_errors():
+def test_with_one_side_only_the_prediction_stands_and_wrong_inputs_are_clear_errors():
     image, disc = scene(32)
-    with pytest.raises(RefineError, match="every pixel is foreground"):
-        grabcut(image, np.ones(disc.shape, np.float32))
-    with pytest.raises(RefineError, match="every pixel is background"):
-        grabcut(image, np.zeros(disc.shape, np.float32))
+    assert grabcut(image, np.full(disc.shape, 0.7, np.float32)).all()        # all (probable) foreground
+    assert not grabcut(image, np.zeros(disc.shape, np.float32)).any()
     with pytest.raises(RefineError, match=r"probabilities \(8, 8\) do not match the image \(32, 32\)"):
         grabcut(image, np.zeros((8, 8), np.float32))
     with pytest.raises(RefineError, match="uint8 RGB"):
@@ -113,3 +111,38 @@ def test_dense_crf_refuses_probabilities_of_another_shape():
         dense_crf(image, np.full((2, 16, 16), 0.5, np.float32))
     with pytest.raises(RefineError, match="crf: the image must be"):
         dense_crf(image[..., :2].copy(), np.full((2, 32, 32), 0.5, np.float32))
+
+
+def test_a_refinement_travels_in_the_model_meta_and_its_json():
+    import json
+    from dataclasses import asdict
+
+    from pipeline.models.base import InferenceSettings, ModelMeta, Refinement
+
+    settings = InferenceSettings(False, (1.0,), 1024, (64, 64), 0.25, Refinement("crf", {"iterations": 5}))
+    meta = ModelMeta(("a", "b"), inference=settings)
+    again = ModelMeta(**json.loads(json.dumps(meta.to_dict())))
+    assert again.inference == settings and hash(again) == hash(meta)
+    assert again.inference.postprocess.kwargs() == {"iterations": 5}
+    assert InferenceSettings(False, (1.0,), 1024, (64, 64), 0.25).postprocess is None      # older metas
+    explicitly_none = InferenceSettings(False, (1.0,), 1024, (64, 64), 0.25, {"method": "none"})
+    assert asdict(explicitly_none)["postprocess"] is None
+
+
+def test_refinement_of_a_params_section_and_refine_mask():
+    from pipeline.config.params import EvaluateParams
+    from pipeline.inference.refine import refine_mask, refinement_of
+    from pipeline.models.base import Refinement
+
+    cfg = EvaluateParams.defaults()
+    assert refinement_of(cfg) == Refinement("none")
+    crf = refinement_of(cfg.model_copy(update={"postprocess": "crf"}))
+    assert crf.method == "crf" and crf.kwargs() == cfg.crf.model_dump()
+    assert refinement_of(cfg, "grabcut").kwargs() == cfg.grabcut.model_dump()
+    image, disc = scene()
+    probs = two_class(blurry_guess(disc))
+    np.testing.assert_array_equal(refine_mask(image, probs, Refinement("none")), probs.argmax(0))
+    np.testing.assert_array_equal(refine_mask(image, probs, Refinement("grabcut", {"sure": 0.9})),
+                                  grabcut(image, probs[1], sure=0.9))
+    with pytest.raises(RefineError, match=r"grabcut refines a binary mask \(2 classes\); this model has 3"):
+        refine_mask(image, np.full((3, 96, 96), 1 / 3, np.float32), Refinement("grabcut"))

@@ -3,6 +3,7 @@ model resolution against a real MLflow store."""
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -136,9 +137,65 @@ def test_service_answers_in_process(fitted):
     meta = service.metadata()
     assert meta["classes"] == CLASSES and meta["model"]["uri"] == "models:/m/1"
     assert meta["task"] == "semantic" and meta["answers"] == ANSWERS     # the model's task answers
-    assert meta["query_options"] == {}                      # and takes no query options of its own
+    assert list(meta["query_options"]) == ["refine"]        # its own query option: a refinement
+    assert meta["query_options"]["refine"] | {"description": ""} == {
+        "type": "string", "enum": ["none", "crf", "grabcut"], "default": None, "description": ""}
     reply = service.handle_predict(buf.getvalue(), "image/png", [("max_instances", "3")])
     assert reply.status == 400 and "max_instances" in json.loads(reply.body)["error"]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_refine_asks_for_a_refinement_per_request_with_serves_parameters(fitted):
+    from pipeline.inference.refine import dense_crf
+
+    model, _ = fitted
+    cfg = ServeParams.defaults(max_pixels=4000, tile_above_pixels=2000)
+    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"), cfg)
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    refined = service.handle_predict(png_bytes(image), "image/png", [("refine", "crf")])
+    assert refined.status == 200
+    probs = Predictor(model, tile_above_pixels=2000).probs(image).numpy()
+    expected = dense_crf(image, probs, **cfg.crf.model_dump()).argmax(0)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(refined.body))), expected)
+    plain = service.handle_predict(png_bytes(image), "image/png", [("refine", "none")])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(plain.body))),
+                                  Predictor(model).mask(image))
+    for query, status, words in (
+            ([("refine", "grabcut")], 400, r"refine=grabcut: .*grabcut refines a binary mask \(2 classes\); "
+                                           "this model has 3"),
+            ([("refine", "blur")], 400, "refine='blur' is not one of none, crf, grabcut")):
+        reply = service.handle_predict(png_bytes(image), "image/png", query)
+        assert reply.status == status and re.search(words, json.loads(reply.body)["error"]), reply.body
+    large = np.zeros((50, 60, 3), np.uint8)                 # 3,000 pixels: above tile_above_pixels
+    reply = service.handle_predict(png_bytes(large), "image/png", [("refine", "crf")])
+    error = json.loads(reply.body)["error"]
+    assert reply.status == 413 and "refines images of at most 2,000 pixels whole" in error
+    assert service.handle_predict(png_bytes(large), "image/png").status == 200      # no refinement: tiles
+
+
+def test_serve_can_refine_every_request_and_refine_none_turns_it_off(fitted):
+    model, _ = fitted
+    service = Service(model, ModelRef(uri="models:/m/1", name="m", version="1"),
+                      ServeParams.defaults(postprocess="crf"))
+    assert service.predictor.postprocess.method == "crf" and service.metadata()["inference"]["postprocess"]
+    assert service.predictor_for("none").postprocess is None
+    assert service.predictor_for("crf") is service.predictor
+
+
+def test_the_refine_option_is_semantic_segmentations_only():
+    from pipeline.tasks.instance import InstanceTask
+    from pipeline.tasks.panoptic import PanopticTask
+
+    for task in (InstanceTask, PanopticTask):
+        assert "refine" not in task.query_options
+        with pytest.raises(api.ApiError, match="unknown query parameter 'refine'") as err:
+            api.parse_options([("refine", "crf")], task.answers, task_options=task.query_options)
+        assert err.value.status == 400
 
 
 def test_resolve_model(fitted, env):
