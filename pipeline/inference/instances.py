@@ -28,12 +28,16 @@ images of any sizes:
   never as an image-sized array per instance (``pipeline.inference.rle.from_crop``).
 
 Flip test-time augmentation and multi-scale prediction are defined for class probabilities
-(``pipeline.inference.predictor``), not for instances: settings that ask for them are refused.
+(``pipeline.inference.predictor``), not for instances: settings that ask for them are refused,
+as is the dense CRF. ``postprocess: grabcut`` refines each instance's mask with the image:
+GrabCut seeded from its mask probabilities (``pipeline.inference.refine.grabcut``, within its
+``margin``), for images predicted whole (larger ones are refused).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 
 from pipeline.inference.predictor import RecordedSettings, _check, refuse_probability_tta, window_starts
+from pipeline.inference.refine import RefineError, check_available, grabcut
 from pipeline.inference.rle import from_crop
 from pipeline.inference.tensors import forward_images
 from pipeline.metrics.instance import Instances, encode, mask_iou
@@ -56,16 +61,21 @@ def _ordered(output: dict, score_threshold: float) -> tuple[torch.Tensor, torch.
 
 
 def _masks(output: dict, order: torch.Tensor, height: int, width: int,
-           mask_threshold: float):
+           mask_threshold: float, refine: Callable[[np.ndarray], np.ndarray] | None = None):
     """(index, (height, width) uint8 mask) of each instance of ``order`` whose mask is not
-    empty, in order, thresholded ``CHUNK`` at a time on the model's device."""
+    empty, in order, thresholded ``CHUNK`` at a time on the model's device; with ``refine``
+    ((height, width) float32 probabilities -> bool mask, e.g. GrabCut) each is refined instead."""
     masks = output["masks"]
     if masks.shape[-2] < height or masks.shape[-1] < width:
         raise ValueError(f"masks of {tuple(masks.shape[-2:])} for an image of {height}x{width}")
     for c in range(0, len(order), CHUNK):
         chunk = order[c:c + CHUNK]
-        binary = masks[chunk.to(masks.device), 0, :height, :width] > mask_threshold
-        binary = binary.to(torch.uint8).cpu().numpy()
+        if refine is not None:
+            probabilities = masks[chunk.to(masks.device), 0, :height, :width].float().cpu().numpy()
+            binary = np.array([refine(p) for p in probabilities], np.uint8).reshape(-1, height, width)
+        else:
+            binary = masks[chunk.to(masks.device), 0, :height, :width] > mask_threshold
+            binary = binary.to(torch.uint8).cpu().numpy()
         for index, mask in zip(chunk.tolist(), binary, strict=True):
             if mask.any():
                 yield index, mask
@@ -80,16 +90,17 @@ def _box(output: dict, index: int, height: int, width: int, dy: int = 0, dx: int
 
 
 def to_instances(output: dict, height: int, width: int, mask_threshold: float = 0.5,
-                 score_threshold: float = 0.0, max_instances: int | None = None) -> Instances:
+                 score_threshold: float = 0.0, max_instances: int | None = None,
+                 refine: Callable[[np.ndarray], np.ndarray] | None = None) -> Instances:
     """One image's model output -> ``Instances`` (height x width; a larger, padded mask is
     cropped): instances scoring at least ``score_threshold``, highest score first, at most
-    ``max_instances``; masks above ``mask_threshold`` as COCO RLE, those left empty dropped;
-    boxes the model's, clipped to the image."""
+    ``max_instances``; masks above ``mask_threshold`` (or ``refine``'s of the mask
+    probabilities) as COCO RLE, those left empty dropped; boxes the model's, clipped to the image."""
     scores, order = _ordered(output, score_threshold)
     labels = output["labels"].detach().cpu()
     out = Instances(height, width)
     kept, masks = [], []
-    for index, mask in _masks(output, order, height, width, mask_threshold):
+    for index, mask in _masks(output, order, height, width, mask_threshold, refine):
         kept.append(index)
         masks.append(mask)
         if max_instances is not None and len(kept) >= max_instances:
@@ -198,7 +209,9 @@ class InstancePredictor(RecordedSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        refuse_probability_tta(self, "instance")
+        refuse_probability_tta(self, "instance", refinements=("grabcut",))
+        if self.postprocess is not None:
+            check_available(self.postprocess.method)
         if not 0.0 < self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap: {self.tile_overlap:g}; instances cut by a tile border are "
                              "joined in the band two tiles share, so it must be above 0 (and below 1)")
@@ -212,6 +225,10 @@ class InstancePredictor(RecordedSettings):
         same_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             if self._tiled(image):
+                if self.postprocess is not None:
+                    raise RefineError(f"postprocess {self.postprocess.method}: refines images of at most "
+                                      f"tile_above_pixels ({self.tile_above_pixels:,}) pixels whole; this "
+                                      f"one has {image.shape[0] * image.shape[1]:,}")
                 out[i] = self._tiled_instances(image)
             else:
                 same_size[image.shape].append(i)
@@ -219,8 +236,15 @@ class InstancePredictor(RecordedSettings):
             outputs = self._forward([images[i] for i in indices])
             for i, output in zip(indices, outputs, strict=True):
                 out[i] = to_instances(output, h, w, self.mask_threshold, self.score_threshold,
-                                      self.max_instances)
+                                      self.max_instances, self._refiner(images[i]))
         return out
+
+    def _refiner(self, image: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+        """GrabCut of one instance's mask probabilities with ``image``, or None (thresholds)."""
+        if self.postprocess is None:
+            return None
+        kwargs = self.postprocess.kwargs()
+        return lambda probability: grabcut(image, probability, **kwargs)
 
     def _tiled(self, image: np.ndarray) -> bool:
         return image.shape[0] * image.shape[1] > self.tile_above_pixels

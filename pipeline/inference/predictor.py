@@ -110,9 +110,10 @@ class RecordedSettings:
                                  self.tile_overlap, self.postprocess)
 
 
-def refuse_probability_tta(predictor, task: str) -> None:
+def refuse_probability_tta(predictor, task: str, refinements: tuple[str, ...] = ()) -> None:
     """Normalise ``scales`` and ``tile_size`` to tuples, and refuse flip and multi-scale TTA and
-    refinements, which are defined for class probabilities, for a ``task`` whose predictions are not."""
+    refinements (but ``refinements``), which are defined for class probabilities, for a ``task``
+    whose predictions are not."""
     predictor.scales = tuple(float(s) for s in predictor.scales)
     predictor.tile_size = tuple(int(t) for t in predictor.tile_size)
     if predictor.flip_tta:
@@ -122,9 +123,10 @@ def refuse_probability_tta(predictor, task: str) -> None:
         listed = ", ".join(f"{s:g}" for s in predictor.scales)
         raise ValueError(f"scales: multi-scale prediction ({listed}) is not defined for {task} "
                          "segmentation; set scales to [1.0]")
-    if predictor.postprocess is not None:
+    if predictor.postprocess is not None and predictor.postprocess.method not in refinements:
+        allowed = ", ".join(("none", *refinements))
         raise ValueError(f"postprocess: {predictor.postprocess.method} refines class probabilities, which "
-                         f"{task} segmentation does not predict; set postprocess to none")
+                         f"{task} segmentation does not predict; set postprocess to {allowed}")
 
 
 @dataclass

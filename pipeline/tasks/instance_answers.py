@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from pipeline.inference.instances import select
 from pipeline.metrics.instance import DEFAULT_MIN_SCORE, Instances
 from pipeline.tasks.base import JSON
-from pipeline.tasks.options import INTEGER, NUMBER, QueryOption
+from pipeline.tasks.options import INTEGER, NUMBER, REFINE, QueryOption
 from pipeline.viz import instances as pictures
 from pipeline.viz import overlays
 
@@ -41,6 +41,8 @@ QUERY_OPTIONS = {
                                  "answer the instances scoring at least this"),
     MAX_INSTANCES: QueryOption(INTEGER, 1, 1000, None, "answer at most this many, the highest-scored "
                                                        "(default: all)"),
+    REFINE: QueryOption.choice(("none", "grabcut"), "refine each instance's mask with the image by GrabCut; "
+                                                    "default: the model's own"),
 }
 PNG_TEXT_KEY = "instances"
 MAX_8BIT = 255

@@ -27,6 +27,7 @@ from pipeline.artifacts import records
 from pipeline.config import paths
 from pipeline.config.params import EvaluateParams
 from pipeline.data import shards
+from pipeline.inference.refine import RefineError
 from pipeline.metrics.instance import DEFAULT_MIN_SCORE, Instances, coco_ap, dsb_image_score
 from pipeline.tasks.base import EvaluateError
 from pipeline.tasks.semantic_eval import file_stem
@@ -67,7 +68,10 @@ def evaluate_split(model, data: Path, cfg: EvaluateParams, predictor) -> Evaluat
                                        desc=f"evaluate {cfg.split}", disable=None):
         result.ids.append(image_id)
         result.truth.append(truth)
-        result.predicted.append(predictor.instances([image])[0])
+        try:
+            result.predicted.append(predictor.instances([image])[0])
+        except RefineError as exc:
+            raise EvaluateError(f"{cfg.split} image {image_id}: {exc}") from None
     result.seconds = time.perf_counter() - start
     if not result.ids:
         raise EvaluateError(f"{data}/{cfg.split}: the split has no images")

@@ -308,3 +308,48 @@ def test_a_tiled_prediction_holds_a_tile_not_an_image_per_instance():
     blobs, found, added_mb = out.stdout.split()
     assert int(found) == int(blobs)                      # every object once, cut or not
     assert float(added_mb) < 100, f"{float(added_mb):.0f} MB added"
+
+
+class SoftBlobNet(BlobNet):
+    """BlobNet whose masks are too large by 4 pixels and soft at their edge, as a coarse mask
+    head gives them (a blurred dilation of each blob)."""
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = super().forward(x)
+        for one in out:
+            grown = [cv2.dilate((m[0] > 0.5).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(np.float32)
+                     for m in one["masks"].numpy()]
+            soft = [cv2.GaussianBlur(g, (0, 0), 4)[None] for g in grown]
+            one["masks"] = torch.tensor(np.array(soft, np.float32).reshape(one["masks"].shape))
+        return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_grabcut_refines_each_instances_mask_with_the_image():
+    from pipeline.models.base import Refinement
+
+    image = draw(96, 128, [("circle", (30, 40, 14), 200, False), ("rect", (70, 20, 110, 60), 160, True)])
+    truth = InstancePredictor(BlobNet()).instances([image])[0]
+    soft = InstancePredictor(SoftBlobNet()).instances([image])[0]
+    cut = Refinement("grabcut", {"iterations": 5, "sure": 0.9, "margin": 8})
+    refined = InstancePredictor(SoftBlobNet(), postprocess=cut).instances([image])[0]
+    assert len(truth) == len(soft) == len(refined) == 2
+    assert refined.scores == soft.scores and refined.boxes == soft.boxes and refined.classes == soft.classes
+    for t, s, r in zip(decoded(truth), decoded(soft), decoded(refined), strict=True):
+        assert mask_iou(s, t) < 0.8 and mask_iou(r, t) > 0.95
+
+
+def test_an_instance_model_takes_grabcut_only_and_on_whole_images():
+    from pipeline.inference.refine import RefineError
+    from pipeline.models.base import Refinement
+
+    with pytest.raises(ValueError, match="postprocess: crf refines class probabilities, which instance "
+                                         "segmentation does not predict; set postprocess to none, grabcut"):
+        InstancePredictor(BlobNet(), postprocess=Refinement("crf"))
+    cut = Refinement("grabcut", {"iterations": 1, "sure": 0.9, "margin": 8})
+    tiled = InstancePredictor(BlobNet(), postprocess=cut, tile_above_pixels=4096, tile_size=(64, 80))
+    with pytest.raises(RefineError, match=r"refines images of at most tile_above_pixels \(4,096\) pixels"):
+        tiled.instances([draw(96, 128, [])])
