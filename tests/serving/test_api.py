@@ -187,15 +187,19 @@ def test_serve_can_refine_every_request_and_refine_none_turns_it_off(fitted):
     assert service.predictor_for("crf") is service.predictor
 
 
-def test_the_refine_option_is_semantic_segmentations_only():
+def test_the_refine_option_offers_what_each_task_can_take():
     from pipeline.tasks.instance import InstanceTask
     from pipeline.tasks.panoptic import PanopticTask
 
-    for task in (InstanceTask, PanopticTask):
-        assert "refine" not in task.query_options
-        with pytest.raises(api.ApiError, match="unknown query parameter 'refine'") as err:
-            api.parse_options([("refine", "crf")], task.answers, task_options=task.query_options)
-        assert err.value.status == 400
+    with pytest.raises(api.ApiError, match="refine='crf' is not one of none, grabcut") as err:
+        api.parse_options([("refine", "crf")], InstanceTask.answers, task_options=InstanceTask.query_options)
+    assert err.value.status == 400
+    assert api.parse_options([("refine", "grabcut")], InstanceTask.answers,
+                             task_options=InstanceTask.query_options).task_options["refine"] == "grabcut"
+    assert "refine" not in PanopticTask.query_options
+    with pytest.raises(api.ApiError, match="unknown query parameter 'refine'") as err:
+        api.parse_options([("refine", "crf")], PanopticTask.answers, task_options=PanopticTask.query_options)
+    assert err.value.status == 400
 
 
 def test_resolve_model(fitted, env):
