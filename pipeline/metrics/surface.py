@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 PERCENTILE = 95.0
 
@@ -38,6 +37,8 @@ class SurfaceDistances:
         both = sorted(in_truth & in_pred)
         if not both:
             return
+        from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance  # slow import
+
         maps = [np.stack([(m == c) & labelled for c in both])[None] for m in (pred, truth)]
         y_pred, y = (torch.from_numpy(m) for m in maps)
         with warnings.catch_warnings():      # MONAI 1.6 warns about its own use of a deprecated argument
