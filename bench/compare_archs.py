@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.results_doc import write_section  # noqa: E402  (the repository is on the path now)
+
 PREFIX = "cmp-"                      # the experiments' names
 SIZE = (360, 480)                    # CamVid's frames: GFLOPs and images/s at this size
 MOBILENET = {"encoder_name": "mobilenet_v2", "encoder_weights": "imagenet"}
@@ -247,9 +249,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return "–" if value is None else format(value, fmt)
 
     lines = [
-        "# Architectures compared on one wall-clock budget",
+        "## Architectures compared on one wall-clock budget",
         "",
-        "Written by `python bench/compare_archs.py` (do not edit by hand): each architecture trained "
+        "Written by `python bench/compare_archs.py`: each architecture trained "
         "by `dvc exp run` with the repository's recipe and data (CamVid by default) and a wall-clock "
         "budget (`train.max_minutes`, "
         "training and validation; column minutes) on this machine's CPU, then scored on the test "
@@ -282,6 +284,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+SECTION = "archs"      # its section of docs/results.md (bench/results_doc.py)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=None, help="budget per architecture (default 10)")
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_rows(rows, minutes, args.repo, args.model_name, ledger)
     results = table_rows(rows, read_ledger(ledger))
     out = args.out if args.out.is_absolute() else args.repo / args.out
-    write_atomic(out, markdown(results))
+    write_section(out, SECTION, markdown(results))
     scored = [r for r in results if r["miou"] is not None]
     best = max(scored, key=lambda r: r["miou"]) if scored else None
     print(f"{out}: {len(results)} rows")
