@@ -137,7 +137,8 @@ class PrepareParams(Section):
 LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary",
               "distance_ce", "sensitivity_specificity", "hausdorff", "surface")
 # The instance task's terms: weights of Mask R-CNN's own losses (pipeline.tasks.instance).
-INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask")
+INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask",
+                       "iou_balanced_classifier")     # the last in place of classifier
 # The panoptic task's: those of its Mask R-CNN and its semantic branch's (pipeline.models.panoptic_fpn).
 PANOPTIC_LOSS_NAMES = INSTANCE_LOSS_NAMES + ("semantic",)
 
@@ -161,6 +162,8 @@ class LossParams(Section):
     distance_sigma: float = Field(..., gt=0, le=100, description="distance_ce: its fall-off, pixels")
     sensitivity_weight: float = Field(..., ge=0, le=1, description="sensitivity_specificity: r")
     hausdorff_alpha: float = Field(..., gt=0, le=4, description="hausdorff: the distances' exponent")
+    iou_balance_eta: float = Field(..., ge=0, le=10,
+                                   description="iou_balanced_classifier: the exponent of the IoU weights")
 
     @model_validator(mode="after")
     def _weights_positive(self) -> LossParams:

@@ -168,6 +168,9 @@ def build(cfg: TorchvisionModelParams, classes: int, meta: ModelMeta) -> Panopti
     cfg = cfg.model_copy(update={"kwargs": {"box_score_thresh": DEFAULT_MIN_SCORE} | cfg.kwargs})
     net = tv.mobilenet_maskrcnn(cfg, len(things))
     net.transform = tv.fixed_scale_transform(cfg.image_scale)
+    from pipeline.models.iou_balanced import keep_box_samples
+
+    keep_box_samples(net)              # for loss.terms' iou_balanced_classifier
     head = SemanticFPNHead(net.backbone.out_channels, len(tv.FPN_MAPS), classes - len(things) + 1)
     return PanopticModel(net, head, tv.with_normalisation(cfg, meta), classes)
 

@@ -123,6 +123,9 @@ def build(cfg: TorchvisionModelParams, classes: int, meta: ModelMeta) -> Segment
         net = builder(weights=None, weights_backbone=None, num_classes=classes + 1,
                       trainable_backbone_layers=cfg.trainable_layers, **cfg.kwargs)
     net.transform = fixed_scale_transform(cfg.image_scale)
+    from pipeline.models.iou_balanced import keep_box_samples
+
+    keep_box_samples(net)              # for loss.terms' iou_balanced_classifier
     return InstanceModel(net, with_normalisation(cfg, meta))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.data import instance_batches
 from pipeline.inference.instances import InstancePredictor, to_instances
 from pipeline.metrics.instance import Instances, coco_ap, dsb_score
+from pipeline.models.iou_balanced import BOX_SAMPLES, iou_balanced_ce
 from pipeline.models.panoptic_fpn import SEMANTIC_LOSS
 from pipeline.tasks import instance_answers, instance_eval
 from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
@@ -27,6 +28,8 @@ from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
 # loss.terms names for the instance task (params.INSTANCE_LOSS_NAMES) -> Mask R-CNN's loss keys.
 INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
                        "classifier": "loss_classifier", "box_reg": "loss_box_reg", "mask": "loss_mask"}
+# In place of classifier: the box head's IoU-balanced classification (pipeline.models.iou_balanced).
+IOU_BALANCED = "iou_balanced_classifier"
 # The panoptic task's (params.PANOPTIC_LOSS_NAMES): its Mask R-CNN's and its semantic branch's.
 PANOPTIC_LOSS_TERMS = INSTANCE_LOSS_TERMS | {"semantic": SEMANTIC_LOSS}
 # Panoptic FPN's recipe (Kirillov et al. 2019; detectron2's COCO config): instance losses 1, semantic 0.5.
@@ -35,16 +38,38 @@ AP_PLOT = "val_ap.json"
 
 
 class MaskRCNNLoss(nn.Module):
-    """The weighted sum of a Mask R-CNN's loss dict (``loss.terms`` weights by our names)."""
+    """The weighted sum of a Mask R-CNN's loss dict (``loss.terms`` weights by our names); with
+    ``iou_balanced_classifier``, the box head's IoU-balanced classification loss (exponent
+    ``eta``) computed from its ``BOX_SAMPLES`` entry, which the task adds to the dict."""
 
     terms = INSTANCE_LOSS_TERMS     # our names -> the model's loss keys
 
-    def __init__(self, weights: dict[str, float]):
+    def __init__(self, weights: dict[str, float], eta: float = 1.5):
         super().__init__()
-        self.weights = {self.terms[name]: float(w) for name, w in weights.items()}
+        self.weights = {self.terms[name]: float(w) for name, w in weights.items() if name != IOU_BALANCED}
+        self.iou_balanced, self.eta = float(weights.get(IOU_BALANCED, 0.0)), eta
+
+    @property
+    def needs_box_samples(self) -> bool:
+        return self.iou_balanced > 0
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(w * losses[key].float() for key, w in self.weights.items())
+        total = sum(w * losses[key].float() for key, w in self.weights.items())
+        if self.needs_box_samples:
+            total = total + self.iou_balanced * iou_balanced_ce(losses[BOX_SAMPLES], self.eta)
+        return total
+
+
+def check_terms(terms: dict[str, float], known: dict[str, str], task: str, model: str) -> None:
+    """``ValueError`` unless ``terms`` weighs each of ``known`` (the model's losses), with
+    ``iou_balanced_classifier`` allowed in place of ``classifier``."""
+    if IOU_BALANCED in terms and "classifier" in terms:
+        raise ValueError("loss.terms: classifier and iou_balanced_classifier are two forms of the box "
+                         "head's classification loss; weigh one of them")
+    missing = sorted(set(known) - set(terms) - ({"classifier"} if IOU_BALANCED in terms else set()))
+    if missing:
+        raise ValueError(f"loss.terms: the {task} task needs a weight for each of {model}'s "
+                         f"losses; missing {', '.join(missing)}")
 
 
 class PanopticFPNLoss(MaskRCNNLoss):
@@ -55,8 +80,8 @@ class PanopticFPNLoss(MaskRCNNLoss):
 
     terms = PANOPTIC_LOSS_TERMS
 
-    def __init__(self, weights: dict[str, float] | None = None):
-        super().__init__(PANOPTIC_PAPER_WEIGHTS if weights is None else weights)
+    def __init__(self, weights: dict[str, float] | None = None, eta: float = 1.5):
+        super().__init__(PANOPTIC_PAPER_WEIGHTS if weights is None else weights, eta)
 
 
 class InstanceMetric:
@@ -117,17 +142,15 @@ class InstanceTask(OwnLossTask):
         return model(images), None     # Mask R-CNN takes no losses in eval mode
 
     def build_loss(self, loss_cfg, num_classes, ignore_index, class_weights) -> nn.Module:
-        unknown = sorted(set(loss_cfg.terms) - set(INSTANCE_LOSS_TERMS))
+        unknown = sorted(set(loss_cfg.terms) - set(INSTANCE_LOSS_TERMS) - {IOU_BALANCED})
         if unknown:
             raise ValueError(
                 f"loss.terms: {', '.join(unknown)} are semantic-segmentation losses; the instance task "
                 f"weighs Mask R-CNN's own losses: {', '.join(INSTANCE_LOSS_TERMS)} "
-                "(e.g. terms: {rpn_objectness: 1, rpn_box: 1, classifier: 1, box_reg: 1, mask: 1})")
-        missing = sorted(set(INSTANCE_LOSS_TERMS) - set(loss_cfg.terms))
-        if missing:
-            raise ValueError(f"loss.terms: the instance task needs a weight for each of Mask R-CNN's "
-                             f"losses; missing {', '.join(missing)}")
-        return MaskRCNNLoss(dict(loss_cfg.terms))
+                "(e.g. terms: {rpn_objectness: 1, rpn_box: 1, classifier: 1, box_reg: 1, mask: 1}; "
+                f"{IOU_BALANCED} in place of classifier)")
+        check_terms(loss_cfg.terms, INSTANCE_LOSS_TERMS, "instance", "Mask R-CNN")
+        return MaskRCNNLoss(dict(loss_cfg.terms), loss_cfg.iou_balance_eta)
 
     def metric(self, num_classes: int, ignore_index: int, device: torch.device,
                thing_classes: Sequence[int] = ()) -> InstanceMetric:

@@ -34,7 +34,12 @@ class OwnLossTask(Task):
                 for t in targets]
 
     def training_loss(self, model, images, targets, loss_fn):
-        return loss_fn(model(images, targets))
+        losses = model(images, targets)
+        if getattr(loss_fn, "needs_box_samples", False):       # IoU-balanced classification
+            from pipeline.models.iou_balanced import BOX_SAMPLES, take_box_samples
+
+            losses = losses | {BOX_SAMPLES: take_box_samples(model)}
+        return loss_fn(losses)
 
     # --- the evaluate stage: ``evaluation``'s functions ---------------------------------------
     def evaluate_split(self, model, data, cfg, predictor) -> Any:

@@ -23,7 +23,7 @@ from pipeline.inference.panoptic import PanopticPredictor
 from pipeline.metrics.panoptic import PanopticMetric
 from pipeline.metrics.panoptic_types import VOID
 from pipeline.tasks import panoptic_answers, panoptic_eval
-from pipeline.tasks.instance import PANOPTIC_LOSS_TERMS, PanopticFPNLoss
+from pipeline.tasks.instance import IOU_BALANCED, PANOPTIC_LOSS_TERMS, PanopticFPNLoss, check_terms
 from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
 
 PQ_PLOT = "val_pq.json"
@@ -72,16 +72,14 @@ class PanopticTask(OwnLossTask):
         return predicted, None
 
     def build_loss(self, loss_cfg, num_classes, ignore_index, class_weights) -> nn.Module:
-        unknown = sorted(set(loss_cfg.terms) - set(PANOPTIC_LOSS_TERMS))
+        unknown = sorted(set(loss_cfg.terms) - set(PANOPTIC_LOSS_TERMS) - {IOU_BALANCED})
         if unknown:
             raise ValueError(
                 f"loss.terms: {', '.join(unknown)} are not losses of Panoptic FPN; the panoptic task "
-                f"weighs its own losses: {', '.join(PANOPTIC_LOSS_TERMS)}")
-        missing = sorted(set(PANOPTIC_LOSS_TERMS) - set(loss_cfg.terms))
-        if missing:
-            raise ValueError(f"loss.terms: the panoptic task needs a weight for each of Panoptic FPN's "
-                             f"losses; missing {', '.join(missing)}")
-        return PanopticFPNLoss(dict(loss_cfg.terms))
+                f"weighs its own losses: {', '.join(PANOPTIC_LOSS_TERMS)} ({IOU_BALANCED} in place of "
+                "classifier)")
+        check_terms(loss_cfg.terms, PANOPTIC_LOSS_TERMS, "panoptic", "Panoptic FPN")
+        return PanopticFPNLoss(dict(loss_cfg.terms), loss_cfg.iou_balance_eta)
 
     def metric(self, num_classes: int, ignore_index: int, device: torch.device,
                thing_classes: Sequence[int] = ()) -> ValidationMetric:
