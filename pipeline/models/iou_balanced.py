@@ -56,6 +56,7 @@ class SampleKeepingRoIHeads(RoIHeads):
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
+            self.box_samples = None          # a training step's samples do not outlive it
             return super().forward(features, proposals, image_shapes, targets)
         outputs = {}
         hook = self.box_predictor.register_forward_hook(lambda _m, _i, out: outputs.setdefault("box", out))
