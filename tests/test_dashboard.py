@@ -341,6 +341,11 @@ def test_try_it_with_the_server_down_then_up(app, workspace):
         assert len(app.get("image")) == 1
         areas = chart(app, "areas")["data"][0]
         assert sum(areas["x"]) == pytest.approx(1.0)
+        assert app.selectbox(key="option-refine").value is None              # the model's own
+        assert app.selectbox(key="option-refine").options == ["model's own", "none", "crf", "grabcut"]
+        app.selectbox(key="option-refine").select("crf").run()
+        app.button(key="segment").click().run()
+        assert not app.exception and not app.error and len(app.get("image")) == 1
     finally:
         server.shutdown()
 
