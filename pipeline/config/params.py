@@ -137,8 +137,8 @@ class PrepareParams(Section):
 LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "jaccard", "lovasz", "tversky", "topk", "boundary",
               "distance_ce", "sensitivity_specificity", "hausdorff", "surface")
 # The instance task's terms: weights of Mask R-CNN's own losses (pipeline.tasks.instance).
-INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask",
-                       "iou_balanced_classifier")     # the last in place of classifier
+INSTANCE_LOSS_NAMES = ("rpn_objectness", "rpn_box", "classifier", "box_reg", "mask")
+IOU_BALANCED_LOSS = "iou_balanced_classifier"   # instance and panoptic: in place of classifier
 # The panoptic task's: those of its Mask R-CNN and its semantic branch's (pipeline.models.panoptic_fpn).
 PANOPTIC_LOSS_NAMES = INSTANCE_LOSS_NAMES + ("semantic",)
 
@@ -150,7 +150,8 @@ class LossParams(Section):
 
     section: ClassVar[str] = "loss"
 
-    terms: dict[Literal[LOSS_NAMES + PANOPTIC_LOSS_NAMES], float] = Field(..., min_length=1)
+    terms: dict[Literal[LOSS_NAMES + PANOPTIC_LOSS_NAMES + (IOU_BALANCED_LOSS,)], float] = Field(
+        ..., min_length=1)
     # weighted_ce's class weights: a list (one per class) or a scheme from prepare's card.
     class_weights: Literal["median_frequency", "enet"] | list[float] | None = Field(...)
     focal_gamma: float = Field(..., ge=0, le=10)

@@ -70,8 +70,9 @@ def dense_crf(image: np.ndarray, probabilities: np.ndarray, *, iterations: int =
     crf = dcrf.DenseCRF2D(width, height, classes)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probabilities.astype(np.float32))))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image),
-                             compat=bilateral_compat)
+    # pydensecrf takes a writable C-ordered buffer only (a decoded request's image is read-only).
+    rgb = np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat)
     return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(classes, height, width)
 
 

@@ -40,7 +40,7 @@ from segmentation_models_pytorch.losses import (
 )
 from torch import Tensor, nn
 
-from pipeline.config.params import INSTANCE_LOSS_NAMES, LOSS_NAMES, LossParams
+from pipeline.config.params import INSTANCE_LOSS_NAMES, IOU_BALANCED_LOSS, LOSS_NAMES, LossParams
 
 
 class Term(nn.Module):
@@ -231,7 +231,7 @@ def build_term(name: str, cfg: LossParams, ignore_index: int, weight: Tensor | N
             return distance.HausdorffDistanceLoss(ignore_index, cfg.hausdorff_alpha)
         case "surface":
             return distance.SurfaceLoss(ignore_index)
-    if name in INSTANCE_LOSS_NAMES:
+    if name in (*INSTANCE_LOSS_NAMES, IOU_BALANCED_LOSS):
         raise ValueError(f"loss.terms: {name!r} weighs a Mask R-CNN loss of the instance task; semantic "
                          f"segmentation takes {', '.join(LOSS_NAMES)}")
     raise ValueError(f"unknown loss term {name!r} in loss.terms; known: {', '.join(LOSS_NAMES)}")

@@ -30,7 +30,7 @@ from pipeline.artifacts import records
 from pipeline.config.params import ServeParams
 from pipeline.data.images import ImageError, ImageLimits, decode_image
 from pipeline.inference.refine import refinement_of
-from pipeline.models.base import InferenceSettings
+from pipeline.models.base import NO_REFINEMENT, InferenceSettings
 from pipeline.serving import api
 from pipeline.tasks import task_of_model
 from pipeline.tasks.options import REFINE
@@ -218,12 +218,11 @@ class Service:
         refinement when it records that method, else the method with serve's parameters
         (``serve.crf``, ``serve.grabcut``); ``none``: no refinement. ``ValueError`` when the
         model cannot be refined so (grabcut of more than two classes, a library missing)."""
-        if refine is None:
+        own = self.predictor.postprocess
+        if refine is None or refine == (own.method if own is not None else NO_REFINEMENT):
             return self.predictor
         if refine not in self._refined:
-            own = self.predictor.postprocess
-            refinement = own if own is not None and own.method == refine else refinement_of(self.cfg, refine)
-            self._refined[refine] = replace(self.predictor, postprocess=refinement)
+            self._refined[refine] = replace(self.predictor, postprocess=refinement_of(self.cfg, refine))
         return self._refined[refine]
 
     def predict_one(self, image: np.ndarray, options: api.Options):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.config.params import IOU_BALANCED_LOSS
 from pipeline.data import instance_batches
 from pipeline.inference.instances import InstancePredictor, to_instances
 from pipeline.metrics.instance import Instances, coco_ap, dsb_score
@@ -29,7 +30,7 @@ from pipeline.tasks.own_loss import OwnLossTask, nan_for_none
 INSTANCE_LOSS_TERMS = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
                        "classifier": "loss_classifier", "box_reg": "loss_box_reg", "mask": "loss_mask"}
 # In place of classifier: the box head's IoU-balanced classification (pipeline.models.iou_balanced).
-IOU_BALANCED = "iou_balanced_classifier"
+IOU_BALANCED = IOU_BALANCED_LOSS
 # The panoptic task's (params.PANOPTIC_LOSS_NAMES): its Mask R-CNN's and its semantic branch's.
 PANOPTIC_LOSS_TERMS = INSTANCE_LOSS_TERMS | {"semantic": SEMANTIC_LOSS}
 # Panoptic FPN's recipe (Kirillov et al. 2019; detectron2's COCO config): instance losses 1, semantic 0.5.

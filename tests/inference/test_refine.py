@@ -105,6 +105,14 @@ def test_dense_crf_cleans_speckle_in_regions_of_one_colour():
     assert before < 0.9 and after > 0.99
 
 
+def test_dense_crf_takes_a_read_only_image():
+    image, disc = scene(32)
+    probs = two_class(blurry_guess(disc))
+    locked = image.copy()
+    locked.flags.writeable = False                 # as a decoded request's image is
+    np.testing.assert_array_equal(dense_crf(locked, probs), dense_crf(image, probs))
+
+
 def test_dense_crf_refuses_probabilities_of_another_shape():
     image, _ = scene(32)
     with pytest.raises(RefineError, match=r"probabilities \(2, 16, 16\) are not \(C, H, W\) for the image"):

@@ -139,7 +139,9 @@ def test_metadata_lists_the_instance_query_options(service):
         "score_threshold": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.5,
                             "description": QUERY_OPTIONS["score_threshold"].description},
         "max_instances": {"type": "integer", "minimum": 1, "maximum": 1000, "default": None,
-                          "description": QUERY_OPTIONS["max_instances"].description}}
+                          "description": QUERY_OPTIONS["max_instances"].description},
+        "refine": {"type": "string", "enum": ["none", "grabcut"], "default": None,
+                   "description": QUERY_OPTIONS["refine"].description}}
     assert meta["inference"]["tile_size"] == (64, 80)
     json.dumps(meta)
 
