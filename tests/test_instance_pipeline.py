@@ -105,7 +105,7 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
         status, _, meta = server.request("GET", "/metadata")
         meta = json.loads(meta)
         assert status == 200 and meta["task"] == "instance" and set(meta["query_options"]) == {
-            "score_threshold", "max_instances"}
+            "score_threshold", "max_instances", "refine"}
         status, media, body = server.predict(buf.getvalue(), query="?score_threshold=0")
         answer = json.loads(body)
         assert status == 200 and media == "application/json" and answer["width"] == 90
@@ -119,6 +119,10 @@ def test_instance_task_through_train_evaluate_register_and_answers(nuclei, env, 
         assert len(json.loads(ids.text["instances"])) == len(prediction)
         status, media, _ = server.predict(buf.getvalue(), query="?format=overlay")
         assert status == 200 and media == "image/jpeg"
+        status, _, body = server.predict(buf.getvalue(), query="?refine=grabcut&score_threshold=0")
+        assert status == 200 and len(json.loads(body)["instances"]) <= len(prediction)    # GrabCut each
+        status, _, body = server.predict(buf.getvalue(), query="?refine=crf")
+        assert status == 400 and "refine='crf' is not one of none, grabcut" in json.loads(body)["error"]
         for bad in ("?max_instances=0", "?score_threshold=2", "?score_threshold=x", "?min_score=0.5"):
             status, _, body = server.predict(buf.getvalue(), query=bad)
             assert status == 400 and bad[1:].split("=")[0] in json.loads(body)["error"], (bad, body)
