@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.results_doc import write_section  # noqa: E402  (the repository is on the path now)
+from pipeline.utils.io import write_json_atomic  # noqa: E402
 
 PREFIX = "cmp-"                      # the experiments' names
 SIZE = (360, 480)                    # CamVid's frames: GFLOPs and images/s at this size
@@ -186,7 +187,7 @@ def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str, ledge
             print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
             done = experiments(repo)
         ledger[row.name] = record(row, minutes, done[name], repo, classes)
-        write_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+        write_json_atomic(ledger_path, ledger)
 
 
 def epochs_trained(exp_name: str, repo: Path) -> int | None:
@@ -275,13 +276,6 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines += ["", "Published CamVid test mIoU for context (other budgets, GPUs, full schedules): SegNet 46.4 "
               "and ENet 51.3 (ENet paper, Table 4), BiSeNet 68.7.", ""]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 SECTION = "archs"      # its section of docs/results.md (bench/results_doc.py)

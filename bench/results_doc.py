@@ -7,9 +7,10 @@ temporary name and renaming it into place.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from pipeline.utils.io import write_text_atomic
 
 HEADER = ("# Results\n\nMeasured on this repository's benchmarks; each section is written by the script "
           "it names (do not edit by hand).\n")
@@ -31,10 +32,7 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = pattern.sub(lambda _: block, text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def read_section(path: Path, name: str) -> str | None:
