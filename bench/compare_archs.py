@@ -23,9 +23,7 @@ The last line is ``RESULT rows=... best=<row> best_miou=...``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +33,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.budgeted import Experiment, arguments, mapping_sets, read_ledger, run_experiments  # noqa: E402
 from bench.results_doc import write_section  # noqa: E402  (the repository is on the path now)
-from pipeline.utils.io import write_json_atomic  # noqa: E402
 
 PREFIX = "cmp-"                      # the experiments' names
 SIZE = (360, 480)                    # CamVid's frames: GFLOPs and images/s at this size
@@ -83,132 +81,29 @@ ROWS = (
 QUICK_ROWS = ("unet", "enet", "fcn8s")
 
 
-def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
-    """``dvc exp run -S`` arguments: the row's model, the budget, one cheap evaluation. A mapping
-    with keys is replaced by deleting and adding it (Hydra refuses new keys in an assignment)."""
+def experiment(row: Row) -> Experiment:
+    """The row as a budgeted experiment: its model section set whole."""
     model = {k: v for k, v in row.model().items() if k not in ("classes", "kwargs")}
     sets = [f"model.{k}={v if v is not None else 'null'}" for k, v in model.items()]
-    if row.kwargs:
-        mapping = ", ".join(f"{k}: {json.dumps(v)}" for k, v in row.kwargs.items())
-        sets += ["~model.kwargs", f"+model.kwargs={{{mapping}}}"]
-    else:
-        sets.append("model.kwargs={}")
-    sets += [f"train.max_minutes={minutes:g}", "train.epochs=10000",
-             "evaluate.flip_tta=false", "evaluate.scales=[1.0]",
-             "register.onnx=false", f"register.model_name={model_name}"]
-    return [arg for s in sets for arg in ("-S", s)]
+    return Experiment(row.name, {"model": row.model()}, (*sets, *mapping_sets("model.kwargs", row.kwargs)))
 
 
-def dvc(*args: str, repo: Path) -> str:
-    # The stages run `python`: this interpreter's, whether or not its environment is activated.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
-                          env=os.environ | {"DVC_NO_ANALYTICS": "1", "PATH": path})
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """``dvc exp show``'s experiments of the current commit by name: their params and metrics."""
-    shown = json.loads(dvc("exp", "show", "--json", repo=repo))
-    found = {}
-    for commit in shown:
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                if rev.get("name") and rev.get("data"):
-                    found[rev["name"]] = rev["data"]
-    return found
-
-
-def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    try:
-        ledger = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"{path}: not JSON ({err}); restore it from git or delete it") from None
-    if not isinstance(ledger, dict):
-        raise SystemExit(f"{path}: expected an object of rows by name, got {type(ledger).__name__}")
-    return ledger
-
-
-def current(entry: dict[str, Any] | None, row: Row, minutes: float) -> bool:
-    """Whether a ledger entry was trained with the row's model and this budget."""
-    return entry is not None and entry.get("model") == row.model() and entry.get("minutes") == minutes
-
-
-def git_head(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                          text=True, check=True).stdout.strip()
-
-
-def num_classes(repo: Path) -> int:
-    """The prepared data's class count; prepares the data in the workspace first when it is not
-    there (the experiments then start from it instead of each preparing it again)."""
-    classes = repo / "data/prepared/classes.json"
-    if not classes.exists():
-        print("data/prepared: missing, dvc repro prepare", flush=True)
-        dvc("repro", "prepare", repo=repo)
-    return json.loads(classes.read_text())["num_classes"]
-
-
-def record(row: Row, minutes: float, data: dict[str, Any], repo: Path, classes: int) -> dict[str, Any]:
-    """The ledger entry of a finished experiment, from ``dvc exp show``'s data and its MLflow run."""
-    evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
-    return {"experiment": PREFIX + row.name, "commit": git_head(repo), "model": row.model(),
-            "minutes": minutes, "classes": classes, "miou": evaluation.get("miou"),
-            "boundary_miou": evaluation.get("boundary_miou"),
-            "epochs": epochs_trained(PREFIX + row.name, repo),
-            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
+    """``dvc exp run -S`` arguments: the row's model, the budget, one cheap evaluation."""
+    return arguments(experiment(row), minutes, model_name)
 
 
 def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str, ledger_path: Path) -> None:
     """Runs each row the ledger lacks (or holds for another model or budget), recording each as it
-    finishes; an experiment of this commit already run is recorded without training again."""
-    ledger = read_ledger(ledger_path)
-    classes = num_classes(repo)
-    done = experiments(repo)
-    for row in rows:
-        name = PREFIX + row.name
-        if current(ledger.get(row.name), row, minutes):
-            print(f"{name}: in the ledger (commit {ledger[row.name]['commit']})", flush=True)
-            continue
-        if name in done and done[name].get("params", {}).get("params.yaml", {}).get("data", {}).get(
-                "train", {}).get("max_minutes") == minutes:
-            print(f"{name}: already run", flush=True)
-        else:
-            if name in done:                       # another budget: dvc refuses a name twice
-                dvc("exp", "remove", name, repo=repo)
-            start = time.monotonic()
-            print(f"{name}: training {row.arch} ({row.backbone}) for {minutes:g} minutes", flush=True)
-            dvc("exp", "run", "--temp", "-n", name, *overrides(row, minutes, model_name), repo=repo)
-            print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
-            done = experiments(repo)
-        ledger[row.name] = record(row, minutes, done[name], repo, classes)
-        write_json_atomic(ledger_path, ledger)
+    finishes (``bench/budgeted.py``)."""
+    run_experiments([experiment(r) for r in rows], minutes, repo, ledger_path, PREFIX, model_name,
+                    describe={r.name: f"{r.arch} ({r.backbone})" for r in rows})
 
 
-def epochs_trained(exp_name: str, repo: Path) -> int | None:
-    """The epochs the experiment's MLflow run trained (its last ``planned_epochs``), from
-    ``$MLFLOW_TRACKING_URI`` or the repository's embedded store."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.config import paths
-
-    embedded = f"sqlite:///{(repo / paths.MLFLOW_DB).resolve()}"
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or embedded
-    client = MlflowClient(uri)
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id], f"tags.dvc_exp = '{exp_name}'"):
-            if "planned_epochs" in run.data.metrics:
-                return int(run.data.metrics["planned_epochs"])
-    return None
-
-
-def measure(row: Row, classes: int, repeats: int = 5) -> dict[str, float]:
-    """Parameters, GFLOPs and CPU images/s of the row's model (random weights) at ``SIZE``."""
+def measure(row: Row, classes: int, repeats: int = 7, warmups: int = 3) -> dict[str, float]:
+    """Parameters, GFLOPs and CPU images/s of the row's model (random weights) at ``SIZE``: the
+    median of ``repeats`` timed passes after ``warmups`` untimed ones (oneDNN picks and caches its
+    kernels in the first passes; the median ignores a pass another process interrupted)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -222,13 +117,15 @@ def measure(row: Row, classes: int, repeats: int = 5) -> dict[str, float]:
         counter = FlopCounterMode(display=False)
         with counter:
             model(x)
-        model(x)                                   # warm
-        start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(warmups):
             model(x)
-        seconds = (time.perf_counter() - start) / repeats
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            seconds.append(time.perf_counter() - start)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gflops": counter.get_total_flops() / 1e9, "img_s": 1 / seconds}
+            "gflops": counter.get_total_flops() / 1e9, "img_s": 1 / statistics.median(seconds)}
 
 
 def table_rows(rows: list[Row], ledger: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -258,8 +155,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "training and validation; column minutes) on this machine's CPU, then scored on the test "
         "split at native size without test-time augmentation; column commit is the commit each ran on "
         "(rows are recorded in `docs/results-archs.json` as they finish). Parameters, GFLOPs (a "
-        "multiply-add is two) and CPU images/s (batch 1, channels-last) are measured on the model at "
-        f"{SIZE[0]} x {SIZE[1]}.",
+        "multiply-add is two) and CPU images/s (batch 1, channels-last, all cores, the median of seven "
+        f"passes after three warm-ups) are measured on the model at {SIZE[0]} x {SIZE[1]}.",
         "",
         "| architecture | backbone | test mIoU | boundary mIoU | minutes | epochs | parameters (M) | GFLOPs "
         "| CPU img/s | commit |",

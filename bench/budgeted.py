@@ -1,0 +1,186 @@
+"""Budgeted ``dvc exp run`` experiments and the ledger that records them, for the comparison
+benchmarks (``bench/compare_archs.py``, ``bench/compare_losses.py``).
+
+An ``Experiment`` is a name, the params it sets (``key``: dotted params path -> value, e.g.
+``{"model": {...}}`` or ``{"loss.terms": {...}}``) and the ``dvc exp run -S`` assignments that set
+them. ``run_experiments`` trains each one the ledger lacks with ``train.max_minutes`` as its budget,
+evaluates it once at native size without test-time augmentation, registers it under a model name
+of its own (the recipe's champion is left alone) and records it in the ledger as it finishes: the
+experiment's evaluation scores (``metrics/evaluate.json``), the epochs its MLflow run trained and
+the commit it ran on. ``dvc exp`` refs and the MLflow store are local to one clone, the ledger (a
+committed JSON file) is not, so a comparison interrupted in one clone goes on in another where it
+stopped. An entry counts only for the same params and budget; an experiment is run again when
+either changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.utils.io import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str                        # the ledger's key; the experiment is called prefix + name
+    key: dict[str, Any]              # dotted params path -> the value the experiment sets there
+    sets: tuple[str, ...]            # its ``-S`` assignments (the budget's are added)
+
+
+def mapping_sets(path: str, mapping: dict[str, Any]) -> list[str]:
+    """Assignments replacing the mapping at ``path`` whole: deleted and added again, since Hydra
+    refuses a new key in a plain assignment."""
+    if not mapping:
+        return [f"{path}={{}}"]
+    body = ", ".join(f"{k}: {json.dumps(v)}" for k, v in mapping.items())
+    return [f"~{path}", f"+{path}={{{body}}}"]
+
+
+def budget_sets(minutes: float, model_name: str) -> list[str]:
+    """The budget (``train.epochs`` high enough never to decide), one plain evaluation, and a
+    registered model name of the comparison's own."""
+    return [f"train.max_minutes={minutes:g}", "train.epochs=10000", "evaluate.flip_tta=false",
+            "evaluate.scales=[1.0]", "evaluate.postprocess=none", "register.onnx=false",
+            f"register.model_name={model_name}"]
+
+
+def arguments(experiment: Experiment, minutes: float, model_name: str) -> list[str]:
+    """``dvc exp run`` arguments: ``-S`` before each assignment."""
+    sets = [*experiment.sets, *budget_sets(minutes, model_name)]
+    return [arg for s in sets for arg in ("-S", s)]
+
+
+def dvc(*args: str, repo: Path) -> str:
+    # The stages run `python`: this interpreter's, whether or not its environment is activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          env=os.environ | {"DVC_NO_ANALYTICS": "1", "PATH": path})
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def experiments(repo: Path) -> dict[str, dict[str, Any]]:
+    """``dvc exp show``'s experiments of the current commit by name: their params and metrics."""
+    shown = json.loads(dvc("exp", "show", "--json", repo=repo))
+    found = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") and rev.get("data"):
+                    found[rev["name"]] = rev["data"]
+    return found
+
+
+def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        ledger = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not JSON ({err}); restore it from git or delete it") from None
+    if not isinstance(ledger, dict):
+        raise SystemExit(f"{path}: expected an object of rows by name, got {type(ledger).__name__}")
+    return ledger
+
+
+def current(entry: dict[str, Any] | None, experiment: Experiment, minutes: float) -> bool:
+    """Whether a ledger entry was trained with the experiment's params and this budget."""
+    return (entry is not None and entry.get("minutes") == minutes
+            and all(entry.get(path) == value for path, value in experiment.key.items()))
+
+
+def lookup(params: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a params mapping (None where it is missing)."""
+    value: Any = params
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def ran_as(data: dict[str, Any], experiment: Experiment, minutes: float) -> bool:
+    """Whether an experiment ``dvc exp show`` lists ran with these params and this budget."""
+    params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+    return (lookup(params, "train.max_minutes") == minutes
+            and all(lookup(params, path) == value for path, value in experiment.key.items()))
+
+
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def num_classes(repo: Path) -> int:
+    """The prepared data's class count; prepares the data in the workspace first when it is not
+    there (the experiments then start from it instead of each preparing it again)."""
+    classes = repo / "data/prepared/classes.json"
+    if not classes.exists():
+        print("data/prepared: missing, dvc repro prepare", flush=True)
+        dvc("repro", "prepare", repo=repo)
+    return json.loads(classes.read_text())["num_classes"]
+
+
+def epochs_trained(exp_name: str, repo: Path) -> int | None:
+    """The epochs the experiment's MLflow run trained (its last ``planned_epochs``), from
+    ``$MLFLOW_TRACKING_URI`` or the repository's embedded store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import paths
+
+    embedded = f"sqlite:///{(repo / paths.MLFLOW_DB).resolve()}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or embedded
+    client = MlflowClient(uri)
+    for mlflow_experiment in client.search_experiments():
+        for run in client.search_runs([mlflow_experiment.experiment_id], f"tags.dvc_exp = '{exp_name}'"):
+            if "planned_epochs" in run.data.metrics:
+                return int(run.data.metrics["planned_epochs"])
+    return None
+
+
+def record(experiment: Experiment, exp_name: str, minutes: float, data: dict[str, Any], repo: Path,
+           classes: int) -> dict[str, Any]:
+    """The ledger entry of a finished experiment, from ``dvc exp show``'s data and its MLflow run:
+    every number of its evaluation (``scores``; test mIoU and boundary mIoU also on their own)."""
+    evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+    scores = {k: v for k, v in evaluation.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"experiment": exp_name, "commit": git_head(repo), **experiment.key, "minutes": minutes,
+            "classes": classes, "miou": evaluation.get("miou"),
+            "boundary_miou": evaluation.get("boundary_miou"), "scores": scores,
+            "epochs": epochs_trained(exp_name, repo),
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_experiments(todo: list[Experiment], minutes: float, repo: Path, ledger_path: Path, prefix: str,
+                    model_name: str, describe: dict[str, str] | None = None) -> None:
+    """Runs each experiment the ledger lacks (or holds for other params or another budget),
+    recording each as it finishes; one of this commit already run with the same params and budget
+    is recorded without training again. ``describe``: a label per name for the log."""
+    ledger = read_ledger(ledger_path)
+    classes = num_classes(repo)
+    done = experiments(repo)
+    for experiment in todo:
+        name = prefix + experiment.name
+        if current(ledger.get(experiment.name), experiment, minutes):
+            print(f"{name}: in the ledger (commit {ledger[experiment.name]['commit']})", flush=True)
+            continue
+        if name in done and ran_as(done[name], experiment, minutes):
+            print(f"{name}: already run", flush=True)
+        else:
+            if name in done:                       # other params or budget: dvc refuses a name twice
+                dvc("exp", "remove", name, repo=repo)
+            start = time.monotonic()
+            label = (describe or {}).get(experiment.name, experiment.name)
+            print(f"{name}: training {label} for {minutes:g} minutes", flush=True)
+            dvc("exp", "run", "--temp", "-n", name, *arguments(experiment, minutes, model_name), repo=repo)
+            print(f"{name}: done in {(time.monotonic() - start) / 60:.1f} minutes", flush=True)
+            done = experiments(repo)
+        ledger[experiment.name] = record(experiment, name, minutes, done[name], repo, classes)
+        write_json_atomic(ledger_path, ledger)
