@@ -51,6 +51,11 @@ SPLITS = ("train", "val", "test")
 ENV_DATA_MIRROR = "SEG_DATA_MIRROR"
 # Pretrained encoder weight files, looked at instead of the model hub (see pipeline.models.base).
 ENV_WEIGHTS_DIR = "SEG_WEIGHTS_DIR"
+# Shared storage of a cluster whose nodes share no disk (pipeline.artifacts.storage): the root,
+# s3://bucket/prefix or a local folder (unset: the repository's folders), and the endpoint of an
+# S3-compatible store (unset: AWS). Credentials: the usual AWS_* variables.
+ENV_STORAGE_URI = "SEG_STORAGE_URI"
+ENV_S3_ENDPOINT_URL = "SEG_S3_ENDPOINT_URL"
 # Level of Ray's own console logging (Ray Core, Train, Data) in the stages; WARNING when unset.
 ENV_RAY_LOG_LEVEL = "SEG_RAY_LOG_LEVEL"
 
