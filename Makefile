@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run serve dashboard test test-slow lint install install-test clean
+.PHONY: run serve dashboard test test-slow lint install install-test clean storage-check storage-remote mlflow-server
 
 run: $(VENV)/.installed
 	dvc repro
@@ -24,6 +24,17 @@ serve: $(VENV)/.installed
 dashboard: $(VENV)/.installed
 	streamlit run dashboards/app.py --server.address 127.0.0.1 --server.port 8501 \
 	    --server.headless true --browser.gatherUsageStats false
+
+# A cluster whose nodes share no disk (README, "Running on a cluster"): $SEG_STORAGE_URI and
+# $SEG_S3_ENDPOINT_URL name the shared storage.
+storage-check: $(VENV)/.installed-cluster
+	python -m pipeline.cluster check
+
+storage-remote: $(VENV)/.installed-cluster
+	python -m pipeline.cluster dvc-remote
+
+mlflow-server: $(VENV)/.installed-cluster
+	python -m pipeline.cluster mlflow-server
 
 test: $(VENV)/.installed-test
 	python -m pytest
@@ -45,9 +56,13 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
+$(VENV)/.installed-cluster: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[cluster]'
+	touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-cluster
 
 clean:
 	rm -rf data/download.json data/prepared .pytest_cache

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from pipeline.artifacts.model_dir import CONFIG_FILE, WEIGHTS_FILE
+from pipeline.artifacts.storage import Location, Storage, StorageError, publish_dir, storage_from_env
+from pipeline.artifacts.storage import check as check_storage
 from pipeline.config import paths
 from pipeline.config.params import LossParams, ModelParams, ParamsError, TrainParams, load_params
 from pipeline.data import shards
@@ -36,13 +38,17 @@ from pipeline.engine.worker import META_FILE, STATE_FILE, train_worker
 from pipeline.losses.terms import resolve_class_weights
 from pipeline.models import registry as models
 from pipeline.models.base import ModelMeta
-from pipeline.models.weights import WeightsUnavailableError
+from pipeline.models.weights import ENCODER_WEIGHT_FILES, WeightsUnavailableError
 from pipeline.tasks import task_of_data
 from pipeline.tasks.base import Task
 from pipeline.utils import console
 from pipeline.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("pipeline.train")
+
+RUN_ID_FILE = "mlflow_run_id"      # in a run's folder: the MLflow run it continues
+PREPARED_PREFIX = "prepared"       # in the shared storage: the published shards ...
+WEIGHTS_PREFIX = "weights"         # ... and pretrained weight files
 
 
 
@@ -69,14 +75,74 @@ def run_name(sections: dict[str, dict], version: str, task: Task) -> str:
     return run_identity.run_name(sections, version, task_code=run_identity.task_code_digest(task))
 
 
-def start_afresh_if_finished(run_dir: Path) -> bool:
+def start_afresh_if_finished(run_dir: Location) -> bool:
     """A finished run is never resumed: its folder (checkpoints, MLflow run id) is cleared so
     that the same identity trains again from scratch (``dvc repro -f``). True if cleared."""
     if not run_identity.is_complete(run_dir):
         return False
     log.info("run %s finished before: training afresh", run_dir.name)
-    shutil.rmtree(run_dir)
+    run_dir.delete()
     return True
+
+
+def open_run(client, run_id_file: Location, run_name: str, tags: dict[str, str]) -> str:
+    """The MLflow run of this training: the one recorded in ``run_id_file`` (in the run's
+    folder) when it is still there (a training resumed after a crash continues its run), else a
+    new one."""
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    from pipeline.artifacts import tracking
+
+    if run_id_file.is_file():
+        run_id = run_id_file.read_text().strip()
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                return run_id
+        except mlflow.exceptions.MlflowException:
+            pass
+    run = client.create_run(tracking.experiment_id(client), run_name=run_name, tags=tags)
+    run_id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def shared_storage() -> Storage | None:
+    """The cluster's shared storage (``$SEG_STORAGE_URI``), checked before MLflow and Ray start;
+    None: the repository's folders."""
+    store = storage_from_env()
+    if store is not None:
+        check_storage(store)
+    return store
+
+
+def runs_location(store: Storage | None, local: Path) -> Location:
+    """Where Ray Train keeps the runs: ``ray_results/`` of the shared storage, else ``local``."""
+    return store.location(paths.RAY_RESULTS.name) if store is not None else Location.local(local)
+
+
+def shard_sources(data: Path, store: Storage | None) -> tuple[dict[str, list[str]], Any]:
+    """The train and validation shards as Ray Data reads them, and the filesystem they are on:
+    the local files, or their copy in the shared storage (published once per content) that every
+    node can read."""
+    files = {split: shards.shard_paths(data, split) for split in ("train", "val")}
+    if store is None:
+        return {split: [str(p) for p in found] for split, found in files.items()}, None
+    published = publish_dir(data, [p for found in files.values() for p in found], store, PREPARED_PREFIX)
+    log.info("shards in %s", published.uri())
+    return {split: [published.child(str(p.relative_to(data))).path for p in found]
+            for split, found in files.items()}, published.fs
+
+
+def shipped_weights(store: Storage | None, model_cfg: ModelParams) -> Location | None:
+    """With shared storage and ``$SEG_WEIGHTS_DIR``: the registered weight files of that folder
+    published to the storage, for workers on nodes that do not have the folder."""
+    folder = paths.weights_dir()
+    if store is None or folder is None or model_cfg.encoder_weights is None:
+        return None
+    files = [folder / f.name for f in ENCODER_WEIGHT_FILES.values() if (folder / f.name).is_file()]
+    return publish_dir(folder, files, store, WEIGHTS_PREFIX) if files else None
 
 
 def thing_classes(classes: dict) -> list[int]:
@@ -108,13 +174,17 @@ def preflight(data: Path, model_cfg: ModelParams, loss_cfg: LossParams) -> None:
     models.ensure_weights(model_cfg)
 
 
-def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams) -> dict:
+def worker_config(data: Path, cfg: TrainParams, model_cfg: ModelParams, loss_cfg: LossParams,
+                  store: Storage | None = None) -> dict:
     classes = read_json(data / paths.CLASSES_FILE)
     card = read_json(data / paths.CARD_JSON)
     mean, std = models.normalisation(model_cfg)
     weights = paths.weights_dir()   # checked here, and handed on absolute: workers run elsewhere
+    shipped = shipped_weights(store, model_cfg)
     return {
-        "env": {paths.ENV_WEIGHTS_DIR: str(weights)} if weights is not None else {},
+        # The workers fetch shipped weights into a folder of their own (engine.worker).
+        "env": {paths.ENV_WEIGHTS_DIR: str(weights)} if weights is not None and shipped is None else {},
+        "weights": shipped,
         "train": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
         "loss": loss_cfg.model_dump(mode="json"),
         "num_classes": classes["num_classes"], "ignore_index": classes["ignore_index"],
@@ -210,17 +280,19 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     preflight(data, model_cfg, loss_cfg)
-    config = worker_config(data, cfg, model_cfg, loss_cfg)
+    store = shared_storage()
+    config = worker_config(data, cfg, model_cfg, loss_cfg, store)
     sections = {"train": config["train"], "model": config["model"], "loss": config["loss"]}
     version = data_version(data)
     task = task_of_data(data)[1]
     name = run_name(sections, version, task)
-    storage = Path(storage).resolve()
-    start_afresh_if_finished(storage / name)
+    runs = runs_location(store, storage)
+    run_dir = runs.child(name)
+    start_afresh_if_finished(run_dir)
     level = console.ray_log_level()
-    # Rank 0 appends one record per epoch; this driver prints each once (pipeline.engine.progress).
-    progress_file = storage / name / paths.PROGRESS_FILE
-    config["progress_file"] = str(progress_file)
+    # Rank 0 writes one record per epoch; this driver prints each once (pipeline.engine.progress).
+    progress = run_dir.child(paths.PROGRESS_DIR)
+    config["progress"] = progress
     config["ray_log_level"] = level
     run_id = None
     if track:
@@ -233,7 +305,7 @@ def fit(
                 "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
         # In MLflow the run carries the DVC experiment's name when there is one.
         display = os.environ.get("DVC_EXP_NAME") or name
-        run_id = tracking.open_run(client, storage / name / "mlflow_run_id", display, tags)
+        run_id = open_run(client, run_dir.child(RUN_ID_FILE), display, tags)
         tracking.log_params(client, run_id, sections)
         config["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id}
 
@@ -241,10 +313,11 @@ def fit(
     if _started_here:
         # The cluster's processes descend from this one: the workers lower them (engine.priority).
         config["local_cluster_root"] = os.getpid()
+    sources, filesystem = shard_sources(data, store)
     datasets = {
-        split: ray.data.read_parquet([str(p) for p in shards.shard_paths(data, split)])
+        split: ray.data.read_parquet(files, filesystem=filesystem)
         .select_columns(["image", *task.target_columns])
-        for split in ("train", "val")
+        for split, files in sources.items()
     }
     if cfg.materialize:
         # Read once into Ray's object store (spilled to disk when it does not fit): each
@@ -255,7 +328,8 @@ def fit(
         train_loop_config=config,
         scaling_config=scaling(cfg),
         run_config=RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=runs.path,
+            storage_filesystem=runs.fs if store is not None and store.remote else None,
             # Read by the C library when a worker process starts (pipeline.engine.allocator).
             worker_runtime_env={"env_vars": allocator.worker_env()} if cfg.keep_freed_memory else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -274,7 +348,7 @@ def fit(
              cfg.epochs, budget, name)
     epochs = console.EpochConsole(cfg.epochs)
     try:
-        with ProgressFollower(progress_file, epochs.show):
+        with ProgressFollower(progress, epochs.show, interval_s=2.0 if store and store.remote else 0.5):
             result = trainer.fit()
     finally:
         epochs.close()
@@ -344,7 +418,8 @@ def train(data: Path, out: Path, metrics_path: Path, params: Path = paths.PARAMS
     best_key = f"best_val_{task.primary_metric}"
     if run_id is not None:
         _finish_mlflow(run_id, out, metrics_path, {best_key: summary[best_key]})
-    run_identity.mark_complete(Path(storage).resolve() / name, {"mlflow_run_id": run_id, "out": str(out)})
+    run_dir = runs_location(storage_from_env(), storage).child(name)
+    run_identity.mark_complete(run_dir, {"mlflow_run_id": run_id, "out": str(out)})
     log.info("best validation %s %.4f at epoch %d -> %s", task.primary_label, summary[best_key],
              summary["best_epoch"], out)
     return summary
@@ -381,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args.data, args.out, args.metrics, args.params, args.storage, plots_dir=args.plots)
-    except (TrainError, ParamsError, WeightsUnavailableError) as exc:
+    except (TrainError, ParamsError, WeightsUnavailableError, StorageError) as exc:
         # Configuration errors, found before Ray starts: the message, not a traceback.
         raise SystemExit(f"train: {exc}") from None
 

@@ -199,14 +199,12 @@ class Location:
         """The whole file or nothing: a local file goes to a temporary sibling first."""
         import pyarrow.fs
 
-        parent = posixpath.dirname(self.path)
-        self.fs.create_dir(parent, recursive=True)
         if isinstance(self.fs, pyarrow.fs.LocalFileSystem):
             from pipeline.utils.io import write_bytes_atomic
 
             write_bytes_atomic(Path(self.path), data)
             return
-        with self.fs.open_output_stream(self.path) as f:
+        with self.fs.open_output_stream(self.path) as f:     # an object store has no folders to make
             f.write(data)
 
     def write_text(self, text: str) -> None:
@@ -259,7 +257,8 @@ def publish_dir(folder: Path, files: list[Path], storage: Storage, prefix: str) 
     local = pyarrow.fs.LocalFileSystem()
     for path, name in zip(sorted(files), names, strict=True):
         dest = target.child(name)
-        target.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
+        if not storage.remote:
+            target.fs.create_dir(posixpath.dirname(dest.path), recursive=True)
         pyarrow.fs.copy_files(str(path), dest.path, source_filesystem=local, destination_filesystem=target.fs)
     marker.write_text("\n".join(names))
     return target

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, RunStatus  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.config import paths  # noqa: E402
@@ -41,24 +39,6 @@ def experiment_id(client: MlflowClient, name: str | None = None) -> str:
     if client.tracking_uri.startswith("sqlite:"):
         location = (paths.repo_root() / paths.MLFLOW_ARTIFACTS).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
-
-
-def open_run(client: MlflowClient, run_id_file: Path, run_name: str, tags: dict[str, str]) -> str:
-    """The MLflow run of this training: the one recorded in ``run_id_file`` when it is
-    still there (a training resumed after a crash continues its run), else a new one."""
-    if run_id_file.is_file():
-        run_id = run_id_file.read_text().strip()
-        try:
-            run = client.get_run(run_id)
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-                return run_id
-        except mlflow.exceptions.MlflowException:
-            pass
-    run = client.create_run(experiment_id(client), run_name=run_name, tags=tags)
-    run_id_file.parent.mkdir(parents=True, exist_ok=True)
-    run_id_file.write_text(run.info.run_id)
-    return run.info.run_id
 
 
 def log_params(client: MlflowClient, run_id: str, sections: dict[str, dict[str, Any]]) -> None:

@@ -36,7 +36,7 @@ EVAL_PLOTS = PLOTS_DIR / "evaluate"             # ... per-class test scores, con
 TRAIN_METRICS = METRICS_DIR / "train.json"      # the train stage's DVC metrics
 REGISTER_OUT = MODELS_DIR / "registry.json"     # output of the register stage: the champion decision
 RAY_RESULTS = Path("ray_results")               # Ray Train storage: checkpoints, resume state
-PROGRESS_FILE = "progress.jsonl"                # in a Ray run's folder: one JSON line per epoch, by rank 0
+PROGRESS_DIR = "progress"                       # in a Ray run's folder: one JSON file per epoch, by rank 0
 MLFLOW_DB = Path("mlflow.db")                   # embedded MLflow store (sqlite) ...
 MLFLOW_ARTIFACTS = Path("mlruns")               # ... and its artifact folder
 

@@ -1,19 +1,23 @@
-"""A training's progress journal: rank 0 appends one JSON line per epoch to
-``<storage>/<run name>/progress.jsonl`` and the driver follows the file and prints each
-record once (``pipeline.utils.console``).
+"""A training's progress journal: rank 0 writes one JSON record per epoch into
+``<run folder>/progress/`` and the driver follows the folder and prints each record once
+(``pipeline.utils.console``).
 
-The run's folder is where Ray Train persists checkpoints, which on a multi-node cluster it
-must already be storage every node shares, so the journal reaches the driver wherever the
-checkpoints do, and no worker ever prints.
+The run's folder is where Ray Train persists checkpoints (``pipeline.artifacts.storage``: the
+repository's ``ray_results/`` or the shared storage of a cluster, an object store included), so
+the journal reaches the driver wherever the checkpoints do, and no worker ever prints. A record is
+a file of its own, written whole (an object store cannot append): ``<epoch>-<random>.json``, in
+epoch order by name.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
+
+from pipeline.artifacts.storage import Location
 
 # What the driver's epoch line needs from the worker's metrics (pipeline.utils.console.epoch_line).
 RECORD_KEYS = ("epoch", "train_loss", "val_loss", "train_images_per_s", "train_seconds",
@@ -28,49 +32,43 @@ def epoch_record(metrics: Mapping[str, Any], epochs: int, score: str, label: str
             "score_label": label}
 
 
-def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append ``record`` as one line, written with a single write so a reader never sees
-    half a record followed by another."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def append_record(folder: Location, record: Mapping[str, Any]) -> None:
+    """Add ``record`` to the journal ``folder`` as a file of its own, written whole."""
+    epoch = int(record.get("epoch", 0))
+    folder.child(f"{epoch:06d}-{uuid.uuid4().hex[:8]}.json").write_text(json.dumps(record))
+
+
+def record_names(folder: Location) -> list[str]:
+    """The journal's records, in order (a temporary file being written is not one)."""
+    return [n for n in folder.files() if n.endswith(".json") and not n.startswith(".")]
 
 
 class ProgressFollower:
-    """Reads the records appended to ``path`` after it was created (what an earlier,
+    """Reads the records added to the journal ``folder`` after it was created (what an earlier,
     interrupted invocation wrote is not shown again) and hands each to ``on_record``: by
-    ``poll()``, or every ``interval_s`` in a thread while used as a context manager, with
-    a last poll on exit. An error in a record is raised on exit."""
+    ``poll()``, or every ``interval_s`` in a thread while used as a context manager, with a last
+    poll on exit. An error in a record is raised on exit."""
 
-    def __init__(self, path: Path, on_record: Callable[[dict[str, Any]], Any], interval_s: float = 0.5):
-        self.path, self.on_record, self.interval_s = Path(path), on_record, interval_s
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-        self.line_no = self._count_lines() if self.offset else 0
+    def __init__(self, folder: Location, on_record: Callable[[dict[str, Any]], Any], interval_s: float = 0.5):
+        self.folder, self.on_record, self.interval_s = folder, on_record, interval_s
+        self.seen = set(record_names(folder))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def _count_lines(self) -> int:
-        with open(self.path, "rb") as f:
-            return f.read(self.offset).count(b"\n")
-
     def poll(self) -> int:
-        """Hand over every complete line appended since the last poll; returns how many."""
-        if not self.path.exists():
-            return 0
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n") + 1          # a line still being written waits for the next poll
-        self.offset += end
+        """Hand over every record added since the last poll, in order; returns how many."""
         count = 0
-        for raw in chunk[:end].splitlines():
-            self.line_no += 1
+        for name in record_names(self.folder):
+            if name in self.seen:
+                continue
+            file = self.folder.child(name)
+            raw = file.read_bytes()
+            self.seen.add(name)
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{self.path}:{self.line_no}: not a JSON progress record ({exc}): "
-                                 f"{raw[:200]!r}") from None
+                raise ValueError(f"{file.uri()}: not a JSON progress record ({exc}): {raw[:200]!r}") from None
             self.on_record(record)
             count += 1
         return count

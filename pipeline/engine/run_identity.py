@@ -25,8 +25,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from pipeline.artifacts.storage import Location
 from pipeline.config import paths
-from pipeline.utils.io import write_json_atomic
 
 PACKAGE = "pipeline"
 ENTRY_MODULE = "pipeline.train"
@@ -92,13 +92,13 @@ def run_name(sections: dict[str, dict], data_version: str, code: str | None = No
     return "train-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def is_complete(run_dir: Path) -> bool:
-    return (Path(run_dir) / COMPLETE_FILE).is_file()
+def is_complete(run_dir: Location) -> bool:
+    return run_dir.child(COMPLETE_FILE).is_file()
 
 
-def mark_complete(run_dir: Path, record: dict) -> None:
-    """Written (atomically) once the stage has exported and tracked the run's model."""
-    write_json_atomic(Path(run_dir) / COMPLETE_FILE, record)
+def mark_complete(run_dir: Location, record: dict) -> None:
+    """Written (whole) once the stage has exported and tracked the run's model."""
+    run_dir.child(COMPLETE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _module_file(root: Path, name: str, package: str = PACKAGE) -> Path | None:

@@ -23,6 +23,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.artifacts.model_dir import CONFIG_FILE
+from pipeline.artifacts.storage import COMPLETE_MARKER, Location
+from pipeline.config import paths
 from pipeline.config.params import LossParams, ModelParams, TrainParams
 from pipeline.engine import priority
 from pipeline.engine.budget import planned_epochs
@@ -46,7 +48,7 @@ from pipeline.models.registry import build_model
 from pipeline.tasks import get_task
 from pipeline.tasks.base import Task
 from pipeline.utils import console
-from pipeline.utils.io import write_json_atomic
+from pipeline.utils.io import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("pipeline.engine.worker")
 
@@ -57,6 +59,8 @@ META_FILE = CONFIG_FILE          # the model's description, as in a saved model 
 def train_worker(config: dict[str, Any]) -> None:
     # The driver's settings (absolute paths), whatever environment Ray started us in.
     os.environ.update(config.get("env", {}))
+    if config.get("weights") is not None:
+        os.environ[paths.ENV_WEIGHTS_DIR] = str(fetch_weights(config["weights"]))
     console.quiet_ray_train_worker(config.get("ray_log_level", console.DEFAULT_RAY_LOG_LEVEL))
     cfg = TrainParams.model_validate(config["train"])
     model_cfg = ModelParams.model_validate(config["model"])
@@ -160,13 +164,24 @@ def train_worker(config: dict[str, Any]) -> None:
                     "params": {"train": config["train"], "loss": config["loss"]},
                 })
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if config.get("progress_file"):
+            if config.get("progress") is not None:
                 # Once the checkpoint is safe: the driver prints this epoch as done.
-                append_record(Path(config["progress_file"]),
-                              epoch_record(metrics, planned, primary, task.primary_label))
+                append_record(config["progress"], epoch_record(metrics, planned, primary, task.primary_label))
         else:
             ray.train.report(metrics, checkpoint=None)
         epoch += 1
+
+
+def fetch_weights(published: Location) -> Path:
+    """The pretrained weight files the driver published to the shared storage
+    (``train.shipped_weights``), copied once into a local folder named by their content: this
+    node may not have the driver's ``$SEG_WEIGHTS_DIR``."""
+    folder = Path(tempfile.gettempdir()) / f"seg-weights-{published.name}"
+    if not (folder / COMPLETE_MARKER).is_file():
+        for name in published.child(COMPLETE_MARKER).read_text().splitlines():
+            write_bytes_atomic(folder / name, published.child(name).read_bytes())
+        write_bytes_atomic(folder / COMPLETE_MARKER, b"")
+    return folder
 
 
 def model_meta(config: dict) -> ModelMeta:
