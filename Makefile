@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR ?= $(CURDIR)/.dvc/tmp/site-cache
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run serve dashboard test test-slow lint install install-test clean storage-check storage-remote mlflow-server
+.PHONY: run serve dashboard test test-slow lint install install-test clean install-cluster storage-check storage-remote mlflow-server
 
 run: $(VENV)/.installed
 	dvc repro
@@ -46,6 +46,7 @@ lint: $(VENV)/.installed-test
 	ruff check pipeline tests bench dashboards
 
 install: $(VENV)/.installed
+install-cluster: $(VENV)/.installed-cluster
 install-test: $(VENV)/.installed-test
 
 $(VENV)/bin/python:
