@@ -109,3 +109,32 @@ def test_a_card_naming_a_task_that_cannot_be_imported_is_refused_before_ray(prep
     last = str(exit_.value.code).splitlines()[-1]
     assert "task 'no_such_package.tasks:Binary': cannot import" in last, last
     assert not ray.is_initialized() and not (env / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("bucket, message", [
+    ("missing", "SEG_STORAGE_URI=s3://missing/runs: bucket 'missing' does not exist at SEG_S3_ENDPOINT_URL="),
+    (None, "SEG_STORAGE_URI=s3://seg/runs: the endpoint at SEG_S3_ENDPOINT_URL=http://127.0.0.1:"),
+])
+def test_unusable_shared_storage_is_refused_before_ray(prepared, env, monkeypatch, bucket, message):
+    """An object store that does not answer, or a bucket it does not have: one line naming
+    the URI and the setting, before Ray or MLflow starts (issue 21)."""
+    import ray
+
+    from pipeline import train
+    from tests.factories import free_port
+    from tests.s3_server import S3Server
+
+    with S3Server() as s3:
+        s3.make_bucket("seg")
+        for key, value in s3.env(f"s3://{bucket or 'seg'}/runs").items():
+            monkeypatch.setenv(key, value)
+        if bucket is None:                            # nothing listens there
+            monkeypatch.setenv(paths.ENV_S3_ENDPOINT_URL, f"http://127.0.0.1:{free_port()}")
+        params = write_params(env, {})
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--data", str(prepared), "--out", str(env / "model"), "--params", str(params),
+                        "--metrics", str(env / "metrics.json"), "--storage", str(env / "ray_results")])
+    last = str(exit_.value.code)
+    assert last.startswith("train: ") and message in last and "\n" not in last, last
+    assert not ray.is_initialized()
+    assert not (env / "mlflow.db").exists() and not (env / "ray_results").exists()
