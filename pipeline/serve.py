@@ -241,7 +241,9 @@ def init_ray(log_to_driver: bool = True) -> None:
         os.environ.setdefault("RAY_worker_niceness", "0")
         console.choose_ray_auth_mode()
     level = console.ray_log_level()
-    ray.init(include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
+    # Without $RAY_ADDRESS a new local cluster, never one an earlier `ray start` left its address for.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
     logging.getLogger("ray.serve").setLevel(level)    # Serve's own handler: ray.init's level misses it
 
 

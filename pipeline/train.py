@@ -259,7 +259,9 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
             console.choose_ray_auth_mode()
             # The dashboard stays on (loopback only): without it Train V2 logs a failed
             # controller-state query in a loop.
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+            # address "local": a new cluster even where an earlier `ray start` left its address
+            # behind (/tmp/ray/ray_current_cluster), which ray.init() would otherwise try to join.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                      logging_level=level, _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
             _started_here = True
     # Ray Data configured this process's logger when it was imported, before the above.

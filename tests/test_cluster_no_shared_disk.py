@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -132,6 +133,7 @@ class Cluster:
 
     def __init__(self, s3: S3Server, root: Path):
         self.s3, self.root, self.procs = s3, root, []
+        self.ray_tmp = root / "ray"
         self.storage = s3.env("s3://seg/cluster")
         self.node_env = {k: v for k, v in os.environ.items() if not k.startswith(("SEG_", "MLFLOW_"))} | {
             "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
@@ -160,7 +162,11 @@ class Cluster:
                    self.node_env | self.storage)
         wait_for(lambda: healthy(self.tracking, mlflow, self.root / "mlflow.log"), 120, "MLflow server")
         ray = str(Path(sys.prefix) / "bin" / "ray")
+        # Its own temporary folder (short: Ray's sockets live there), so that the address `ray start`
+        # records there (ray_current_cluster) goes with it.
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
         head = self.start("head", [ray, "start", "--head", f"--port={self.head.rsplit(':', 1)[1]}",
+                                   f"--temp-dir={self.ray_tmp}",
                                    "--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"head": 1}',
                                    "--include-dashboard=false", "--disable-usage-stats", "--block"],
                           self.node_env)
@@ -178,6 +184,7 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         for proc in reversed(self.procs):
             stop_group(proc)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def records(self) -> list[str]:
         """The progress journal's records in the object store."""

@@ -138,3 +138,33 @@ def test_unusable_shared_storage_is_refused_before_ray(prepared, env, monkeypatc
     assert last.startswith("train: ") and message in last and "\n" not in last, last
     assert not ray.is_initialized()
     assert not (env / "mlflow.db").exists() and not (env / "ray_results").exists()
+
+
+STALE_ADDRESS = """
+import ray
+from pipeline import serve, train
+train.init_ray()
+assert ray.is_initialized()
+ray.shutdown()
+serve.init_ray(log_to_driver=False)
+assert ray.is_initialized()
+ray.shutdown()
+print("started")
+"""
+
+
+def test_a_cluster_that_an_earlier_ray_start_left_behind_is_not_joined(tmp_path):
+    """``ray start`` writes its address to <ray temp>/ray_current_cluster and a bare ``ray.init()``
+    joins it (or fails when it is gone): without $RAY_ADDRESS the stages start a new local
+    cluster whatever that file says."""
+    folder = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))        # short: Ray's sockets live there
+    try:
+        (folder / "ray").mkdir()
+        (folder / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")     # a cluster long gone
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "RAY_TMPDIR": str(folder), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(paths.REPO_ROOT)}
+        proc = subprocess.run([sys.executable, "-c", STALE_ADDRESS], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("started"), proc.stderr[-3000:]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
