@@ -15,6 +15,7 @@ R-CNN): the recipe and the IoU-balanced classification loss in place of the box 
     python bench/compare_losses.py --name camvid           # every row, 10 minutes each
     python bench/compare_losses.py --name camvid --table-only
     python bench/compare_losses.py --name camvid --quick   # two rows, 1 minute each
+    python bench/compare_losses.py --name nuclei --task instance --table-only   # another recipe's ledger
 
 The last line is ``RESULT name=... rows=... recipe=<score> best=<row> best_score=...``.
 """
@@ -128,8 +129,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ledger", type=Path, default=None,
                         help="default docs/results-losses-<name>.json (relative paths are in --repo)")
     parser.add_argument("--model-name", default=None, help="register.model_name (default <name>-losses)")
+    parser.add_argument("--task", choices=sorted(ROWS), default=None,
+                        help="the rows' task (default the recipe's prepare.task; with --table-only, the "
+                             "task a ledger from another recipe was run with)")
     args = parser.parse_args(argv)
-    task = recipe_task(args.repo)
+    task = args.task or recipe_task(args.repo)
+    if args.task and not args.table_only and args.task != recipe_task(args.repo):
+        parser.error(f"--task {args.task}: the recipe's task is {recipe_task(args.repo)}; "
+                     "train rows in a clone whose params.yaml is a recipe of that task")
     known = {row.name: row for row in ROWS[task]}
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
     names = args.rows or (list(known)[:2] if args.quick else list(known))

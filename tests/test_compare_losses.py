@@ -106,3 +106,21 @@ def test_two_losses_are_trained_on_one_budget_and_tabled(tmp_path):
     assert "loss-tiny-hausdorff" in shown and '"hausdorff": 0.002' in shown
     table = (repo / "docs" / "results.md").read_text()
     assert "| recipe | 0.5 weighted_ce + 0.5 dice |" in table and "| hausdorff |" in table
+
+
+def test_a_ledger_of_another_recipe_is_tabled_with_its_task(tmp_path):
+    """The nuclei rows run in a clone whose params.yaml is the instance recipe; the table is
+    written in the repository (a semantic recipe) from the ledger with ``--task``."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prepare": {"task": "semantic"}}))
+    instance = {row.name: row for row in compare.ROWS["instance"]}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results-losses-nuclei.json").write_text(json.dumps(
+        _ledger(recipe=(instance["recipe"].terms, {"mask_ap": 0.2}))))
+    script = [sys.executable, str(REPO / "bench" / "compare_losses.py"), "--repo", str(tmp_path),
+              "--name", "nuclei"]
+    run = subprocess.run([*script, "--task", "instance", "--table-only"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| test mask AP |" in (tmp_path / "docs" / "results.md").read_text()
+    refused = subprocess.run([*script, "--task", "instance"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "the recipe's task is semantic" in refused.stderr
