@@ -18,6 +18,7 @@ from dataclasses import replace
 import huggingface_hub
 import segmentation_models_pytorch as smp
 import timm
+import torch
 from torch import nn
 
 from pipeline.config import paths
@@ -64,7 +65,33 @@ def build(cfg: SmpModelParams, classes: int, meta: ModelMeta) -> SegmentationMod
         mean, std = normalisation(cfg)
         meta = replace(meta, mean=mean, std=std)
     multiple, min_size = input_size_rule(net)
+    freeze_unused(net, cfg.in_channels, max(min_size, multiple))
     return SegmentationModel(net, meta, multiple=multiple, min_size=min_size)
+
+
+def freeze_unused(net: nn.Module, in_channels: int, size: int) -> list[str]:
+    """Freeze the parameters no output depends on, and return their names. smp builds an
+    encoder's stages beyond ``encoder_depth`` and never runs them (PSPNet's depth 3 leaves
+    MobileNetV2's last stages idle); DistributedDataParallel refuses a trainable parameter that
+    gets no gradient ("Expected to have finished reduction in the prior iteration"), so the
+    multi-worker training of such a model crashed at its second step. Found by one forward pass
+    at ``size`` x ``size`` in eval mode (no running statistics change)."""
+    training = net.training
+    net.eval()
+    try:
+        with torch.enable_grad():
+            out = net(torch.zeros(1, in_channels, size, size))
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+        total = sum(o.sum() for o in outputs)
+        grads = torch.autograd.grad(total, [p for _, p in trainable], allow_unused=True)
+    finally:
+        net.train(training)
+    unused = [name for (name, p), grad in zip(trainable, grads, strict=True) if grad is None]
+    for name, p in trainable:
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
 
 
 def encoder(name: str, weights: str | None, in_channels: int, output_stride: int = 32) -> nn.Module:

@@ -56,6 +56,24 @@ def test_any_input_size_gives_logits_of_that_size(arch, encoder, kwargs):
             assert model(torch.randn(shape)).shape == (shape[0], 4, *shape[2:])
 
 
+@pytest.mark.parametrize(("arch", "encoder", "kwargs", "frozen"), [
+    ("PSPNet", "mobilenet_v2", {}, True),                       # encoder_depth 3 of 5 stages
+    ("Unet", "mobilenet_v2", {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16]}, True),
+    ("Unet", "mobilenet_v2", {}, False),
+    ("Linknet", "resnet18", {}, False),
+])
+def test_every_trainable_parameter_gets_a_gradient(arch, encoder, kwargs, frozen):
+    """What DistributedDataParallel requires of a model trained by several workers: smp keeps an
+    encoder's stages beyond ``encoder_depth``, which PSPNet's two workers crashed on."""
+    model = build_model(params(arch=arch, encoder_name=encoder, kwargs=kwargs), num_classes=3).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    without = [n for n, p in trainable if p.grad is None]
+    assert trainable and not without, without
+    idle = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert bool(idle) == frozen and all(".encoder." in n for n in idle), idle
+
+
 def test_crop_keeps_the_original_pixels_in_place():
     model = build_model(params(), num_classes=2).eval()
     x = torch.randn(1, 3, 40, 50)
