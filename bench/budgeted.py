@@ -7,7 +7,10 @@ them. ``run_experiments`` trains each one the ledger lacks with ``train.max_minu
 evaluates it once at native size without test-time augmentation, registers it under a model name
 of its own (the recipe's champion is left alone) and records it in the ledger as it finishes: the
 experiment's evaluation scores (``metrics/evaluate.json``), the epochs its MLflow run trained and
-the commit it ran on. ``dvc exp`` refs and the MLflow store are local to one clone, the ledger (a
+the commit it ran on. The scores are those of the whole evaluation report
+(``evaluation/evaluate.json``, read from the experiment's outputs in the DVC cache), which holds
+more than the DVC metrics file's headline (the semantic task's surface distances, for one).
+``dvc exp`` refs and the MLflow store are local to one clone, the ledger (a
 committed JSON file) is not, so a comparison interrupted in one clone goes on in another where it
 stopped. An entry counts only for the same params and budget; an experiment is run again when
 either changed.
@@ -145,31 +148,82 @@ def epochs_trained(exp_name: str, repo: Path) -> int | None:
     return None
 
 
+def experiment_rev(repo: Path, baseline: str, exp_name: str) -> str | None:
+    """The commit of experiment ``exp_name`` run on ``baseline`` (a commit), None where this clone
+    has no such experiment (its ref ``refs/exps/<baseline's sha[:2]>/<sha[2:]>/<name>``)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+    sha = git("rev-parse", "--verify", "--quiet", f"{baseline}^{{commit}}") if baseline else ""
+    if not sha or not exp_name:
+        return None
+    return git("rev-parse", "--verify", "--quiet", f"refs/exps/{sha[:2]}/{sha[2:]}/{exp_name}") or None
+
+
+def report_scores(repo: Path, rev: str) -> dict[str, Any]:
+    """Every number of the whole evaluation report that the experiment commit ``rev`` produced
+    (its ``evaluation/evaluate.json``, from the DVC cache)."""
+    import dvc.api
+
+    from pipeline.config import paths
+
+    path = paths.EVAL_REPORT.as_posix()
+    try:
+        report = json.loads(dvc.api.read(path, repo=str(repo), rev=rev))
+    except Exception as err:  # noqa: BLE001 - the message names what is missing, whatever dvc raised
+        raise RuntimeError(f"{repo}: the evaluation report {path} of experiment commit {rev} cannot be "
+                           f"read from the DVC cache ({type(err).__name__}: {err})") from err
+    return {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def record(experiment: Experiment, exp_name: str, minutes: float, data: dict[str, Any], repo: Path,
            classes: int) -> dict[str, Any]:
-    """The ledger entry of a finished experiment, from ``dvc exp show``'s data and its MLflow run:
-    every number of its evaluation (``scores``; test mIoU and boundary mIoU also on their own)."""
+    """The ledger entry of a finished experiment of the current commit, from ``dvc exp show``'s
+    data, its evaluation report and its MLflow run: every number of its evaluation (``scores``;
+    test mIoU and boundary mIoU also on their own)."""
     evaluation = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
     scores = {k: v for k, v in evaluation.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    return {"experiment": exp_name, "commit": git_head(repo), **experiment.key, "minutes": minutes,
-            "classes": classes, "miou": evaluation.get("miou"),
-            "boundary_miou": evaluation.get("boundary_miou"), "scores": scores,
-            "epochs": epochs_trained(exp_name, repo),
-            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    commit = git_head(repo)
+    rev = experiment_rev(repo, commit, exp_name)
+    if rev is None:
+        raise RuntimeError(f"{repo}: no experiment {exp_name} on commit {commit} (dvc exp show listed it)")
+    entry = {"experiment": exp_name, "commit": commit, **experiment.key, "minutes": minutes,
+             "classes": classes, "epochs": epochs_trained(exp_name, repo),
+             "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return with_scores(entry, scores | report_scores(repo, rev))
+
+
+def with_scores(entry: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "miou": scores.get("miou"), "boundary_miou": scores.get("boundary_miou"),
+            "scores": scores}
+
+
+def rescored(entry: dict[str, Any], repo: Path) -> dict[str, Any] | None:
+    """A ledger entry with its scores read again from its experiment's evaluation report (the
+    commit, epochs and budget as recorded); None where this clone lacks the experiment."""
+    rev = experiment_rev(repo, entry.get("commit") or "", entry.get("experiment") or "")
+    return None if rev is None else with_scores(entry, (entry.get("scores") or {}) | report_scores(repo, rev))
 
 
 def run_experiments(todo: list[Experiment], minutes: float, repo: Path, ledger_path: Path, prefix: str,
-                    model_name: str, describe: dict[str, str] | None = None) -> None:
+                    model_name: str, describe: dict[str, str] | None = None, refresh: bool = False) -> None:
     """Runs each experiment the ledger lacks (or holds for other params or another budget),
     recording each as it finishes; one of this commit already run with the same params and budget
-    is recorded without training again. ``describe``: a label per name for the log."""
+    is recorded without training again. ``describe``: a label per name for the log. ``refresh``:
+    the scores of entries already in the ledger are read again from their experiments' reports
+    (where this clone has them), nothing trained for them."""
     ledger = read_ledger(ledger_path)
     classes = num_classes(repo)
     done = experiments(repo)
     for experiment in todo:
         name = prefix + experiment.name
         if current(ledger.get(experiment.name), experiment, minutes):
-            print(f"{name}: in the ledger (commit {ledger[experiment.name]['commit']})", flush=True)
+            entry = ledger[experiment.name]
+            again = rescored(entry, repo) if refresh else None
+            if again is not None:
+                ledger[experiment.name] = again
+                write_json_atomic(ledger_path, ledger)
+            said = "" if not refresh else ", scores read again" if again else ", no experiment here to read"
+            print(f"{name}: in the ledger (commit {entry['commit']}){said}", flush=True)
             continue
         if name in done and ran_as(done[name], experiment, minutes):
             print(f"{name}: already run", flush=True)

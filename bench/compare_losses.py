@@ -16,6 +16,7 @@ R-CNN): the recipe and the IoU-balanced classification loss in place of the box 
     python bench/compare_losses.py --name camvid --table-only
     python bench/compare_losses.py --name camvid --quick   # two rows, 1 minute each
     python bench/compare_losses.py --name nuclei --task instance --table-only   # another recipe's ledger
+    python bench/compare_losses.py --name camvid --refresh # recorded rows' scores read again, no training
 
 The last line is ``RESULT name=... rows=... recipe=<score> best=<row> best_score=...``.
 """
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true",
                         help="the recipe and the first other row, 1 minute each")
     parser.add_argument("--table-only", action="store_true", help="no training: the table from the ledger")
+    parser.add_argument("--refresh", action="store_true",
+                        help="read the recorded rows' scores again from their experiments in this clone "
+                             "(their evaluation reports); nothing trained for them")
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--ledger", type=Path, default=None,
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = [known[n] for n in known if n in names]
         run_experiments([r.experiment() for r in rows], minutes, args.repo, ledger_path,
                         f"loss-{args.name}-", args.model_name or f"{args.name}-losses",
-                        describe={r.name: " + ".join(f"{w:g} {t}" for t, w in r.terms.items()) for r in rows})
+                        describe={r.name: " + ".join(f"{w:g} {t}" for t, w in r.terms.items()) for r in rows},
+                        refresh=args.refresh)
     ledger = read_ledger(ledger_path)
     out = args.out if args.out.is_absolute() else args.repo / args.out
     write_section(out, f"losses-{args.name}", markdown(args.name, task, ledger))

@@ -1,8 +1,25 @@
 """``bench/budgeted.py``: budgeted ``dvc exp run`` experiments and their ledger."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from bench.budgeted import Experiment, arguments, current, mapping_sets, ran_as, read_ledger, record
+from bench.budgeted import (
+    Experiment,
+    arguments,
+    current,
+    mapping_sets,
+    ran_as,
+    read_ledger,
+    record,
+    rescored,
+    run_experiments,
+)
 
 LOSS = Experiment("dice", {"loss.terms": {"weighted_ce": 0.5, "dice": 0.5}}, ("loss.focal_gamma=2",))
 
@@ -39,17 +56,88 @@ def test_an_entry_or_an_experiment_counts_only_for_the_same_params_and_budget():
     assert not ran_as({}, LOSS, 10)
 
 
-def test_a_record_keeps_every_score_of_the_evaluation(tmp_path, monkeypatch):
+def git(repo: Path, *args: str) -> str:
+    who = {f"GIT_{role}_{key}": value for role in ("AUTHOR", "COMMITTER")
+           for key, value in (("NAME", "t"), ("EMAIL", "t@t"))}
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env=os.environ | who).stdout.strip()
+
+
+def experiment_repo(tmp_path: Path, report: dict, name: str = "loss-dice") -> tuple[Path, str]:
+    """A git + DVC repository whose commit has an experiment ``name`` (a ``refs/exps`` ref, as
+    ``dvc exp run`` leaves one) whose DVC-tracked ``evaluation/evaluate.json`` is ``report``;
+    the baseline's short sha."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    baseline = git(repo, "rev-parse", "HEAD")
+    (repo / "evaluation").mkdir()
+    (repo / "evaluation" / "evaluate.json").write_text(json.dumps(report))
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "evaluation"], cwd=repo, check=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "the experiment")
+    git(repo, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", "HEAD")
+    git(repo, "reset", "-q", "--hard", baseline)        # the workspace is the baseline again
+    shutil.rmtree(repo / "evaluation")                  # (git ignores it): only the DVC cache has it
+    return repo, git(repo, "rev-parse", "--short", "HEAD")
+
+
+REPORT = {"miou": 0.5, "boundary_miou": 0.3, "mean_hd95": 12.5, "mean_asd": 3.25, "eval_key": "8d65",
+          "images": 233, "per_class": {"road": {"iou": 0.9}}}
+
+
+def test_a_record_keeps_every_score_of_the_whole_evaluation_report(tmp_path, monkeypatch):
+    """The DVC metrics file holds only the headline; the surface distances (and every other
+    number) come from the experiment's own report in the DVC cache."""
     import bench.budgeted as budgeted
 
-    monkeypatch.setattr(budgeted, "git_head", lambda repo: "abc1234")
+    repo, head = experiment_repo(tmp_path, REPORT)
     monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: 7)
-    data = {"metrics": {"metrics/evaluate.json": {"data": {
-        "miou": 0.5, "boundary_miou": 0.3, "mean_hd95": 12.5, "eval_key": "8d65", "images": 233}}}}
-    entry = record(LOSS, "loss-dice", 10, data, tmp_path, 11)
-    assert entry["loss.terms"] == LOSS.key["loss.terms"] and entry["commit"] == "abc1234"
+    headline = {"miou": 0.5, "boundary_miou": 0.3, "eval_key": "8d65"}
+    data = {"metrics": {"metrics/evaluate.json": {"data": headline}}}
+    entry = record(LOSS, "loss-dice", 10, data, repo, 11)
+    assert entry["loss.terms"] == LOSS.key["loss.terms"] and entry["commit"] == head
     assert entry["miou"] == 0.5 and entry["epochs"] == 7 and entry["experiment"] == "loss-dice"
-    assert entry["scores"] == {"miou": 0.5, "boundary_miou": 0.3, "mean_hd95": 12.5, "images": 233}
+    assert entry["scores"] == {"miou": 0.5, "boundary_miou": 0.3, "mean_hd95": 12.5, "mean_asd": 3.25,
+                               "images": 233}
+
+
+def test_a_record_without_the_experiments_report_fails_naming_it(tmp_path, monkeypatch):
+    import bench.budgeted as budgeted
+
+    repo, _ = experiment_repo(tmp_path, REPORT)
+    monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: 7)
+    with pytest.raises(RuntimeError, match="no experiment loss-other on commit"):
+        record(LOSS, "loss-other", 10, {}, repo, 11)
+    cache = repo / ".dvc" / "cache"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    with pytest.raises(RuntimeError, match="evaluation/evaluate.json of experiment commit"):
+        record(LOSS, "loss-dice", 10, {}, repo, 11)
+
+
+def test_refresh_reads_a_recorded_rows_scores_again_and_keeps_the_rest(tmp_path, monkeypatch):
+    import bench.budgeted as budgeted
+
+    repo, head = experiment_repo(tmp_path, REPORT)
+    monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: pytest.fail("no MLflow lookup again"))
+    monkeypatch.setattr(budgeted, "dvc", lambda *a, **k: pytest.fail("nothing is trained"))
+    monkeypatch.setattr(budgeted, "experiments", lambda repo: {})
+    monkeypatch.setattr(budgeted, "num_classes", lambda repo: 11)
+    old = {"experiment": "loss-dice", "commit": head, **LOSS.key, "minutes": 10, "classes": 11, "epochs": 7,
+           "recorded": "2026-12-05T03:49:24Z", "miou": 0.5, "boundary_miou": 0.3,
+           "scores": {"miou": 0.5, "boundary_miou": 0.3, "fw_iou": 0.7}}
+    assert rescored(old, repo) == {**old, "scores": {**old["scores"], "mean_hd95": 12.5, "mean_asd": 3.25,
+                                                     "images": 233}}
+    assert rescored({**old, "experiment": "loss-gone"}, repo) is None      # not in this clone: as recorded
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"dice": old}))
+    run_experiments([LOSS], 10, repo, ledger, "loss-", "m")
+    assert json.loads(ledger.read_text())["dice"] == old                  # without refresh: untouched
+    run_experiments([LOSS], 10, repo, ledger, "loss-", "m", refresh=True)
+    assert json.loads(ledger.read_text())["dice"]["scores"]["mean_hd95"] == 12.5
 
 
 def test_a_broken_ledger_is_refused_naming_the_file(tmp_path):

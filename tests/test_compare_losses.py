@@ -101,11 +101,15 @@ def test_two_losses_are_trained_on_one_budget_and_tabled(tmp_path):
     assert ledger["hausdorff"]["experiment"] == "loss-tiny-hausdorff" and ledger["hausdorff"]["epochs"] == 1
     for entry in ledger.values():
         assert 0 <= entry["scores"]["miou"] <= 1 and entry["scores"]["miou"] == entry["miou"]
+        # The surface distances are in the evaluation report, not in the DVC metrics' headline.
+        assert entry["scores"]["mean_hd95"] >= 0 and entry["scores"]["mean_asd"] >= 0
     # The experiment really trained with the row's terms.
     shown = json.dumps(json.loads(dvc(repo, "exp", "show", "--json", env=env, stdout_only=True)))
     assert "loss-tiny-hausdorff" in shown and '"hausdorff": 0.002' in shown
     table = (repo / "docs" / "results.md").read_text()
     assert "| recipe | 0.5 weighted_ce + 0.5 dice |" in table and "| hausdorff |" in table
+    recipe_row = next(line for line in table.splitlines() if line.startswith("| recipe |"))
+    assert f"| {ledger['recipe']['scores']['mean_hd95']:.1f} |" in recipe_row
 
 
 def test_a_ledger_of_another_recipe_is_tabled_with_its_task(tmp_path):
