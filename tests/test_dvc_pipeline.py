@@ -164,6 +164,16 @@ def test_whole_pipeline_then_an_experiment_each_in_its_own_mlflow_run(tmp_path):
     assert len(client.search_model_versions("name = 'tiny'")) == 3
     assert client.get_model_version_by_alias("tiny", "champion")
 
+    # A refinement is an evaluation setting (README, "Refinement"): `-S evaluate.postprocess=crf`
+    # re-runs evaluate and register, not train, and the version registered for it predicts with
+    # the CRF (its inference settings).
+    dvc(repo, "exp", "run", "-S", "evaluate.postprocess=crf", "-n", "with-crf", env=env)
+    assert len(runs()) == 3
+    report = json.loads((repo / "evaluation/evaluate.json").read_text())
+    assert 0 <= report["miou"] <= 1
+    crf = [v for v in client.search_model_versions("name = 'tiny'") if '"crf"' in v.tags.get("inference", "")]
+    assert len(crf) == 1, [v.tags for v in client.search_model_versions("name = 'tiny'")]
+
 
 CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
           "Bicyclist"]
