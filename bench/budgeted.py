@@ -6,8 +6,8 @@ An ``Experiment`` is a name, the params it sets (``key``: dotted params path -> 
 them. ``run_experiments`` trains each one the ledger lacks with ``train.max_minutes`` as its budget,
 evaluates it once at native size without test-time augmentation, registers it under a model name
 of its own (the recipe's champion is left alone) and records it in the ledger as it finishes: the
-experiment's evaluation scores (``metrics/evaluate.json``), the epochs its MLflow run trained and
-the commit it ran on. The scores are those of the whole evaluation report
+experiment's evaluation scores, the epochs its MLflow run trained and the commit it ran on. The
+scores are those of the whole evaluation report
 (``evaluation/evaluate.json``, read from the experiment's outputs in the DVC cache), which holds
 more than the DVC metrics file's headline (the semantic task's surface distances, for one).
 ``dvc exp`` refs and the MLflow store are local to one clone, the ledger (a
@@ -151,8 +151,9 @@ def epochs_trained(exp_name: str, repo: Path) -> int | None:
 def experiment_rev(repo: Path, baseline: str, exp_name: str) -> str | None:
     """The commit of experiment ``exp_name`` run on ``baseline`` (a commit), None where this clone
     has no such experiment (its ref ``refs/exps/<baseline's sha[:2]>/<sha[2:]>/<name>``)."""
-    def git(*args: str) -> str:
+    def git(*args: str) -> str:          # '' where git finds no such revision
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+
     sha = git("rev-parse", "--verify", "--quiet", f"{baseline}^{{commit}}") if baseline else ""
     if not sha or not exp_name:
         return None
