@@ -120,7 +120,8 @@ class SeedModelParams(ModelParams):
     switches a recipe: ``encoder_name`` null means the arch's own encoder (the paper's VGG-16 for
     FCN and DeepLab, the whole net for SegNet, ENet and FC-DenseNet), else an smp encoder
     (FCN, DeepLab, UNet, PointRend, GatedSCNN); ``kwargs`` the arch's options (UNet: ``upsampling``,
-    ``skip_merge``; PointRend: ``train_points``, ``subdivision_points``)."""
+    ``skip_merge``; PointRend: ``train_points``, ``subdivision_points``; DeepLab: ``jpu``;
+    FC-DenseNet: ``memory_efficient``)."""
 
     family: Literal["seed"] = Field(...)
     arch: Literal[SEED_ARCHS] = Field(...)
@@ -128,7 +129,7 @@ class SeedModelParams(ModelParams):
     encoder_weights: Literal["imagenet"] | None = Field(..., description="for an smp encoder only")
     in_channels: int = Field(..., ge=1, le=16)
     classes: int | None = Field(..., ge=1, le=1024, description="null: from classes.json")
-    kwargs: dict[str, Any] = Field(..., description="the arch's options (UNet: upsampling, skip_merge)")
+    kwargs: dict[str, Any] = Field(..., description="the arch's options (see SeedModelParams)")
 
     def without_pretrained_weights(self) -> Self:
         return self.model_copy(update={"encoder_weights": None})

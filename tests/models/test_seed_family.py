@@ -185,6 +185,17 @@ def test_jpu_needs_an_smp_encoder_and_a_boolean():
         build_model(seed("DeepLabV1", kwargs={"jpu": "yes"}), CLASSES)
 
 
+def test_fc_densenet_takes_memory_efficient_as_a_boolean():
+    default = build_model(seed("FCDenseNet56", encoder_name=None), CLASSES)
+    assert all(block.memory_efficient for block in default.net.down_blocks)
+    model = build_model(seed("FCDenseNet56", encoder_name=None, kwargs={"memory_efficient": False}), CLASSES)
+    assert not any(block.memory_efficient for block in model.net.down_blocks)
+    with pytest.raises(ValueError, match=r"model.kwargs.memory_efficient: true or false, not 1"):
+        build_model(seed("FCDenseNet67", encoder_name=None, kwargs={"memory_efficient": 1}), CLASSES)
+    with pytest.raises(ValueError, match=r"model.kwargs.memory_efficient: not an option of seed arch ENet"):
+        build_model(seed("ENet", encoder_name=None, kwargs={"memory_efficient": True}), CLASSES)
+
+
 @pytest.mark.slow
 def test_deeplab_with_jpu_exports_to_onnx_that_runs_like_pytorch(tmp_path):
     model = build_model(seed("DeepLabV2", kwargs={"jpu": True}), CLASSES).eval()

@@ -8,7 +8,8 @@ as for the ``smp`` family (``pipeline.models.smp.encoder``); DeepLab builds it a
 stride 8, as PointRend and Gated-SCNN do. ``kwargs`` are the arch's options: UNet's
 ``upsampling`` and ``skip_merge``, PointRend's ``train_points`` and ``subdivision_points``,
 DeepLab's ``jpu`` (FastFCN's joint pyramid upsampling over an undilated smp encoder in place of
-dilation); the others take none.
+dilation), FC-DenseNet's ``memory_efficient`` (default true: dense blocks recomputed in the
+backward pass, see ``tiramisu``); the others take none.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pipeline.models.weights import ensure_encoder_weights
 
 ARCH_OPTIONS: dict[str, tuple[str, ...]] = {                  # model.kwargs keys
     "UNet": ("upsampling", "skip_merge"), "PointRend": ("train_points", "subdivision_points"),
-    "DeepLabV1": ("jpu",), "DeepLabV2": ("jpu",)}
+    "DeepLabV1": ("jpu",), "DeepLabV2": ("jpu",),
+    **{arch: ("memory_efficient",) for arch in ("FCDenseNet56", "FCDenseNet67", "FCDenseNet103")}}
 POINTS_RANGE = (16, 1 << 20)
 DEEPLAB_RATES = {"DeepLabV1": deeplab.V1_RATES, "DeepLabV2": deeplab.V2_RATES}
 
@@ -78,13 +80,13 @@ def _check_kwargs(cfg: SeedModelParams) -> None:
         if value is not None and not (isinstance(value, int) and POINTS_RANGE[0] <= value <= POINTS_RANGE[1]):
             raise ValueError(f"model.kwargs.{key}: an integer from {POINTS_RANGE[0]} to {POINTS_RANGE[1]}, "
                              f"not {value!r}")
-    if "jpu" in cfg.kwargs:
-        if not isinstance(cfg.kwargs["jpu"], bool):
-            raise ValueError(f"model.kwargs.jpu: true or false, not {cfg.kwargs['jpu']!r}")
-        if cfg.kwargs["jpu"] and cfg.encoder_name is None:
-            raise ValueError("model.kwargs.jpu: joint pyramid upsampling reads an smp encoder's stride-8, "
-                             "16 and 32 maps; name one in model.encoder_name (the paper's VGG-16 is "
-                             "dilated instead)")
+    for key in ("jpu", "memory_efficient"):
+        if key in cfg.kwargs and not isinstance(cfg.kwargs[key], bool):
+            raise ValueError(f"model.kwargs.{key}: true or false, not {cfg.kwargs[key]!r}")
+    if cfg.kwargs.get("jpu", False) and cfg.encoder_name is None:
+        raise ValueError("model.kwargs.jpu: joint pyramid upsampling reads an smp encoder's stride-8, "
+                         "16 and 32 maps; name one in model.encoder_name (the paper's VGG-16 is "
+                         "dilated instead)")
     if cfg.arch == "UNet":
         try:
             unet.check_choices(cfg.kwargs.get("upsampling", unet.DEFAULT_UPSAMPLING),
@@ -145,6 +147,7 @@ _BUILDERS: dict[str, Callable[[SeedModelParams, int], nn.Module]] = {
     "GatedSCNN": _gated_scnn,
     "SegNet": lambda cfg, classes: SegNet(cfg.in_channels, classes),
     "ENet": lambda cfg, classes: ENet(cfg.in_channels, classes),
-    "fcdensenet": lambda cfg, classes: tiramisu.fc_densenet(cfg.arch, cfg.in_channels, classes),
+    "fcdensenet": lambda cfg, classes: tiramisu.fc_densenet(
+        cfg.arch, cfg.in_channels, classes, cfg.kwargs.get("memory_efficient", True)),
 }
 
