@@ -6,7 +6,8 @@ An ``Experiment`` is a name, the params it sets (``key``: dotted params path -> 
 them. ``run_experiments`` trains each one the ledger lacks with ``train.max_minutes`` as its budget,
 evaluates it once at native size without test-time augmentation, registers it under a model name
 of its own (the recipe's champion is left alone) and records it in the ledger as it finishes: the
-experiment's evaluation scores, the epochs its MLflow run trained and the commit it ran on. The
+experiment's evaluation scores, the epochs its MLflow run trained and the minutes they took (a
+first epoch longer than the budget still runs whole), and the commit it ran on. The
 scores are those of the whole evaluation report
 (``evaluation/evaluate.json``, read from the experiment's outputs in the DVC cache), which holds
 more than the DVC metrics file's headline (the semantic task's surface distances, for one).
@@ -131,9 +132,11 @@ def num_classes(repo: Path) -> int:
     return json.loads(classes.read_text())["num_classes"]
 
 
-def epochs_trained(exp_name: str, repo: Path) -> int | None:
-    """The epochs the experiment's MLflow run trained (its last ``planned_epochs``), from
-    ``$MLFLOW_TRACKING_URI`` or the repository's embedded store."""
+def training_figures(exp_name: str, repo: Path) -> dict[str, Any]:
+    """``epochs``: the epochs the experiment's MLflow run trained (its last ``planned_epochs``);
+    ``trained_minutes``: their training and validation time (``train_seconds`` + ``val_seconds``
+    over every epoch), which exceeds the budget where one epoch does. From
+    ``$MLFLOW_TRACKING_URI`` or the repository's embedded store; None for what the run lacks."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import paths
@@ -144,8 +147,11 @@ def epochs_trained(exp_name: str, repo: Path) -> int | None:
     for mlflow_experiment in client.search_experiments():
         for run in client.search_runs([mlflow_experiment.experiment_id], f"tags.dvc_exp = '{exp_name}'"):
             if "planned_epochs" in run.data.metrics:
-                return int(run.data.metrics["planned_epochs"])
-    return None
+                seconds = [m.value for key in ("train_seconds", "val_seconds")
+                           for m in client.get_metric_history(run.info.run_id, key)]
+                return {"epochs": int(run.data.metrics["planned_epochs"]),
+                        "trained_minutes": round(sum(seconds) / 60, 2) if seconds else None}
+    return {"epochs": None, "trained_minutes": None}
 
 
 def experiment_rev(repo: Path, baseline: str, exp_name: str) -> str | None:
@@ -188,7 +194,7 @@ def record(experiment: Experiment, exp_name: str, minutes: float, data: dict[str
     if rev is None:
         raise RuntimeError(f"{repo}: no experiment {exp_name} on commit {commit} (dvc exp show listed it)")
     entry = {"experiment": exp_name, "commit": commit, **experiment.key, "minutes": minutes,
-             "classes": classes, "epochs": epochs_trained(exp_name, repo),
+             "classes": classes, **training_figures(exp_name, repo),
              "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return with_scores(entry, scores | report_scores(repo, rev))
 
@@ -200,9 +206,14 @@ def with_scores(entry: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]
 
 def rescored(entry: dict[str, Any], repo: Path) -> dict[str, Any] | None:
     """A ledger entry with its scores read again from its experiment's evaluation report (the
-    commit, epochs and budget as recorded); None where this clone lacks the experiment."""
+    commit, epochs and budget as recorded; the minutes trained filled in from its MLflow run where
+    the entry predates them); None where this clone lacks the experiment."""
     rev = experiment_rev(repo, entry.get("commit") or "", entry.get("experiment") or "")
-    return None if rev is None else with_scores(entry, (entry.get("scores") or {}) | report_scores(repo, rev))
+    if rev is None:
+        return None
+    if "trained_minutes" not in entry:
+        entry = {**entry, "trained_minutes": training_figures(entry["experiment"], repo)["trained_minutes"]}
+    return with_scores(entry, (entry.get("scores") or {}) | report_scores(repo, rev))
 
 
 def run_experiments(todo: list[Experiment], minutes: float, repo: Path, ledger_path: Path, prefix: str,

@@ -4,8 +4,8 @@ Each row of ``ROWS`` is trained by ``dvc exp run --temp -n cmp-<row>`` on the re
 recipe (params.yaml, CamVid by default) with ``train.max_minutes`` as its budget
 (``train.epochs`` high enough never to decide), evaluated once at native size without
 test-time augmentation, and registered under a model name of its own (the recipe's champion
-is left alone). Each finished experiment's test mIoU and boundary mIoU (``metrics/evaluate.
-json``), the epochs its MLflow run trained and the commit it ran on go into a ledger committed
+is left alone). Each finished experiment's scores (its whole evaluation report), the epochs its
+MLflow run trained and the minutes they took, and the commit it ran on go into a ledger committed
 beside the table (``docs/results-archs.json``): ``dvc exp`` refs and the MLflow store are local
 to one clone, the ledger is not, so a comparison interrupted in one clone goes on in another
 where it stopped. A row is run again when its model or budget no longer matches its ledger
@@ -15,6 +15,7 @@ multiply-add counted as two) and CPU images/s at that size.
 
     python bench/compare_archs.py                  # every row, 10 minutes each, then the table
     python bench/compare_archs.py --table-only     # the table from the ledger, nothing trained
+    python bench/compare_archs.py --refresh        # recorded rows' scores and minutes read again
     python bench/compare_archs.py --quick          # three rows, 1 minute each
 
 The last line is ``RESULT rows=... best=<row> best_miou=...``.
@@ -93,11 +94,12 @@ def overrides(row: Row, minutes: float, model_name: str) -> list[str]:
     return arguments(experiment(row), minutes, model_name)
 
 
-def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str, ledger_path: Path) -> None:
+def run_rows(rows: list[Row], minutes: float, repo: Path, model_name: str, ledger_path: Path,
+             refresh: bool = False) -> None:
     """Runs each row the ledger lacks (or holds for another model or budget), recording each as it
-    finishes (``bench/budgeted.py``)."""
+    finishes (``bench/budgeted.py``); ``refresh``: recorded rows' scores read again."""
     run_experiments([experiment(r) for r in rows], minutes, repo, ledger_path, PREFIX, model_name,
-                    describe={r.name: f"{r.arch} ({r.backbone})" for r in rows})
+                    describe={r.name: f"{r.arch} ({r.backbone})" for r in rows}, refresh=refresh)
 
 
 def measure(row: Row, classes: int, repeats: int = 7, warmups: int = 3) -> dict[str, float]:
@@ -136,8 +138,8 @@ def table_rows(rows: list[Row], ledger: dict[str, dict[str, Any]]) -> list[dict[
         entry = ledger.get(row.name)
         if entry is None or entry.get("model") != row.model():
             continue
-        out.append({"row": row, **{k: entry.get(k) for k in ("miou", "boundary_miou", "minutes", "epochs",
-                                                             "commit")},
+        out.append({"row": row, **{k: entry.get(k) for k in ("miou", "boundary_miou", "minutes",
+                                                             "trained_minutes", "epochs", "commit")},
                     **measure(row, entry["classes"])})
     return out
 
@@ -152,22 +154,25 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "Written by `python bench/compare_archs.py`: each architecture trained "
         "by `dvc exp run` with the repository's recipe and data (CamVid by default) and a wall-clock "
         "budget (`train.max_minutes`, "
-        "training and validation; column minutes) on this machine's CPU, then scored on the test "
+        "training and validation; column budget) on this machine's CPU, then scored on the test "
         "split at native size without test-time augmentation; column commit is the commit each ran on "
         "(rows are recorded in `docs/results-archs.json` as they finish). Parameters, GFLOPs (a "
         "multiply-add is two) and CPU images/s (batch 1, channels-last, all cores, the median of seven "
-        f"passes after three warm-ups) are measured on the model at {SIZE[0]} x {SIZE[1]}.",
+        f"passes after three warm-ups) are measured on the model at {SIZE[0]} x {SIZE[1]}. Column trained "
+        "is the minutes the epochs took: the budget ends training between epochs, so a row whose "
+        "first epoch is longer than the budget trains that one epoch whole.",
         "",
-        "| architecture | backbone | test mIoU | boundary mIoU | minutes | epochs | parameters (M) | GFLOPs "
-        "| CPU img/s | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| architecture | backbone | test mIoU | boundary mIoU | budget (min) | trained (min) | epochs "
+        "| parameters (M) | GFLOPs | CPU img/s | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: -(r["miou"] or 0)):
         row: Row = r["row"]
         options = ", ".join(f"{k} {v}" for k, v in row.kwargs.items())
         label = f"{row.arch} ({options})" if options else row.arch
         cells = [label, row.backbone, cell(r["miou"], ".3f"), cell(r["boundary_miou"], ".3f"),
-                 cell(r["minutes"], "g"), cell(r["epochs"], "d"), f"{r['params_m']:.2f}",
+                 cell(r["minutes"], "g"), cell(r.get("trained_minutes"), ".1f"), cell(r["epochs"], "d"),
+                 f"{r['params_m']:.2f}",
                  f"{r['gflops']:.1f}", f"{r['img_s']:.2f}", r.get("commit") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Published CamVid test mIoU for context (other budgets, GPUs, full schedules): SegNet 46.4 "
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help=f"rows {' '.join(QUICK_ROWS)}, 1 minute each")
     parser.add_argument("--table-only", action="store_true",
                         help="no training: the table from the experiments already run")
+    parser.add_argument("--refresh", action="store_true",
+                        help="read recorded rows' scores (and minutes trained) again from their experiments")
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--ledger", type=Path, default=Path("docs/results-archs.json"),
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [r for r in ROWS if r.name in names]
     ledger = args.ledger if args.ledger.is_absolute() else args.repo / args.ledger
     if not args.table_only:
-        run_rows(rows, minutes, args.repo, args.model_name, ledger)
+        run_rows(rows, minutes, args.repo, args.model_name, ledger, args.refresh)
     results = table_rows(list(ROWS), read_ledger(ledger))      # every row recorded, not only those run now
     out = args.out if args.out.is_absolute() else args.repo / args.out
     write_section(out, SECTION, markdown(results))

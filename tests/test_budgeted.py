@@ -95,12 +95,14 @@ def test_a_record_keeps_every_score_of_the_whole_evaluation_report(tmp_path, mon
     import bench.budgeted as budgeted
 
     repo, head = experiment_repo(tmp_path, REPORT)
-    monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: 7)
+    monkeypatch.setattr(budgeted, "training_figures",
+                        lambda name, repo: {"epochs": 7, "trained_minutes": 13.5})
     headline = {"miou": 0.5, "boundary_miou": 0.3, "eval_key": "8d65"}
     data = {"metrics": {"metrics/evaluate.json": {"data": headline}}}
     entry = record(LOSS, "loss-dice", 10, data, repo, 11)
     assert entry["loss.terms"] == LOSS.key["loss.terms"] and entry["commit"] == head
     assert entry["miou"] == 0.5 and entry["epochs"] == 7 and entry["experiment"] == "loss-dice"
+    assert entry["trained_minutes"] == 13.5                 # more than the budget: one long epoch
     assert entry["scores"] == {"miou": 0.5, "boundary_miou": 0.3, "mean_hd95": 12.5, "mean_asd": 3.25,
                                "images": 233}
 
@@ -109,7 +111,8 @@ def test_a_record_without_the_experiments_report_fails_naming_it(tmp_path, monke
     import bench.budgeted as budgeted
 
     repo, _ = experiment_repo(tmp_path, REPORT)
-    monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: 7)
+    monkeypatch.setattr(budgeted, "training_figures",
+                        lambda name, repo: {"epochs": 7, "trained_minutes": 9.5})
     with pytest.raises(RuntimeError, match="no experiment loss-other on commit"):
         record(LOSS, "loss-other", 10, {}, repo, 11)
     cache = repo / ".dvc" / "cache"
@@ -122,12 +125,13 @@ def test_refresh_reads_a_recorded_rows_scores_again_and_keeps_the_rest(tmp_path,
     import bench.budgeted as budgeted
 
     repo, head = experiment_repo(tmp_path, REPORT)
-    monkeypatch.setattr(budgeted, "epochs_trained", lambda name, repo: pytest.fail("no MLflow lookup again"))
+    monkeypatch.setattr(budgeted, "training_figures",
+                        lambda name, repo: pytest.fail("no MLflow lookup again"))
     monkeypatch.setattr(budgeted, "dvc", lambda *a, **k: pytest.fail("nothing is trained"))
     monkeypatch.setattr(budgeted, "experiments", lambda repo: {})
     monkeypatch.setattr(budgeted, "num_classes", lambda repo: 11)
     old = {"experiment": "loss-dice", "commit": head, **LOSS.key, "minutes": 10, "classes": 11, "epochs": 7,
-           "recorded": "2026-12-05T03:49:24Z", "miou": 0.5, "boundary_miou": 0.3,
+           "trained_minutes": 9.8, "recorded": "2026-12-05T03:49:24Z", "miou": 0.5, "boundary_miou": 0.3,
            "scores": {"miou": 0.5, "boundary_miou": 0.3, "fw_iou": 0.7}}
     assert rescored(old, repo) == {**old, "scores": {**old["scores"], "mean_hd95": 12.5, "mean_asd": 3.25,
                                                      "images": 233}}
@@ -138,6 +142,37 @@ def test_refresh_reads_a_recorded_rows_scores_again_and_keeps_the_rest(tmp_path,
     assert json.loads(ledger.read_text())["dice"] == old                  # without refresh: untouched
     run_experiments([LOSS], 10, repo, ledger, "loss-", "m", refresh=True)
     assert json.loads(ledger.read_text())["dice"]["scores"]["mean_hd95"] == 12.5
+
+
+def test_the_training_figures_are_the_runs_epochs_and_every_epochs_time(tmp_path, monkeypatch):
+    """A real MLflow store: epochs from the last planned_epochs, minutes from the training and
+    validation seconds of every epoch summed (a one-epoch run longer than its budget shows it)."""
+    import mlflow
+
+    from bench.budgeted import training_figures
+    from pipeline.config import paths
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / paths.MLFLOW_DB}")
+    run = client.create_run(client.create_experiment("camvid"), tags={"dvc_exp": "cmp-long"})
+    for step, (train_s, val_s, planned) in enumerate([(600.0, 60.0, 2), (420.0, 30.0, 2)]):
+        for key, value in (("train_seconds", train_s), ("val_seconds", val_s), ("planned_epochs", planned)):
+            client.log_metric(run.info.run_id, key, value, step=step)
+    assert training_figures("cmp-long", tmp_path) == {"epochs": 2, "trained_minutes": 18.5}
+    assert training_figures("cmp-other", tmp_path) == {"epochs": None, "trained_minutes": None}
+
+
+def test_refresh_fills_in_the_minutes_trained_of_an_entry_recorded_without_them(tmp_path, monkeypatch):
+    """Only the missing figure is read from MLflow: the epochs stay as recorded."""
+    import bench.budgeted as budgeted
+
+    repo, head = experiment_repo(tmp_path, REPORT)
+    monkeypatch.setattr(budgeted, "training_figures",
+                        lambda name, repo: {"epochs": 99, "trained_minutes": 17.25})
+    old = {"experiment": "loss-dice", "commit": head, **LOSS.key, "minutes": 10, "classes": 11, "epochs": 1,
+           "miou": 0.5, "boundary_miou": 0.3, "scores": {"miou": 0.5, "boundary_miou": 0.3}}
+    again = rescored(old, repo)
+    assert again["trained_minutes"] == 17.25 and again["epochs"] == 1
 
 
 def test_a_broken_ledger_is_refused_naming_the_file(tmp_path):

@@ -58,13 +58,13 @@ def test_the_table_ranks_by_test_miou_and_marks_what_is_missing():
         {"row": rows["enet"], "miou": 0.41, "boundary_miou": 0.2, "minutes": 10, "epochs": 7,
          "params_m": 0.37, "gflops": 4.4, "img_s": 12.0},
         {"row": rows["seed-unet-bilinear"], "miou": 0.55, "boundary_miou": None, "minutes": 10,
-         "epochs": None, "params_m": 6.0, "gflops": 9.0, "img_s": 5.0},
+         "trained_minutes": 17.26, "epochs": 1, "params_m": 6.0, "gflops": 9.0, "img_s": 5.0},
     ]
     text = compare.markdown(results)
     table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert table[0].startswith("| UNet (upsampling bilinear, skip_merge concat) | mobilenet_v2, ImageNet "
-                               "| 0.550 | – ")
-    assert table[1].startswith("| ENet | own, scratch | 0.410 | 0.200 | 10 | 7 | 0.37 | 4.4 | 12.00 |")
+                               "| 0.550 | – | 10 | 17.3 | 1 | 6.00 |")     # one epoch longer than the budget
+    assert table[1].startswith("| ENet | own, scratch | 0.410 | 0.200 | 10 | – | 7 | 0.37 | 4.4 | 12.00 |")
 
 
 def test_a_ledger_entry_counts_only_for_the_same_model_and_budget():
@@ -82,7 +82,7 @@ def test_the_table_is_written_from_the_ledger_alone(tmp_path):
     rows = {r.name: r for r in compare.ROWS}
     ledger = {
         "enet": {"model": rows["enet"].model(), "minutes": 10, "classes": 11, "miou": 0.41,
-                 "boundary_miou": 0.2, "epochs": 7, "commit": "abc1234"},
+                 "boundary_miou": 0.2, "epochs": 7, "trained_minutes": 9.84, "commit": "abc1234"},
         "segnet": {"model": rows["enet"].model(), "minutes": 10, "classes": 11, "miou": 0.9,
                    "boundary_miou": 0.2, "epochs": 7, "commit": "abc1234"},
     }
@@ -94,7 +94,7 @@ def test_the_table_is_written_from_the_ledger_alone(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().splitlines()[-1] == "RESULT rows=1 best=enet best_miou=0.4100"
     table = (tmp_path / "docs" / "results.md").read_text()
-    assert "| ENet | own, scratch | 0.410 | 0.200 | 10 | 7 | 0.38 |" in table and "| abc1234 |" in table
+    assert "| ENet | own, scratch | 0.410 | 0.200 | 10 | 9.8 | 7 | 0.38 |" in table and "| abc1234 |" in table
     assert "SegNet" not in table.split("|---")[1]
 
 
@@ -117,13 +117,15 @@ def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_tr
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert 0 <= float(cells[2]) <= 1 and cells[4] == "0.001"
-        assert cells[5] == "1"          # a budget below one epoch (0.06 s): exactly one epoch trained
+        assert float(cells[5]) > 0.001  # a budget below one epoch (0.06 s): that epoch trained whole,
+        assert cells[6] == "1"          # exactly one, and the minutes it took show it
     names = json.loads(dvc(repo, "exp", "show", "--json", env=env, stdout_only=True))
     assert "cmp-enet" in json.dumps(names)
 
     ledger = json.loads((repo / "docs" / "results-archs.json").read_text())
     assert sorted(ledger) == ["enet", "segnet"] and ledger["enet"]["experiment"] == "cmp-enet"
     assert ledger["enet"]["minutes"] == 0.001 and ledger["enet"]["epochs"] == 1
+    assert ledger["enet"]["trained_minutes"] > 0.001
 
     (repo / "docs" / "results.md").unlink()
     again = subprocess.run([*script, "--rows", "enet", "segnet", "--table-only"], env=env,
@@ -136,6 +138,6 @@ def test_the_table_is_written_from_budgeted_experiments_and_rewritten_without_tr
 def _same_scores(a: str, b: str) -> bool:
     """The same rows and scores (the measured images/s differ from run to run)."""
     def scores(text):
-        return [line.split("|")[1:7] for line in text.splitlines()
+        return [line.split("|")[1:8] for line in text.splitlines()
                 if line.startswith(("| ENet ", "| SegNet "))]
     return scores(a) == scores(b)
