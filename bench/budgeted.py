@@ -150,7 +150,7 @@ def training_figures(exp_name: str, repo: Path) -> dict[str, Any]:
                 seconds = [m.value for key in ("train_seconds", "val_seconds")
                            for m in client.get_metric_history(run.info.run_id, key)]
                 return {"epochs": int(run.data.metrics["planned_epochs"]),
-                        "trained_minutes": round(sum(seconds) / 60, 2) if seconds else None}
+                        "trained_minutes": sum(seconds) / 60 if seconds else None}
     return {"epochs": None, "trained_minutes": None}
 
 
