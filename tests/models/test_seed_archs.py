@@ -4,6 +4,8 @@ papers give."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -91,9 +93,6 @@ def test_memory_efficient_dense_blocks_take_a_fraction_of_the_plain_networks_mem
     row for) in a fresh process for each: the plain network's grows with the square of a dense
     block's depth, the recomputing one's linearly (here 0.83 GB vs 1.64 GB; FC-DenseNet56 at batch 4,
     256 x 320 takes 1.97 GB, FC-DenseNet103 2.58 GB)."""
-    import subprocess
-    import sys
-
     def peak_kib(efficient: bool) -> int:
         done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "1" if efficient else "0"],
                               capture_output=True, text=True, check=True)

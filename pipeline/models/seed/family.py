@@ -30,7 +30,7 @@ from pipeline.models.weights import ensure_encoder_weights
 ARCH_OPTIONS: dict[str, tuple[str, ...]] = {                  # model.kwargs keys
     "UNet": ("upsampling", "skip_merge"), "PointRend": ("train_points", "subdivision_points"),
     "DeepLabV1": ("jpu",), "DeepLabV2": ("jpu",),
-    **{arch: ("memory_efficient",) for arch in ("FCDenseNet56", "FCDenseNet67", "FCDenseNet103")}}
+    **{arch: ("memory_efficient",) for arch in tiramisu.VARIANTS}}
 POINTS_RANGE = (16, 1 << 20)
 DEEPLAB_RATES = {"DeepLabV1": deeplab.V1_RATES, "DeepLabV2": deeplab.V2_RATES}
 
