@@ -257,11 +257,11 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
             for name, value in (LOCAL_CLUSTER_ENV | process_env).items():
                 os.environ.setdefault(name, value)
             console.choose_ray_auth_mode()
-            # The dashboard stays on (loopback only): without it Train V2 logs a failed
-            # controller-state query in a loop.
+            # No dashboard: its only client here was Ray Train's placement-group cleaner,
+            # which a cluster started here runs without (LocalClusterTrainer).
             # address "local": a new cluster even where an earlier `ray start` left its address
             # behind (/tmp/ray/ray_current_cluster), which ray.init() would otherwise try to join.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+            ray.init(address="local", include_dashboard=False, log_to_driver=True,
                      logging_level=level, _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
             _started_here = True
     # Ray Data configured this process's logger when it was imported, before the above.
@@ -270,6 +270,23 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
     # elsewhere logs its progress at INFO, hidden unless asked for; ray_tqdm would draw the
     # workers' bars through this driver's console, terminal or not.
     DataContext.get_current().use_ray_tqdm = False
+
+
+def without_placement_group_cleaner(trainer_class: type) -> type:
+    """``trainer_class`` without Ray Train's placement-group cleaner, for a cluster this
+    stage started. The cleaner is a detached actor that asks the State API (through the
+    dashboard) every second whether the controller is alive, to remove the run's placement
+    groups should it die; a cluster started here is torn down when this process ends, its
+    placement groups with it, so the cleaner would only take CPU from the workers."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalClusterTrainer(trainer_class):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    LocalClusterTrainer.__name__ = LocalClusterTrainer.__qualname__ = f"Local{trainer_class.__name__}"
+    return LocalClusterTrainer
 
 
 def fit(
@@ -325,7 +342,8 @@ def fit(
         # Read once into Ray's object store (spilled to disk when it does not fit): each
         # epoch then streams the blocks to the workers without new read tasks.
         datasets["train"] = datasets["train"].materialize()
-    trainer = TorchTrainer(
+    trainer_class = without_placement_group_cleaner(TorchTrainer) if _started_here else TorchTrainer
+    trainer = trainer_class(
         train_worker,
         train_loop_config=config,
         scaling_config=scaling(cfg),

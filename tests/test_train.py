@@ -51,6 +51,11 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     # The local cluster this process started runs its own processes at the lowest priority.
     cluster = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
     assert cluster and all(p.nice() == priority.BACKGROUND_NICE for p in cluster)
+    # ... and without Ray Train's placement-group cleaner, nor the dashboard it would poll.
+    actor_classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
+    assert any("TrainController" in name for name in actor_classes)
+    assert not any("PlacementGroupCleaner" in name for name in actor_classes)
+    assert not ray._private.worker._global_node.address_info.get("webui_url")
 
     # The logged model predicts on any size and knows its classes.
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
@@ -122,6 +127,20 @@ def test_killed_worker_resumes_from_its_checkpoint(prepared, env, local_ray):
     epochs = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_miou")})
     assert epochs == [0, 1, 2, 3]
     assert run.data.params["train.epochs"] == "4" and 1 <= summary["best_epoch"] <= 4
+
+
+def test_a_cluster_started_here_trains_without_the_placement_group_cleaner_alone():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    def kinds(trainer_class):
+        trainer = trainer_class(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return [type(callback) for callback in trainer._create_default_callbacks()]
+
+    default = kinds(TorchTrainer)
+    assert PlacementGroupCleanerCallback in default
+    assert kinds(train_stage.without_placement_group_cleaner(TorchTrainer)) == [
+        kind for kind in default if kind is not PlacementGroupCleanerCallback]
 
 
 def test_too_many_cpus_per_worker_is_refused_before_it_hangs(prepared, env, local_ray):
