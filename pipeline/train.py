@@ -258,7 +258,7 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
                 os.environ.setdefault(name, value)
             console.choose_ray_auth_mode()
             # No dashboard: its only client here was Ray Train's placement-group cleaner,
-            # which a cluster started here runs without (LocalClusterTrainer).
+            # which a cluster started here runs without (without_placement_group_cleaner).
             # address "local": a new cluster even where an earlier `ray start` left its address
             # behind (/tmp/ray/ray_current_cluster), which ray.init() would otherwise try to join.
             ray.init(address="local", include_dashboard=False, log_to_driver=True,
