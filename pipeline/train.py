@@ -261,8 +261,10 @@ def init_ray(level: str = console.DEFAULT_RAY_LOG_LEVEL) -> None:
             # which a cluster started here runs without (without_placement_group_cleaner).
             # address "local": a new cluster even where an earlier `ray start` left its address
             # behind (/tmp/ray/ray_current_cluster), which ray.init() would otherwise try to join.
+            # A copy: Ray writes the cluster's spilling folder into the dict it is given,
+            # which a second cluster started by this process would otherwise inherit.
             ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                     logging_level=level, _system_config=LOCAL_CLUSTER_SYSTEM_CONFIG)
+                     logging_level=level, _system_config=dict(LOCAL_CLUSTER_SYSTEM_CONFIG))
             _started_here = True
     # Ray Data configured this process's logger when it was imported, before the above.
     logging.getLogger("ray.data").setLevel(level)

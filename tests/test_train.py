@@ -143,6 +143,18 @@ def test_a_cluster_started_here_trains_without_the_placement_group_cleaner_alone
         kind for kind in default if kind is not PlacementGroupCleanerCallback]
 
 
+def test_a_second_local_cluster_in_one_process_spills_into_its_own_session(local_ray):
+    """Ray writes the spilling folder it chose into the system config it was given; a second
+    local cluster started by the same process (the test suite, a notebook, a benchmark) must
+    not inherit the first one's folder."""
+    ray.shutdown()
+    train_stage.init_ray()
+    node = ray._private.worker._global_node
+    spill = json.loads(node._config["object_spilling_config"])["params"]["directory_path"]
+    assert spill.startswith(node.get_session_dir_path())
+    assert "object_spilling_config" not in train_stage.LOCAL_CLUSTER_SYSTEM_CONFIG
+
+
 def test_too_many_cpus_per_worker_is_refused_before_it_hangs(prepared, env, local_ray):
     params = write_params(env / "params.yaml", cpus_per_worker=0.75)
     with pytest.raises(train_stage.TrainError, match="train.cpus_per_worker"):
