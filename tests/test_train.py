@@ -12,15 +12,19 @@ import psutil
 import pytest
 import ray
 import ray.data
+import torch
 from mlflow.tracking import MlflowClient
 from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
 from pipeline import train as train_stage
 from pipeline.artifacts.model_dir import load_model
 from pipeline.config.params import LossParams, ModelParams, TrainParams, load_params
+from pipeline.data import shards
 from pipeline.engine import priority
 from pipeline.engine.ingest import ShardConfig
+from pipeline.engine.loop import evaluate
 from pipeline.inference.tensors import predict_mask
+from pipeline.tasks import get_task
 from pipeline.tasks.semantic import VAL_IOU_PLOT
 from tests.conftest import CLASSES, only_run, write_params
 
@@ -47,6 +51,9 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert len(client.get_metric_history(run.info.run_id, "val_iou_car")) == 3
     assert client.get_metric_history(run.info.run_id, "workers")[-1].value == 2
     assert run.data.metrics["best_val_miou"] == pytest.approx(summary["best_val_miou"])
+    # The best epoch's validation score is the exported model's own: every rank validated
+    # the weights and batch-norm statistics rank 0 saved, not its own running statistics.
+    assert _val_miou(env / "model", prepared, world=2, batch_size=2) == summary["best_val_miou"]
 
     # The local cluster this process started runs its own processes at the lowest priority.
     cluster = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
@@ -61,6 +68,30 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     masks = pyfunc.predict([np.zeros((20, 30, 3), np.uint8), np.zeros((41, 17, 3), np.uint8)])
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
+
+
+def _val_miou(model_dir, prepared, world: int, batch_size: int) -> float:
+    """The saved model's mIoU on the val split, taken as the training workers take it: each
+    of ``world`` ranks every ``world``-th row in batches of ``batch_size``, one thread, NHWC."""
+    model = load_model(model_dir).to(memory_format=torch.channels_last)
+    meta, task = model.meta, get_task("semantic")
+    table = shards.read_split(prepared, "val")
+    images, masks = table.column("image").to_pylist(), table.column("mask").to_pylist()
+    norm = {"mean": meta.mean, "std": meta.std, "ignore_index": meta.ignore_index}
+    batches = []
+    for rank in range(world):
+        mine, theirs = images[rank::world], masks[rank::world]
+        batches += [task.collate(mine[i:i + batch_size], theirs[i:i + batch_size], **norm)
+                    for i in range(0, len(mine), batch_size)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metric, _ = evaluate(model, batches, task.metric(len(meta.class_names), meta.ignore_index,
+                                                         torch.device("cpu")),
+                             torch.device("cpu"), channels_last=True, task=task)
+    finally:
+        torch.set_num_threads(threads)
+    return task.epoch_metrics(metric.compute(), meta.class_names)["val_miou"]
 
 
 def test_a_time_budget_stops_training_before_an_epoch_that_would_overrun_it(prepared, env, local_ray, caplog):

@@ -254,6 +254,30 @@ def _all_reduce_sums(*values: float) -> list[float]:
     return sums.tolist()
 
 
+# DistributedDataParallel's settings for the training workers (``ray.train.torch.prepare_model``).
+DDP_OPTIONS = {
+    # Rank 0's buffers are broadcast once at the start, not before every training forward
+    # pass (DDP's default): in training mode batch norm normalises with each batch's own
+    # statistics, so the running statistics matter only to validation, where
+    # ``share_buffers`` gives every rank rank 0's once per epoch, instead of a collective
+    # (and so a wait for the slowest rank) every step. Rank 0's own buffers, the ones its
+    # checkpoint saves, are the same either way: it is the broadcast's source.
+    "forward_sync_buffers": False,
+    # The gradients are views into the all-reduce buckets: no copy into them and back each step.
+    "gradient_as_bucket_view": True,
+}
+
+
+def share_buffers(model: nn.Module, src: int = 0) -> None:
+    """Every rank's buffers (batch norm's running statistics) set to rank ``src``'s, so that
+    each rank validates the model rank ``src`` saves; with ``DDP_OPTIONS`` each rank's own
+    running statistics otherwise follow its own batches. Unchanged without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A 32-bit seed for one rank's epoch, well mixed from (seed, epoch, rank)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])

@@ -29,6 +29,7 @@ from pipeline.config.params import LossParams, ModelParams, TrainParams
 from pipeline.engine import priority
 from pipeline.engine.budget import planned_epochs
 from pipeline.engine.loop import (
+    DDP_OPTIONS,
     all_reduce_stats,
     build_optimizer,
     build_scheduler,
@@ -38,6 +39,7 @@ from pipeline.engine.loop import (
     restore_training_state,
     seed_epoch,
     seed_everything,
+    share_buffers,
     slowest_rank,
     train_one_epoch,
     training_state,
@@ -94,7 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # The time budget's clock and plan go on where the checkpoint left them.
         elapsed, planned = state.get("elapsed_s", 0.0), state.get("planned_epochs", cfg.epochs)
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     plain = model.module if hasattr(model, "module") else model
     if config.get("local_cluster_root"):
         lower_cluster_background(config["local_cluster_root"], rank, world)
@@ -128,6 +130,7 @@ def train_worker(config: dict[str, Any]) -> None:
                                                  scaler, task))
         start_val = time.perf_counter()
         val_batches = (task.collate(images, targets, **norm) for images, targets in val_rows)
+        share_buffers(plain)            # every rank validates the model rank 0 saves
         # Reduced over all ranks inside: counts and the loss of the whole split.
         metric = task.metric(num_classes, ignore, device, meta.thing_classes)
         metric, val_loss = evaluate(plain, val_batches, metric, device, loss_fn,

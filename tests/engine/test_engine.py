@@ -15,12 +15,14 @@ from torch import nn
 from pipeline.config.params import TrainParams
 from pipeline.data.augment import train_transform
 from pipeline.engine.loop import (
+    DDP_OPTIONS,
     all_reduce_stats,
     build_optimizer,
     build_scheduler,
     evaluate,
     restore_training_state,
     seed_epoch,
+    share_buffers,
     train_one_epoch,
     training_state,
 )
@@ -34,6 +36,9 @@ RANK_STATS = [{"loss": 1.0, "loss_images": 8, "images": 8, "steps": 4, "skipped_
 
 
 def _in_group(rank: int, work, world: int, store_path: str, results) -> None:
+    # A forked child cannot use the OpenMP thread pool of a parent that already ran parallel
+    # torch ops (another test did): its first parallel region would wait forever.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
         results[rank] = work(rank)
@@ -65,6 +70,56 @@ def test_stats_over_two_ranks_weigh_loss_by_images_and_take_the_slowest_time(tmp
                 "steps": 7, "skipped_steps": 1, "seconds": 5.0, "data_wait_seconds": 0.5}
     assert results[0] == expected and results[1] == expected
 
+
+
+# --- DistributedDataParallel's settings ------------------------------------------------
+
+def _ddp_steps(rank: int) -> dict:
+    """Three SGD steps of a conv + batch-norm net on rank-own data under DDP with its
+    defaults and with ``DDP_OPTIONS``; each net's parameters and buffers after them, and
+    the ``DDP_OPTIONS`` net's buffers again after ``share_buffers``."""
+    out = {}
+    for name, options in (("default", {}), ("ours", DDP_OPTIONS)):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        model = nn.parallel.DistributedDataParallel(net, **options)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=g) * (1 + rank)
+            y = torch.randint(0, 2, (2, 8, 8), generator=g)
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        out[name] = {"params": [p.detach().clone() for p in net.parameters()],
+                     "buffers": [b.clone() for b in net.buffers()]}
+    share_buffers(net)
+    out["shared"] = [b.clone() for b in net.buffers()]
+    return out
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_ddp_options_train_the_same_weights_and_validation_shares_rank_0s_statistics(tmp_path):
+    results = on_ranks(_ddp_steps, 2, tmp_path)
+    zero, one = results[0], results[1]
+    for rank in (0, 1):        # the same steps as DDP's defaults take, bit for bit
+        assert _equal(results[rank]["ours"]["params"], zero["default"]["params"])
+    # Rank 0's batch-norm statistics (what it saves) are the defaults' too; rank 1's follow
+    # its own batches until validation shares rank 0's.
+    assert _equal(zero["ours"]["buffers"], zero["default"]["buffers"])
+    assert not torch.equal(one["ours"]["buffers"][0], zero["ours"]["buffers"][0])
+    for rank in (0, 1):
+        assert _equal(results[rank]["shared"], zero["ours"]["buffers"])
+
+
+def test_sharing_buffers_without_a_process_group_changes_nothing():
+    net = nn.BatchNorm2d(2)
+    net.running_mean.fill_(3.0)
+    share_buffers(net)
+    assert net.running_mean.tolist() == [3.0, 3.0]
 
 
 # --- Validation over ranks (issue 15, item 7) -------------------------------------------
