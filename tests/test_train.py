@@ -22,7 +22,7 @@ from pipeline.config.params import LossParams, ModelParams, TrainParams, load_pa
 from pipeline.data import shards
 from pipeline.engine import priority
 from pipeline.engine.ingest import ShardConfig
-from pipeline.engine.loop import evaluate
+from pipeline.engine.loop import evaluate, memory_format
 from pipeline.inference.tensors import predict_mask
 from pipeline.tasks import get_task
 from pipeline.tasks.semantic import VAL_IOU_PLOT
@@ -53,7 +53,7 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert run.data.metrics["best_val_miou"] == pytest.approx(summary["best_val_miou"])
     # The best epoch's validation score is the exported model's own: every rank validated
     # the weights and batch-norm statistics rank 0 saved, not its own running statistics.
-    assert _val_miou(env / "model", prepared, world=2, batch_size=2) == summary["best_val_miou"]
+    assert _val_miou(env / "model", prepared, load_params(TrainParams, params)) == summary["best_val_miou"]
 
     # The local cluster this process started runs its own processes at the lowest priority.
     cluster = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
@@ -70,10 +70,12 @@ def test_two_workers_train_track_one_run_and_export_a_model(prepared, env, local
     assert [m.shape for m in masks] == [(20, 30), (41, 17)]
 
 
-def _val_miou(model_dir, prepared, world: int, batch_size: int) -> float:
-    """The saved model's mIoU on the val split, taken as the training workers take it: each
-    of ``world`` ranks every ``world``-th row in batches of ``batch_size``, one thread, NHWC."""
-    model = load_model(model_dir).to(memory_format=torch.channels_last)
+def _val_miou(model_dir, prepared, cfg: TrainParams) -> float:
+    """The saved model's mIoU on the val split, taken as ``cfg``'s training workers take it:
+    each of ``num_workers`` ranks every ``num_workers``-th row in batches of
+    ``val_batch_size``, ``threads_per_worker`` threads, in ``channels_last`` layout."""
+    model = load_model(model_dir).to(memory_format=memory_format(cfg.channels_last))
+    world, batch_size = cfg.num_workers, cfg.val_batch_size
     meta, task = model.meta, get_task("semantic")
     table = shards.read_split(prepared, "val")
     images, masks = table.column("image").to_pylist(), table.column("mask").to_pylist()
@@ -84,11 +86,11 @@ def _val_miou(model_dir, prepared, world: int, batch_size: int) -> float:
         batches += [task.collate(mine[i:i + batch_size], theirs[i:i + batch_size], **norm)
                     for i in range(0, len(mine), batch_size)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.threads_per_worker)
     try:
         metric, _ = evaluate(model, batches, task.metric(len(meta.class_names), meta.ignore_index,
                                                          torch.device("cpu")),
-                             torch.device("cpu"), channels_last=True, task=task)
+                             torch.device("cpu"), channels_last=cfg.channels_last, task=task)
     finally:
         torch.set_num_threads(threads)
     return task.epoch_metrics(metric.compute(), meta.class_names)["val_miou"]
